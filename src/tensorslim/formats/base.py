@@ -74,6 +74,10 @@ class CompressedWeight(ABC):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W^T + bias``. The reference path decodes; fast formats override or are dispatched to kernels."""
+        if x.is_cuda:  # kernels load lazily, on the first CUDA call; CPU behaviour is unchanged
+            from ..kernels.dispatch import linear as kernel_linear
+
+            return kernel_linear(self, x, bias)
         w = self.decode(x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 

@@ -8,11 +8,23 @@ from typing import Any
 from ..errors import ConfigError
 from ..formats.base import Format
 from .base import Method
+from .grid_rtn import rtn
+from .finequant import FineQuant
+from .gptq import GPTQ
+from .hqq import HQQ
+from .rtn_imatrix import RTNImatrix
+from .quantease import QuantEase
+from .quantease_outliers import QuantEaseOutliers
 from .rtn import RTN
+from .prune import Magnitude, Wanda
+from .sparsegpt import SparseGPT
+from .structured import KPSVD, MonarchProjection
+from .svd import FWSVD, SVD, WhitenedSVD
+from .welore import WeLore, WeLoreWhitened
 
 MethodFactory = Callable[..., Method]
 
-_METHODS: dict[str, MethodFactory] = {"rtn": RTN}
+_METHODS: dict[str, MethodFactory] = {"rtn": rtn, "gptq": GPTQ, "finequant": FineQuant, "hqq": HQQ, "rtn-imatrix": RTNImatrix, "quantease": QuantEase, "quantease-outliers": QuantEaseOutliers, "svd": SVD, "svd-whitened": WhitenedSVD, "fwsvd": FWSVD, "welore": WeLore, "welore-whitened": WeLoreWhitened, "kpsvd": KPSVD, "monarch": MonarchProjection, "magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}
 
 
 def register_method(name: str, factory: MethodFactory) -> None:

@@ -83,13 +83,18 @@ class ModelAdapter:
             )
         return blocks
 
-    def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
-        """Relative name -> nn.Linear for every linear of one block, in group order."""
-        out: dict[str, nn.Linear] = {}
+    def block_linears(self, block: nn.Module) -> dict[str, nn.Module]:
+        """Relative name -> module for every linear of one block, in group order.
+
+        A module is an ``nn.Linear`` or, once compressed, a ``CompressedLinear``.
+        """
+        from ..formats.module import CompressedLinear
+
+        out: dict[str, nn.Module] = {}
         for group in self.linear_groups:
             for name in group:
                 module = _get(block, name)
-                if not isinstance(module, nn.Linear):
+                if not isinstance(module, (nn.Linear, CompressedLinear)):
                     raise UnsupportedModelError(
                         f"{type(block).__name__}.{name} is a {type(module).__name__}, not the nn.Linear the "
                         f"{self.arch!r} adapter expects (was the model already compressed or rewritten?)"

@@ -61,14 +61,8 @@ SUPPORTED_SOURCES = (
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "vocab.txt",
-    "vocab.json",
-    "spiece.model",
-)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",
+                    "spiece.model")  # fmt: skip
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 _NATIVE_MANIFEST = "tensorslim.json"
 
@@ -120,7 +114,7 @@ def load_model(
         raise ConfigError(f"device={device!r} is not a torch device; use e.g. 'cpu' or 'cuda:0'") from e
     text = os.fspath(source)
     if not isinstance(text, str):
-        raise ConfigError(f"source={source!r} must be a str or os.PathLike[str]; supported sources: {SUPPORTED_SOURCES}")
+        raise ConfigError(f"source={source!r} is not a str or os.PathLike[str]. Supported: {SUPPORTED_SOURCES}")
 
     start = time.perf_counter()
     alias_path = None if isinstance(source, os.PathLike) else resolve_alias(text)
@@ -214,8 +208,9 @@ def _load_hf_folder(folder: Path, *, dtype: torch.dtype) -> tuple[nn.Module, Tok
             f"{folder / 'config.json'} has no 'model_type'; it is not a Hugging Face transformers config"
         )
     kind = _check_supported(model_type, where=str(folder)).kind
-    _check_folder_weights(folder)
-    model = _from_pretrained(_auto_model_class(kind), str(folder), what=str(folder), dtype=dtype)
+    keys = _check_folder_weights(folder)
+    extra = _absent_part_kwargs(model_type, keys)
+    model = _from_pretrained(_auto_model_class(kind), str(folder), what=str(folder), dtype=dtype, **extra)
     if any((folder / f).is_file() for f in _TOKENIZER_FILES):
         tokenizer = _load_tokenizer(str(folder), what=str(folder))
     else:
@@ -250,7 +245,8 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _check_folder_weights(folder: Path) -> None:
+def _check_folder_weights(folder: Path) -> set[str]:
+    """Refuse pickles, missing shards and corrupt or truncated safetensors; the tensor names of all shards."""
     shards = sorted(folder.glob("*.safetensors"))
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -267,11 +263,10 @@ def _check_folder_weights(folder: Path) -> None:
                 "`AutoModel...from_pretrained(folder).save_pretrained(out, safe_serialization=True)`, then load out"
             )
         raise ModelSourceError(f"{folder} has a config.json but no *.safetensors weights")
-    for shard in shards:
-        _check_safetensors(shard)
+    return {key for shard in shards for key in _check_safetensors(shard)}
 
 
-def _check_safetensors(path: Path) -> None:
+def _check_safetensors(path: Path) -> list[str]:
     """Header parses and the file is as long as the header says (catches truncated downloads before loading)."""
     size = path.stat().st_size
     try:
@@ -291,6 +286,21 @@ def _check_safetensors(path: Path) -> None:
         raise ModelSourceError(
             f"{path} is truncated: it is {size} bytes but its header describes {need} bytes; download it again"
         )
+    return [k for k in header if k != "__metadata__"]
+
+
+# Optional parts a checkpoint may leave out, by model_type: (key fragment, from_pretrained kwargs when absent).
+# Without this, AutoModel would build BERT's pooler and fill it with random numbers.
+_OPTIONAL_PARTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bert": ("pooler.", {"add_pooling_layer": False}),
+}
+
+
+def _absent_part_kwargs(model_type: str, keys: set[str]) -> dict[str, Any]:
+    part = _OPTIONAL_PARTS.get(model_type)
+    if part is None or any(part[0] in key for key in keys):
+        return {}
+    return dict(part[1])
 
 
 # ---------------------------------------------------------------------------------------------------------- GGUF
@@ -306,7 +316,9 @@ def _load_gguf(path: Path, *, dtype: torch.dtype) -> tuple[nn.Module, Tokenizer]
     except Exception as e:  # noqa: BLE001
         raise ModelSourceError(f"{path}: transformers cannot read this GGUF file's model config: {e}") from e
     kind = _check_supported(config.model_type, where=str(path)).kind
-    model = _from_pretrained(_auto_model_class(kind), folder, what=str(path), dtype=dtype, gguf_file=name)
+    # Passing the config saves transformers a second parse of the GGUF metadata (seconds for a 49k vocabulary).
+    cls = _auto_model_class(kind)
+    model = _from_pretrained(cls, folder, what=str(path), dtype=dtype, gguf_file=name, config=config)
     return model, _load_tokenizer(folder, what=str(path), gguf_file=name)
 
 
@@ -354,27 +366,27 @@ def _dtype_kwarg() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
-def _from_pretrained(cls: Any, where: str, *, what: str, dtype: torch.dtype, gguf_file: str | None = None) -> nn.Module:
+def _from_pretrained(cls: Any, where: str, *, what: str, dtype: torch.dtype, **model_kwargs: Any) -> nn.Module:
+    """``cls.from_pretrained`` that never unpickles, with every failure and every missing weight a typed error."""
     kwargs: dict[str, Any] = {_dtype_kwarg(): dtype, "trust_remote_code": False, "output_loading_info": True}
-    if gguf_file is None:
+    kwargs.update(model_kwargs)
+    if "gguf_file" not in kwargs:
         kwargs["use_safetensors"] = True
-    else:
-        kwargs["gguf_file"] = gguf_file
     try:
         model, info = cls.from_pretrained(where, **kwargs)
     except (TensorslimError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad source; the cause stays chained
         raise ModelSourceError(f"{what}: loading the weights failed ({type(e).__name__}: {e})") from e
-    missing = list(info.get("missing_keys") or [])
-    if missing:
-        shown = ", ".join(sorted(missing)[:8]) + (" ..." if len(missing) > 8 else "")
+    if missing := sorted(info.get("missing_keys") or []):
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise ModelSourceError(
             f"{what}: {len(missing)} weights are missing from the checkpoint ({shown}); they would be random. "
             "The file does not match its config"
         )
-    unexpected = list(info.get("unexpected_keys") or [])
-    if unexpected:
+    if mismatched := list(info.get("mismatched_keys") or []):
+        raise ModelSourceError(f"{what}: {len(mismatched)} weights do not have the shapes the config implies")
+    if unexpected := list(info.get("unexpected_keys") or []):
         logger.warning("%s: %d unused weights in the checkpoint (e.g. %s)", what, len(unexpected), unexpected[0])
     return model
 

@@ -1,0 +1,106 @@
+"""Side-by-side table of the integer quantization methods on SmolLM2-135M (standard protocol).
+
+Usage (full protocol, as in docs/results/quantization.md):
+    python bench/quant_table.py --methods rtn,rtn-imatrix,hqq,gptq,quantease,quantease-outliers --bits 4,3 \
+        --group 64 --json runs/quant_table.json
+Quick check while developing: ``--eval-tokens 8192 --samples 32``.
+
+For every (bits, method): load a fresh model, calibrate on ``--calib`` (samples x seq_len tokens, seed 0), compress
+every block linear, then evaluate perplexity on the first ``--eval-tokens`` tokens of ``--eval-text`` (windows of
+2048) with KL / top-1 against the base model. Prints a markdown table; writes JSON under runs/.
+Method options: ``--opt gptq.act_order=true --opt quantease.iters=10`` (values parsed as JSON, else strings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("TS_DATA", ROOT.parent / "shared" / "data"))
+
+
+def _val(s: str):
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        return s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", default="rtn,rtn-imatrix,hqq,gptq,quantease,quantease-outliers")
+    ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--group", default="64")
+    ap.add_argument("--sym", action="store_true")
+    ap.add_argument("--calib", default=str(DATA / "wikitext-2" / "valid.txt"))
+    ap.add_argument("--eval-text", default=str(DATA / "wikitext-2-raw" / "wiki.test.raw"))
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=32768)
+    ap.add_argument("--no-kl", action="store_true", help="skip the baseline (faster, no KL / top-1)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--opt", action="append", default=[], help="method.key=value")
+    ap.add_argument("--json", default="runs/quant_table.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import tensorslim.api as ts
+    from tensorslim.eval.text import read_text, tokenize_text
+    from tensorslim.formats import parse_format
+    from tensorslim.methods import build_method
+
+    opts: dict[str, dict] = {}
+    for o in args.opt:
+        k, v = o.split("=", 1)
+        m, key = k.split(".", 1)
+        opts.setdefault(m, {})[key] = _val(v)
+
+    base, tok = ts.load_model(args.model)
+    tokens = tokenize_text(tok, read_text(args.eval_text), args.eval_tokens)
+    data = ts.calibration_data(tok, args.calib, samples=args.samples, seq_len=args.seq_len, seed=0)
+    rows = []
+    for bits in [int(b) for b in args.bits.split(",")]:
+        for group in args.group.split(","):
+            spec = f"int{bits}:" + ("pc" if group == "pc" else f"g{group}") + (":sym" if args.sym else "")
+            for name in args.methods.split(","):
+                model, _ = ts.load_model(args.model)
+                method = build_method(name, parse_format(spec), **opts.get(name, {}))
+                t0 = time.perf_counter()
+                res = ts.compress(model, method, data if method.requires else None, progress=False)
+                secs = time.perf_counter() - t0
+                rep = ts.evaluate(model, tok, tokens, baseline=None if args.no_kl else base, max_tokens=None)
+                row = {
+                    "method": name, "format": spec, "options": opts.get(name, {}),
+                    "perplexity": rep.perplexity, "kl_mean": rep.kl_mean, "top1": rep.top1_agreement,
+                    "bits_per_weight": res.bits_per_weight, "compress_seconds": secs,
+                    "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                }
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                del model
+    print(f"\nSmolLM2-135M, calib {args.samples}x{args.seq_len} of {Path(args.calib).name}, eval first "
+          f"{args.eval_tokens} tokens of {Path(args.eval_text).name}, 2-core CPU (this dev machine)\n")
+    print("| format | method | ppl | KL | top-1 | bits/weight | compress s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        kl = "-" if r["kl_mean"] is None else f"{r['kl_mean']:.4f}"
+        t1 = "-" if r["top1"] is None else f"{r['top1']:.4f}"
+        print(f"| {r['format']} | {r['method']} | {r['perplexity']:.2f} | {kl} | {t1} | "
+              f"{r['bits_per_weight']:.3f} | {r['compress_seconds']:.0f} |")
+    out = ROOT / args.json
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The command line: a thin wrapper over :mod:`tensorslim.api` (and io / transforms for their commands)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import TensorslimError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress neural-network weight matrices without retraining.")
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+_MODEL_HELP = "alias (smollm2-135m, minilm-l6), Hugging Face folder or hub id, .gguf file, or tensorslim checkpoint folder"
+
+
+def _fail(e: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(code=2)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def compress(
+    model: Annotated[str, typer.Argument(help=_MODEL_HELP)] = "smollm2-135m",
+    method: Annotated[str, typer.Option(help="compression method (rtn, gptq, ...; see `tensorslim methods`)")] = "rtn",
+    format: Annotated[str, typer.Option("--format", "-f", help="target format, e.g. int4:g64, int3:g64:sym")] = "int4:g64",
+    calib: Annotated[Optional[str], typer.Option(help="calibration text file (or a hub dataset name such as wikitext2); default: text sampled from the model")] = None,
+    samples: Annotated[int, typer.Option(help="calibration samples")] = 128,
+    seq_len: Annotated[int, typer.Option(help="tokens per calibration sample")] = 512,
+    seed: Annotated[int, typer.Option(help="seed for calibration sampling and any randomized method")] = 0,
+    ignore: Annotated[Optional[list[str]], typer.Option(help="keep matching layers dense (glob or re:REGEX); repeatable")] = None,
+    compensate: Annotated[Optional[str], typer.Option(help="second stage after the method, e.g. eora:r32")] = None,
+    eval_text: Annotated[Optional[str], typer.Option(help="evaluation text file (never the calibration text); default: text sampled from the model")] = None,
+    max_tokens: Annotated[int, typer.Option(help="evaluation tokens")] = 32768,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="skip the quality report")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the report as JSON")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write a tensorslim checkpoint folder")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="calibration batch size")] = 8,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Compress MODEL with METHOD into FORMAT, then report what it cost in quality (perplexity, KL, top-1)."""
+    _setup_logging(verbose)
+    try:
+        _compress(model, method, format, calib, samples, seq_len, seed, ignore or [], compensate, eval_text,
+                  max_tokens, no_eval, json_out, output, device, batch_size)
+    except TensorslimError as e:
+        _fail(e)
+
+
+def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, ignore, compensate_spec, eval_text,
+              max_tokens, no_eval, json_out, output, device, batch_size) -> None:
+    from . import api
+    from .calib.data import calibration_data, sample_from_model
+    from .eval.report import Report, render
+    from .formats import parse_format
+    from .methods import build_method
+
+    t_start = time.perf_counter()
+    fmt = parse_format(fmt_spec)
+    method = build_method(method_name, fmt)
+    comp = _parse_compensate(compensate_spec) if compensate_spec else None
+    with console.status(f"loading {model_src}"):
+        model, tok = api.load_model(model_src, device=device)
+    base = None if no_eval else copy.deepcopy(model)
+    sampled_eval = None
+    with console.status("preparing calibration text"):
+        if calib is not None:
+            data = calibration_data(tok, calib, samples=samples, seq_len=seq_len, seed=seed)
+            calib_label = f"file:{calib} ({samples} x {seq_len} tokens, seed {seed})"
+        else:
+            n = max(1, min(samples, 8))
+            data = sample_from_model(model, tok, sequences=n, seq_len=seq_len, seed=seed)
+            calib_label = f"sampled from the base model ({n} x {seq_len} tokens, seed {seed})"
+            if eval_text is None and not no_eval:
+                sampled_eval = sample_from_model(model, tok, sequences=n, seq_len=seq_len, seed=seed + 1)
+    console.print(f"calibration text: {calib_label}")
+    result = api.compress(model, method, data, ignore=ignore, compensate=comp, device=device, batch_size=batch_size)
+    console.print(f"compressed {len(result.layers)} layers in {result.seconds:.1f} s; "
+                  f"{result.bits_per_weight:.3f} bits per weight over the block linears")
+    extra = {"compress_seconds": result.seconds, "calibration": calib_label, "model_bits_per_weight": result.model_bits_per_weight}
+    if no_eval:
+        report = Report(perplexity=None, kl_mean=None, kl_p99=None, top1_agreement=None, bits_per_weight=result.bits_per_weight,
+                        tokens_evaluated=None, seconds=time.perf_counter() - t_start, layers=result.layer_reports(), extra=extra)
+    else:
+        with console.status("evaluating against the base model"):
+            if eval_text is not None:
+                report = api.evaluate(model, tok, eval_text, baseline=base, max_tokens=max_tokens, layers=result.layer_reports(), extra=extra)
+            else:
+                report = api.evaluate(model, tok, sampled_eval, baseline=base, max_tokens=None, window=seq_len,
+                                      layers=result.layer_reports(), extra=extra,
+                                      text_label=f"sampled from the base model ({sampled_eval.shape[0]} x {seq_len} tokens, seed {seed + 1})")
+    report = _with(report, model=model_src, method=method.name + (f"+{comp.describe()}" if comp else ""), format=fmt.spec(),
+                   seconds=time.perf_counter() - t_start)
+    if output is not None:
+        _save(model, output, model_src, report)
+    console.print(render(report))
+    if json_out is not None:
+        report.write_json(json_out)
+        console.print(f"report written to {json_out}")
+
+
+def _with(report, **changes):
+    import dataclasses
+
+    return dataclasses.replace(report, **changes)
+
+
+def _parse_compensate(spec: str):
+    try:
+        from .methods.eora import parse_compensate
+    except ImportError as e:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--compensate {spec!r}: compensation stages are not available in this build") from e
+    return parse_compensate(spec)
+
+
+def _save(model, output: Path, source: str, report) -> None:
+    try:
+        from .io.checkpoint import save
+    except ImportError as e:
+        from .errors import CheckpointError
+
+        raise CheckpointError("checkpoint saving is not available in this build") from e
+    save(model, output, source=source, report=report.to_dict())
+    console.print(f"checkpoint written to {output}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help=_MODEL_HELP)],
+    text: Annotated[Path, typer.Option(help="evaluation text file")],
+    baseline: Annotated[Optional[str], typer.Option(help="base model for KL divergence and top-1 agreement")] = None,
+    max_tokens: Annotated[int, typer.Option(help="evaluation tokens (first N of the tokenized text)")] = 32768,
+    window: Annotated[int, typer.Option(help="window length (non-overlapping)")] = 2048,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the report as JSON")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Perplexity of MODEL on TEXT (standard protocol), and KL / top-1 agreement against --baseline."""
+    _setup_logging(verbose)
+    try:
+        from . import api
+        from .eval.report import render
+
+        with console.status(f"loading {model}"):
+            m, tok = api.load_model(model, device=device)
+            base = api.load_model(baseline, device=device)[0] if baseline else None
+        with console.status("evaluating"):
+            report = api.evaluate(m, tok, text, baseline=base, max_tokens=max_tokens, window=window)
+        report = _with(report, model=model)
+        console.print(render(report))
+        if json_out is not None:
+            report.write_json(json_out)
+            console.print(f"report written to {json_out}")
+    except TensorslimError as e:
+        _fail(e)
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the registered methods and format families."""
+    from .formats import known_formats
+    from .methods import known_methods
+
+    console.print("methods: " + ", ".join(known_methods()))
+    console.print("format families: " + ", ".join(known_formats()))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

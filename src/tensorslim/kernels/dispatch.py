@@ -1,0 +1,221 @@
+"""Choose how a compressed weight multiplies: a Triton kernel on CUDA where one fits, else the reference.
+
+``linear(cw, x, bias)`` is what ``CompressedWeight.linear`` calls for CUDA activations. Paths:
+- ``IntGroupWeight`` (1-6 and 8 bits, ``in % 32 == 0``, fp16/bf16 activations): "gemv" (1-8 rows, CUDA cores,
+  optional split-K), "gemm" (tensor-core tiles, optional split-K) or "dequant" (dequantize to the activation dtype,
+  then cuBLAS; large batches only);
+- ``SumWeight(IntGroupWeight, LowRankWeight)``: the same kernels with the low-rank term fused into their epilogue
+  (``t = x V^T`` first, a ``[M, r]`` fp32 product, then one pass over ``y``);
+- anything else, CPU tensors, fp32 activations or a missing Triton: :func:`.reference.reference_linear`.
+
+Which path and tile config run is *measured*, not guessed: the first call for a (shape, format, batch bucket, dtype,
+device) key times the candidate configs with ``triton.testing.do_bench`` (median) and remembers the fastest in
+``_TUNED`` (a per-process memo, like Triton's autotuner; batch buckets are powers of two). Kernel layouts (views or
+one-time repacks of the stored tensors, :mod:`.layout`) are memoized per weight object in ``_LAYOUTS`` (weak keys:
+they go away with the weight; moving a ``CompressedLinear`` makes a new weight object and so a new layout).
+Neither memo changes results: every candidate is a correct path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from functools import lru_cache
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from ..formats.base import CompressedWeight
+from ..formats.intgroup import IntGroupWeight
+from .layout import IntKernelLayout, int_layout, int_layout_reason
+from .reference import reference_linear
+
+log = logging.getLogger(__name__)
+
+Choice = tuple[str, tuple[int, ...]]
+_LAYOUTS: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
+_TUNED: dict[tuple, Choice] = {}
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@lru_cache(maxsize=1)
+def _ops() -> ModuleType | None:
+    try:
+        from . import ops
+    except ImportError as e:  # no triton: every call takes the reference path
+        log.info("Triton kernels unavailable (%s); using reference multiplies", e)
+        return None
+    return ops
+
+
+def _lowrank_type() -> type | None:
+    try:
+        from ..formats.lowrank import LowRankWeight
+    except ImportError:
+        return None
+    return LowRankWeight
+
+
+# -- what runs -----------------------------------------------------------------------------------------------------
+def kernel_reason(cw: CompressedWeight, x: torch.Tensor | None = None) -> str | None:
+    """``None`` if a kernel can run ``cw`` (for ``x``), else why the reference path runs."""
+    if x is not None and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "activations are not on a CUDA device"
+    if x is not None and x.dtype not in _KERNEL_DTYPES:
+        return f"activation dtype {x.dtype} (kernels take float16/bfloat16)"
+    base = _int_part(cw)
+    if base is None:
+        return f"no kernel for {type(cw).__name__} ({cw.format.spec()})"
+    reason = int_layout_reason(base)
+    if reason is None and _ops() is None:
+        reason = "triton is not installed"
+    return reason
+
+
+def _int_part(cw: CompressedWeight) -> IntGroupWeight | None:
+    if isinstance(cw, IntGroupWeight):
+        return cw
+    lr = _lowrank_type()
+    base, extra = getattr(cw, "base", None), getattr(cw, "extra", None)
+    if lr is not None and isinstance(base, IntGroupWeight) and isinstance(extra, lr):
+        return base
+    return None
+
+
+def linear(cw: CompressedWeight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` by the fastest correct path for (format, device, batch)."""
+    if kernel_reason(cw, x) is not None:
+        return reference_linear(cw, x, bias)
+    return kernel_linear(cw, x, bias)
+
+
+def kernel_linear(cw: CompressedWeight, x: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  choice: Choice | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Run the kernel path (``choice`` forces a path/config; tests and benchmarks use it). No reference fallback."""
+    base = _int_part(cw)
+    assert base is not None, kernel_reason(cw, x)
+    lay = layout(base)
+    x2d = x.reshape(-1, x.shape[-1])
+    if lay.perm is not None:
+        x2d = x2d.index_select(1, lay.perm.to(x2d.device))
+    lr = None
+    if base is not cw:
+        extra = cw.extra  # type: ignore[attr-defined]
+        lr = (torch.nn.functional.linear(x2d.float(), extra.v.float()), extra.u)  # t = x V^T in fp32, u [N, r]
+    out_dtype = out_dtype or x.dtype
+    if choice is None:
+        choice = tuned_choice(lay, x2d, None if lr is None else lr[1].shape[1])
+    y = run_choice(choice, lay, x2d, lr, out_dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], lay.n)
+
+
+def layout(base: IntGroupWeight) -> IntKernelLayout:
+    lay = _LAYOUTS.get(base)
+    if lay is None:
+        lay = int_layout(base)
+        _LAYOUTS[base] = lay
+    return lay
+
+
+def run_choice(choice: Choice, lay: IntKernelLayout, x2d: torch.Tensor, lr: tuple[torch.Tensor, torch.Tensor] | None,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    ops = _ops()
+    assert ops is not None
+    path, config = choice
+    meta = [lay.k, lay.bits, lay.bits_a, lay.bits_b, lay.group, int(lay.symmetric)]
+    if path == "dequant":
+        w_t = ops.int_dequant(lay.qa, lay.qb, lay.scales, lay.zeros, meta, x2d.dtype)  # [K, N]
+        y = x2d @ w_t
+        if lr is not None:
+            y = y + torch.nn.functional.linear(lr[0], lr[1].float()).to(y.dtype)
+        return y.to(out_dtype)
+    t, u = lr if lr is not None else (None, None)
+    return ops.int_mm(x2d, lay.qa, lay.qb, lay.scales, lay.zeros, t, u, meta, path, list(config), out_dtype)
+
+
+# -- candidates and tuning ------------------------------------------------------------------------------------------
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _split(k_tiles: int, programs: int, target: int) -> int:
+    """Largest power-of-two split (<= 16) dividing ``k_tiles`` that brings ``programs`` up towards ``target``."""
+    s = 1
+    while s < 16 and programs * s < target and k_tiles % (2 * s) == 0 and k_tiles // (2 * s) >= 2:
+        s *= 2
+    return s
+
+
+def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
+    """Correct (path, config) choices for ``m`` rows, best guess first. config = (BM, BN, BK, SPLIT_K, warps, stages)."""
+    n, k, g = lay.n, lay.k, lay.group
+    bks = [b for b in (128, 64, 32) if g % b == 0 and k % b == 0]
+    target = 2 * sms
+    out: list[Choice] = []
+    if m <= 8:
+        bm = _pow2(m)
+        for bn, bk, warps in ((128, 64, 4), (256, 32, 4), (64, 128, 4), (256, 64, 8), (128, 128, 8), (64, 64, 4)):
+            bk = next((b for b in bks if b <= bk), bks[-1])
+            while bm * bn * bk > 8192 * warps // 4 and bn > 32:
+                bn //= 2
+            while bm * bn * bk > 8192 * warps // 4 and bk > bks[-1]:
+                bk //= 2
+            tiles = -(-n // bn)
+            c = ("gemv", (bm, bn, bk, _split(k // bk, tiles, target), warps, 4))
+            if c not in out:
+                out.append(c)
+    if m >= 2:
+        bm = min(max(16, _pow2(m)), 128)
+        for bn, bk, warps, stages in ((64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 5),
+                                      (256, 64, 8, 3)):
+            bk = next((b for b in bks if b <= bk), bks[-1])
+            tiles = -(-m // bm) * -(-n // bn)
+            c = ("gemm", (bm, bn, bk, _split(k // bk, tiles, target), warps, stages))
+            if c not in out:
+                out.append(c)
+    if m >= 64:
+        out.append(("dequant", ()))
+    return out
+
+
+def tuned_choice(lay: IntKernelLayout, x2d: torch.Tensor, rank: int | None) -> Choice:
+    m = x2d.shape[0]
+    bucket = _pow2(m)
+    if x2d.device.type != "cuda":  # the interpreter: no timing, first candidate
+        return candidates(lay, bucket)[0]
+    key = (lay.n, lay.k, lay.bits, lay.group, lay.symmetric, lay.qb is not None, bucket, x2d.dtype, rank,
+           torch.cuda.get_device_name(x2d.device))
+    hit = _TUNED.get(key)
+    if hit is None:
+        hit = tune(lay, bucket, x2d.dtype, rank)
+        _TUNED[key] = hit
+    return hit
+
+
+def tune(lay: IntKernelLayout, m: int, dtype: torch.dtype, rank: int | None = None, device: str = "cuda") -> Choice:
+    """Time every candidate for ``m`` rows on ``device`` (median of do_bench) and return the fastest."""
+    import triton.testing
+
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    x = torch.randn(m, lay.k, device=device, dtype=dtype)
+    lr = None
+    if rank is not None:
+        lr = (torch.randn(m, rank, device=device), torch.randn(lay.n, rank, device=device, dtype=torch.float16))
+    best: tuple[float, Choice] | None = None
+    for c in candidates(lay, m, sms):
+        try:
+            ms = triton.testing.do_bench(lambda: run_choice(c, lay, x, lr, dtype), warmup=5, rep=20,
+                                         return_mode="median")
+        except Exception as e:  # a config the compiler rejects (e.g. shared memory) is skipped, not fatal
+            log.debug("candidate %s failed: %s", c, e)
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, c)
+    if best is None:
+        return ("dequant", ())
+    log.debug("tuned %dx%d int%d g%d m=%d: %s (%.1f us)", lay.n, lay.k, lay.bits, lay.group, m, best[1], best[0] * 1e3)
+    return best[1]

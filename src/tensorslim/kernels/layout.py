@@ -1,0 +1,112 @@
+"""Kernel-side layout of stored formats: what the Triton kernels read, derived once from a compressed weight.
+
+The stored ``IntGroup`` layout (:mod:`tensorslim.formats.packing`) is a little-endian bit stream per output row.
+The kernels want the *transposed* word layout used by the GPTQ-Triton / split-K kernels: ``q[K*b/32, N]`` int32
+where word ``(j, n)`` holds codes ``j*P .. j*P+P-1`` (``P = 32 / b``) of output ``n``, code ``j*P+t`` at bits
+``t*b``. Then a ``[BK, BN]`` weight tile is read with lanes along ``N`` (coalesced), every word once per code it holds
+(L1 broadcast), and needs no reshape or transpose before ``tl.dot``. Widths that are not powers of two are split into
+two power-of-two *planes* (3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2 bits): ``code = plane_a | plane_b << bits_a``; together
+they hold exactly ``bits`` bits per weight. Scales are transposed to ``[n_groups, N]`` (stored dtype) and zero points
+unpacked to uint8 ``[n_groups, N]`` (8 bits a group instead of ``bits``: 0.03 bits/weight more at group 128).
+
+This is a one-time repack into a kernel-side copy kept by :mod:`.dispatch` per weight object, never a change to the
+stored format; it costs as much GPU memory as the codes (the stored tensors stay where they are). Act-order weights
+keep their permutation: the kernel multiplies ``x[:, perm]`` by the stored (permuted) columns.
+
+Limits: ``in`` must be a multiple of 32; the group a multiple of 32 (or per-channel); 7-bit codes would need three
+planes and take the reference path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..formats.intgroup import IntGroupWeight
+from ..formats.packing import pack_codes, unpack_codes
+
+# bits -> (bits of plane a, bits of plane b); plane b is absent when 0.
+PLANES: dict[int, tuple[int, int]] = {1: (1, 0), 2: (2, 0), 3: (2, 1), 4: (4, 0), 5: (4, 1), 6: (4, 2), 8: (8, 0)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class IntKernelLayout:
+    """What the integer kernels read for one ``IntGroupWeight`` (tensors are views or one-time repacks)."""
+
+    n: int  # out features
+    k: int  # in features
+    bits: int
+    bits_a: int
+    bits_b: int
+    group: int
+    symmetric: bool
+    qa: torch.Tensor  # int32 [k * bits_a / 32, n]
+    qb: torch.Tensor | None  # int32 [k * bits_b / 32, n] or None
+    scales: torch.Tensor  # [n_groups, n], stored dtype
+    zeros: torch.Tensor | None  # uint8 [n_groups, n], or None when symmetric
+    perm: torch.Tensor | None  # int64 [k] or None
+
+    @property
+    def n_groups(self) -> int:
+        return self.k // self.group
+
+
+def int_layout_reason(w: IntGroupWeight) -> str | None:
+    """``None`` if the integer kernels can run ``w``, else why not (the dispatcher then takes the reference path)."""
+    out, inp = w.shape
+    fmt = w.format
+    if fmt.bits not in PLANES:
+        return f"{fmt.bits}-bit codes have no kernel layout (supported: {sorted(PLANES)})"
+    if inp % 32:
+        return f"in_features {inp} is not a multiple of 32"
+    g = fmt.group(inp)
+    if g % 32 and g != inp:
+        return f"group {g} is not a multiple of 32"
+    return None
+
+
+def _plane(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    return pack_codes(codes, bits).view(torch.int32).t().contiguous()
+
+
+def int_layout(w: IntGroupWeight) -> IntKernelLayout:
+    """Build the kernel view of ``w`` (a zero-copy view for 1/2/4/8 bits, a one-time plane split otherwise)."""
+    reason = int_layout_reason(w)
+    if reason is not None:
+        raise ValueError(reason)  # internal: callers check int_layout_reason first
+    out, inp = w.shape
+    fmt = w.format
+    bits_a, bits_b = PLANES[fmt.bits]
+    if bits_b == 0:
+        qa = w.codes.contiguous().view(torch.int32).t().contiguous()
+        qb = None
+    else:
+        codes, _, _ = w.unpacked()
+        qa = _plane(codes & ((1 << bits_a) - 1), bits_a)
+        qb = _plane(codes >> bits_a, bits_b)
+    return IntKernelLayout(
+        n=out, k=inp, bits=fmt.bits, bits_a=bits_a, bits_b=bits_b, group=fmt.group(inp), symmetric=fmt.symmetric,
+        qa=qa, qb=qb, scales=w.scales.t().contiguous(),
+        zeros=None if w.zeros is None else unpack_codes(w.zeros, fmt.bits, fmt.n_groups(inp)).to(torch.uint8).t().contiguous(),
+        perm=None if w.perm is None else w.perm.long(),
+    )
+
+
+def unpack_plane(q: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """``int32 [k*bits/32, n]`` words -> ``int64 [n, k]`` codes, exactly as the kernels unpack them."""
+    per = 32 // bits
+    shifts = torch.arange(per, device=q.device) * bits
+    codes = (q.long().unsqueeze(1) >> shifts[None, :, None]) & ((1 << bits) - 1)  # [k/per, per, n]
+    return codes.reshape(-1, q.shape[1])[:k].t()
+
+
+def layout_decode(lay: IntKernelLayout, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense ``[n, k]`` in the *stored* column order from the kernel layout (the kernels' arithmetic, in torch)."""
+    q = unpack_plane(lay.qa, lay.bits_a, lay.k)
+    if lay.qb is not None:
+        q = q | (unpack_plane(lay.qb, lay.bits_b, lay.k) << lay.bits_a)
+    s = lay.scales.float().t()
+    z = torch.full_like(s, float(1 << (lay.bits - 1))) if lay.symmetric else lay.zeros.float().t()
+    w = (q.float().reshape(lay.n, -1, lay.group) - z.unsqueeze(-1)) * s.unsqueeze(-1)
+    return w.reshape(lay.n, lay.k).to(dtype)

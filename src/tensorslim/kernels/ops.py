@@ -1,0 +1,109 @@
+"""``torch.library`` custom ops around the Triton kernels, with fake (meta) implementations for ``torch.compile``.
+
+Ops (namespace ``tensorslim``):
+- ``int_mm(x2d, qa, qb?, scales, zeros?, t?, u?, meta, path, config, out_dtype)`` -> ``[M, N]``: integer-group
+  multiply from the kernel layout (:mod:`.layout`), ``path`` "gemv" or "gemm", optional fused low-rank term
+  ``t @ u^T`` (``t = x V^T`` in fp32, ``u [N, r]``);
+- ``int_dequant(qa, qb?, scales, zeros?, meta, out_dtype)`` -> dense ``W^T [K, N]`` (stored column order).
+``meta = [k, bits, bits_a, bits_b, group, symmetric]``; ``config = [BM, BN, BK, SPLIT_K, num_warps, num_stages]``.
+
+Importing this module imports Triton and registers the ops (the dispatcher imports it lazily, on the first CUDA
+call). Under ``TRITON_INTERPRET=1`` the same ops run on CPU tensors, which is how the CI tests exercise the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .triton.int_gemm import int_dequant_kernel, int_gemm_kernel
+from .triton.int_gemv import int_gemv_kernel
+
+Tensor = torch.Tensor
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def check_config(path: str, meta: list[int], config: list[int], m: int) -> None:
+    """Internal invariants of a launch (the dispatcher only builds valid ones)."""
+    k, bits, bits_a, bits_b, group, _ = meta
+    bm, bn, bk, split_k, _, _ = config
+    assert path in ("gemv", "gemm"), path
+    assert bk >= 32 and bk & (bk - 1) == 0 and k % bk == 0, (k, bk)
+    assert bk <= group and group % bk == 0, "tiles lie inside one group"
+    assert path == "gemm" or bm >= m, (bm, m)
+    assert split_k >= 1 and (k // bk) % split_k == 0, (k, bk, split_k)
+
+
+def launch_int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zeros: Tensor | None, t: Tensor | None,
+                  u: Tensor | None, meta: list[int], path: str, config: list[int], out: Tensor) -> None:
+    """Run the gemv/gemm kernel into ``out`` (``[M, N]``; fp32 and zeroed when ``SPLIT_K > 1``, atomics add into it)."""
+    k, bits, bits_a, bits_b, group, symmetric = meta
+    bm, bn, bk, split_k, num_warps, num_stages = config
+    m, n = x.shape[0], qa.shape[1]
+    check_config(path, meta, config, m)
+    assert split_k == 1 or out.dtype == torch.float32
+    has_lr = t is not None and u is not None
+    r = t.shape[1] if has_lr else 1
+    zt = zeros if zeros is not None else scales  # any pointer; unused when symmetric
+    tt = t.contiguous() if has_lr else x
+    uu = u.contiguous() if has_lr else x
+    common = (
+        x, out, qa, qb if qb is not None else qa, scales, zt, tt, uu,
+        m, n, k, r, k // split_k,
+        x.stride(0), out.stride(0), tt.stride(0), uu.stride(0),
+    )
+    consts = dict(BITS=bits, BITS_A=bits_a, BITS_B=bits_b, GROUP=group, SYMMETRIC=bool(symmetric),
+                  HAS_LR=has_lr, BR=max(16, _next_pow2(r)), SPLIT_K=split_k, BM=bm, BN=bn, BK=bk,
+                  num_warps=num_warps, num_stages=num_stages)
+    if path == "gemv":
+        int_gemv_kernel[(triton.cdiv(n, bn), split_k)](*common, **consts)
+    else:
+        int_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](*common, **consts)
+
+
+@torch.library.custom_op("tensorslim::int_mm", mutates_args=())
+def int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zeros: Tensor | None, t: Tensor | None,
+           u: Tensor | None, meta: list[int], path: str, config: list[int], out_dtype: torch.dtype) -> Tensor:
+    m, n = x.shape[0], qa.shape[1]
+    x = x.contiguous()
+    if config[3] > 1:
+        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    launch_int_mm(x, qa, qb, scales, zeros, t, u, meta, path, config, out)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+@int_mm.register_fake
+def _int_mm_fake(x, qa, qb, scales, zeros, t, u, meta, path, config, out_dtype):
+    return x.new_empty((x.shape[0], qa.shape[1]), dtype=out_dtype)
+
+
+def launch_int_dequant(qa: Tensor, qb: Tensor | None, scales: Tensor, zeros: Tensor | None, meta: list[int],
+                       out: Tensor) -> None:
+    """Write the dense ``W^T [K, N]`` (stored column order) into ``out``."""
+    k, bits, bits_a, bits_b, group, symmetric = meta
+    n = qa.shape[1]
+    bk = next(b for b in (64, 32) if group % b == 0)
+    bn = 128
+    zt = zeros if zeros is not None else scales
+    int_dequant_kernel[(triton.cdiv(n, bn), k // bk)](
+        out, qa, qb if qb is not None else qa, scales, zt, n,
+        BITS=bits, BITS_A=bits_a, BITS_B=bits_b, GROUP=group, SYMMETRIC=bool(symmetric), BN=bn, BK=bk, num_warps=4,
+    )
+
+
+@torch.library.custom_op("tensorslim::int_dequant", mutates_args=())
+def int_dequant(qa: Tensor, qb: Tensor | None, scales: Tensor, zeros: Tensor | None, meta: list[int],
+                out_dtype: torch.dtype) -> Tensor:
+    out = torch.empty((meta[0], qa.shape[1]), dtype=out_dtype, device=qa.device)
+    launch_int_dequant(qa, qb, scales, zeros, meta, out)
+    return out
+
+
+@int_dequant.register_fake
+def _int_dequant_fake(qa, qb, scales, zeros, meta, out_dtype):
+    return qa.new_empty((meta[0], qa.shape[1]), dtype=out_dtype)

@@ -1,0 +1,1 @@
+"""Triton kernels (imported only through :mod:`tensorslim.kernels.ops`)."""

@@ -1,0 +1,154 @@
+"""GPTQ: the OBS column loop (:mod:`.obs`) with projection onto an ``IntGroup`` grid.
+
+Paper: Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers"
+(arXiv 2210.17323); reference IST-DASLab/gptq. Minimizes ``tr((W - Q) H (W - Q)^T)`` column by column, spreading
+each column's rounding error over the columns not yet quantized (see :mod:`.obs` for the loop, damping and dead
+inputs).
+
+Group grids (scale/zero per ``group_size`` inputs of a row):
+- dynamic (default): a group's min-max grid is fitted when the loop reaches its first column, from the *current*
+  (error-updated) values of the group's columns. The reference fits from the matrix as of the block start; fitting
+  from the updated values is what is then quantized and is equal or better in our tests (documented deviation).
+- static (``static_groups=True``, or ``act_order=True`` with a format without ``:act``): every grid is fitted up
+  front from ``W`` in its natural column order; the loop may then visit columns in any order and no permutation is
+  stored ("act-order + static groups", the usual deployment choice).
+- format ``int4:g64:act``: the loop runs in act-order and groups are consecutive in that order; the permutation is
+  stored with the weight (``IntGroupWeight.perm``).
+Per-channel (``:pc``) grids are fitted from ``W`` at the start (as the reference does).
+
+Stored: an ``IntGroupWeight``; ``decode()`` equals the loop's projected matrix exactly. Safeguard: GPTQ is greedy,
+so the result is compared with RTN on the same grid layout and Hessian and the better one is returned.
+Limits: float32 solve; ``block_size`` is rounded to a multiple of the group size so groups never straddle blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import ClassVar
+
+import torch
+
+from ..errors import ConfigError
+from ..formats.base import CompressedWeight, check_weight
+from ..formats.intgroup import IntGroup, IntGroupWeight, fit_scale_zero, quantize_rtn
+from ..stats import LayerStats, Stat
+from .base import Method
+from .obs import act_order as act_order_perm
+from .obs import layer_objective, obs_solve
+
+log = logging.getLogger(__name__)
+
+
+class GroupProjector:
+    """Projection of one column onto its group's integer grid; records codes and grids (solve order).
+
+    ``static``: ``(scale, zero)`` of shape ``[out, n_groups]`` indexed by *original* group (needs ``order`` to map
+    solve positions back), or ``None`` for grids fitted on the fly from the block at each group's first column.
+    ``keep``: optional bool ``[in, out]`` (solve order, one row per column): entries left unquantized (zero error;
+    the outlier variant stores them in a sparse side matrix, as SpQR does). Their codes are still recorded.
+    """
+
+    def __init__(self, fmt: IntGroup, out: int, inp: int, *, order: torch.Tensor | None,
+                 static: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device,
+                 keep: torch.Tensor | None = None) -> None:
+        self.keep = keep
+        self.fmt, self.g = fmt, fmt.group(inp)
+        self.order = None if order is None else order.tolist()
+        self.static = static
+        ng = inp // self.g
+        self.codes_t = torch.empty(inp, out, dtype=torch.float32, device=device)  # row j = column j (contiguous)
+        self.scale = torch.empty(out, ng, dtype=torch.float32, device=device) if static is None else static[0]
+        self.zero = torch.empty(out, ng, dtype=torch.float32, device=device) if static is None else static[1]
+        self._s = self._z = None
+
+    def __call__(self, block: torch.Tensor, i: int, start: int, hinv_diag: torch.Tensor) -> torch.Tensor:
+        j = start + i
+        if self.static is not None:
+            grp = (j if self.order is None else self.order[j]) // self.g
+            s, z = self.scale[:, grp], self.zero[:, grp]
+        else:
+            if j % self.g == 0:
+                s, z = fit_scale_zero(block[:, i:i + self.g], self.fmt)
+                self.scale[:, j // self.g] = s
+                self.zero[:, j // self.g] = z
+                self._s, self._z = s, z
+            s, z = self._s, self._z
+        c = torch.clamp(torch.round(block[:, i] / s) + z, 0, self.fmt.maxq)
+        self.codes_t[j] = c
+        if self.keep is not None:
+            return torch.where(self.keep[j], block[:, i], (c - z) * s)
+        return (c - z) * s
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """Integer-valued codes ``[out, in]`` in solve order."""
+        return self.codes_t.T
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTQ(Method):
+    """``GPTQ(format=IntGroup(bits=4, group_size=64), damp=0.01, block_size=128, act_order=False)``."""
+
+    name: ClassVar[str] = "gptq"
+    requires: ClassVar[frozenset[Stat]] = frozenset({Stat.GRAM})
+    format_types: ClassVar[tuple[type, ...]] = (IntGroup,)
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.damp, (int, float)) and 0 <= self.damp < 10):
+            raise ConfigError(f"GPTQ.damp must be a fraction in [0, 10), got {self.damp!r}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ConfigError(f"GPTQ.block_size must be a positive integer, got {self.block_size!r}")
+
+    def apply(self, w: torch.Tensor, stats: LayerStats, *, layer: str = "<layer>") -> CompressedWeight:
+        check_weight(w, layer)
+        self.format.check(tuple(w.shape), layer)
+        return gptq_quantize(w, stats.hessian(self.name, layer), self.format, damp=self.damp,
+                             block_size=self.block_size, act_order=self.act_order,
+                             static_groups=self.static_groups, layer=layer)
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: IntGroup, *, damp: float = 0.01,
+                  block_size: int = 128, act_order: bool = False, static_groups: bool = False,
+                  layer: str = "<layer>") -> IntGroupWeight:
+    """The GPTQ solve as a function (``W [out, in]``, ``H [in, in]``) -> ``IntGroupWeight`` (see module note)."""
+    out, inp = w.shape
+    g = fmt.group(inp)
+    use_order = act_order or fmt.act_order
+    order = act_order_perm(hessian) if use_order else None
+    static = (static_groups or (use_order and not fmt.act_order) or fmt.group_size is None)
+    grids = None
+    if static:
+        # Grids from W with dead inputs zeroed, as the loop will see it; per-channel needs no order mapping.
+        # With ':act' the stored groups run in solve order, so they are fitted on the permuted matrix.
+        wz = w.float().clone()
+        wz[:, hessian.diagonal() == 0] = 0.0
+        if fmt.act_order:
+            wz = wz[:, order]
+        grids = fit_scale_zero(wz.reshape(out, inp // g, g), fmt)
+    bs = max(block_size // g, 1) * g if g <= block_size else g
+    natural_groups = static and not fmt.act_order
+    proj = GroupProjector(fmt, out, inp, order=order if natural_groups else None, static=grids, device=w.device)
+    obs_solve(w, hessian, proj, block_size=bs, damp=damp, order=order, layer=layer)
+    codes = proj.codes.to(torch.int64)
+    perm = None
+    if order is not None and not fmt.act_order:  # static groups: store codes in natural order
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(inp, device=order.device)
+        codes = codes[:, inv]
+    elif fmt.act_order:
+        perm = order
+    out_w = IntGroupWeight.from_codes(fmt, codes, proj.scale, proj.zero, perm)
+    # GPTQ is greedy, so on rare matrices plain rounding scores better; keep whichever has the lower layer objective
+    # (costs two GEMMs; makes "never worse than RTN on the same H" a guarantee rather than a tendency).
+    rtn = quantize_rtn(w.float(), fmt, perm)
+    if layer_objective(w, rtn.decode(), hessian) < layer_objective(w, out_w.decode(), hessian):
+        log.info("layer %r: GPTQ scored worse than RTN on its Hessian; keeping RTN", layer)
+        return rtn
+    return out_w

@@ -1,0 +1,138 @@
+"""One weighted low-rank routine for plain SVD, activation-whitened SVD, Fisher-weighted SVD and EoRA.
+
+Problem: ``min_{rank(M') <= r} || L (M - M') R ||_F`` with ``L = diag(row_weight)`` (FWSVD on output rows),
+``R = diag(col_weight)`` (FWSVD on input columns) or ``R = S`` a factor of the input second moment ``H = X^T X / N``
+with ``S S^T = H`` (activation whitening: ``||(M - M') X^T||_F^2 = N ||(M - M') S||_F^2``; SVD-LLM/ASVD-style
+compression with ``M = W``, EoRA (Liu et al., arXiv 2410.21271) with ``M = W - W_c``). Eckart-Young in the weighted
+norm: ``L M R = U Sigma V^T`` and ``M' = L^{-1} U_r Sigma_r V_r^T R^{-1}``, stored as ``u = L^{-1} U_r Sigma_r^{1/2}``
+and ``v = Sigma_r^{1/2} V_r^T R^{-1}`` (balanced factors survive float16 storage).
+
+Whitening uses the eigendecomposition ``H = Q Lambda Q^T`` in float64 (EoRA's choice): ``S = Q Lambda^{1/2}``,
+``S^{-1} = Lambda^{-1/2} Q^T``. Rank-deficient ``H`` (fewer tokens than inputs, dead channels): ``damp`` adds
+``damp * mean(diag H)`` to the diagonal first (a ridge; default 0 keeps the exact optimum); eigenvalues still below
+``EIG_FLOOR * lambda_max`` are raised to that floor (documented fallback, logged), so the un-whitening stays finite
+and directions the data never visits are fitted with a tiny plain-SVD weight instead of being dropped.
+Errors: non-finite ``M`` or ``H`` -> :class:`NumericalError` / :class:`CalibrationError`; an all-zero ``H`` ->
+:class:`CalibrationError`; ``rank > min(out, in)`` -> :class:`UnsupportedLayerError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from ..errors import CalibrationError, NumericalError, UnsupportedLayerError
+
+logger = logging.getLogger(__name__)
+
+EIG_FLOOR = 1e-10  # relative to the largest eigenvalue, after damping
+WEIGHT_FLOOR = 1e-8  # relative to the largest row/column weight (FWSVD: rows with zero Fisher)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Whitening:
+    """A factor ``s`` of ``H`` (``s s^T = H``) and its inverse, both ``[in, in]`` float64."""
+
+    s: torch.Tensor
+    s_inv: torch.Tensor
+
+
+def whitening(h: torch.Tensor, *, damp: float = 0.0, layer: str = "<layer>") -> Whitening:
+    """Whitening factor of a symmetric PSD second moment ``h [in, in]`` (see the module note for the fallbacks)."""
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise CalibrationError(f"layer {layer!r}: X^T X must be square, got shape {tuple(h.shape)}")
+    h = h.detach().to(torch.float64)
+    if not torch.isfinite(h).all():
+        raise CalibrationError(f"layer {layer!r}: X^T X has NaN/Inf entries; recollect statistics in float32 "
+                               "from finite activations")
+    h = 0.5 * (h + h.T)
+    mean_diag = float(h.diagonal().mean())
+    if mean_diag <= 0.0:
+        raise CalibrationError(f"layer {layer!r}: X^T X is zero (no calibration tokens reached this layer?)")
+    if damp < 0:
+        raise CalibrationError(f"damp must be >= 0, got {damp}")
+    if damp > 0:
+        h = h + damp * mean_diag * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    lam, q = torch.linalg.eigh(h)
+    floor = EIG_FLOOR * float(lam.max())
+    low = int((lam < floor).sum())
+    if low:
+        logger.info("layer %r: X^T X has %d of %d eigenvalues below %.1e x max; raised to the floor", layer, low,
+                    lam.numel(), EIG_FLOOR)
+    lam = lam.clamp(min=floor)
+    root = lam.sqrt()
+    return Whitening(s=q * root, s_inv=(q / root).T)
+
+
+def truncation_rank_check(shape: tuple[int, int], rank: int, layer: str) -> None:
+    if rank < 1 or rank > min(shape):
+        raise UnsupportedLayerError(
+            f"layer {layer!r} with shape {tuple(shape)}: rank {rank} must be in 1..min(out, in) = {min(shape)}"
+        )
+
+
+def weighted_lowrank(
+    m: torch.Tensor,
+    rank: int,
+    *,
+    row_weight: torch.Tensor | None = None,
+    col_weight: torch.Tensor | None = None,
+    whiten: Whitening | None = None,
+    layer: str = "<layer>",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` ``u [out, r] @ v [r, in]`` for ``m [out, in]`` in the weighted norm; float32 factors.
+
+    At most one of ``col_weight`` and ``whiten`` (both weight the input side). All weights ``None`` = truncated SVD.
+    """
+    if col_weight is not None and whiten is not None:
+        raise ValueError("weighted_lowrank: col_weight and whiten both weight the input side; give one")
+    truncation_rank_check(tuple(m.shape), rank, layer)  # type: ignore[arg-type]
+    a = m.detach().to(torch.float64)
+    if not torch.isfinite(a).all():
+        raise NumericalError(f"layer {layer!r}: the matrix to factorize has NaN/Inf entries")
+    lw = _diag_weight(row_weight, m.shape[0], "row_weight", layer)
+    cw = _diag_weight(col_weight, m.shape[1], "col_weight", layer)
+    if lw is not None:
+        a = lw[:, None] * a
+    if cw is not None:
+        a = a * cw[None, :]
+    if whiten is not None:
+        a = a @ whiten.s.to(a.device)
+    uu, sig, vh = torch.linalg.svd(a, full_matrices=False)
+    root = sig[:rank].sqrt()
+    u = uu[:, :rank] * root
+    v = root[:, None] * vh[:rank]
+    if lw is not None:
+        u = u / lw[:, None]
+    if cw is not None:
+        v = v / cw[None, :]
+    if whiten is not None:
+        v = v @ whiten.s_inv.to(v.device)
+    if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
+        raise NumericalError(f"layer {layer!r}: low-rank factors are not finite (ill-conditioned weights); "
+                             "increase damp or use plain SVD")
+    return u.float(), v.float()
+
+
+def _diag_weight(w: torch.Tensor | None, n: int, name: str, layer: str) -> torch.Tensor | None:
+    if w is None:
+        return None
+    w = w.detach().to(torch.float64).reshape(-1)
+    if w.numel() != n:
+        raise CalibrationError(f"layer {layer!r}: {name} has {w.numel()} entries, expected {n}")
+    if not torch.isfinite(w).all() or bool((w < 0).any()):
+        raise CalibrationError(f"layer {layer!r}: {name} must be finite and non-negative")
+    top = float(w.max())
+    if top <= 0:
+        raise CalibrationError(f"layer {layer!r}: {name} is all zero (no gradient reached this layer?)")
+    return w.clamp(min=WEIGHT_FLOOR * top)
+
+
+def weighted_error(m: torch.Tensor, approx: torch.Tensor, h: torch.Tensor | None = None) -> float:
+    """``sqrt(tr((M - M') H (M - M')^T))`` (the activation-weighted error; Frobenius when ``h`` is None), float64."""
+    d = (m.double() - approx.double())
+    if h is None:
+        return float(d.norm())
+    return float(torch.einsum("oi,ij,oj->", d, h.double(), d).clamp(min=0).sqrt())

@@ -1,0 +1,150 @@
+"""The weighted low-rank routine and the svd / svd-whitened / fwsvd methods, against float64 references."""
+
+import pytest
+import torch
+
+from tensorslim.errors import CalibrationError, ConfigError, NumericalError, UnsupportedLayerError
+from tensorslim.formats import LowRank, parse_format
+from tensorslim.methods import build_method
+from tensorslim.methods.lowrank import weighted_error, weighted_lowrank, whitening
+from tensorslim.methods.svd import FWSVD, SVD, WhitenedSVD
+from tensorslim.stats import LayerStats
+
+
+def _seed() -> torch.Generator:
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+
+
+def _layer(g, out=48, inp=32, tokens=400, aniso=True):
+    w = torch.randn(out, inp, generator=g, dtype=torch.float64)
+    x = torch.randn(tokens, inp, generator=g, dtype=torch.float64)
+    if aniso:  # heavy-tailed channel scales, as in real activations
+        x = x * torch.logspace(-1, 1, inp, dtype=torch.float64)[torch.randperm(inp, generator=g)]
+    return w, x
+
+
+def _stats(x):
+    return LayerStats(n_tokens=x.shape[0], gram=(x.T @ x).float())
+
+
+def test_plain_is_truncated_svd_and_eckart_young():
+    g = _seed()
+    w, _ = _layer(g)
+    for r in (1, 5, 32):
+        u, v = weighted_lowrank(w, r)
+        s = torch.linalg.svdvals(w)
+        err = weighted_error(w, u.double() @ v.double())
+        assert err == pytest.approx(float(s[r:].square().sum().sqrt()), rel=1e-4, abs=1e-4)
+
+
+def test_whitened_beats_plain_in_activation_norm_and_is_optimal():
+    g = _seed()
+    w, x = _layer(g)
+    h = x.T @ x
+    wh = whitening(h)
+    for r in (2, 8, 16):
+        uw, vw = weighted_lowrank(w, r, whiten=wh)
+        up, vp = weighted_lowrank(w, r)
+        ew = weighted_error(w, uw.double() @ vw.double(), h)
+        ep = weighted_error(w, up.double() @ vp.double(), h)
+        assert ew <= ep * (1 + 1e-6)
+        # optimum: the tail singular values of W S (S S^T = H)
+        chol = torch.linalg.cholesky(h)
+        tail = torch.linalg.svdvals(w @ chol)[r:]
+        assert ew == pytest.approx(float(tail.square().sum().sqrt()), rel=1e-4)
+
+
+def test_whitened_equals_plain_for_isotropic_inputs():
+    g = _seed()
+    w, _ = _layer(g)
+    c = float(torch.rand((), generator=g)) * 10 + 0.1
+    wh = whitening(c * torch.eye(w.shape[1], dtype=torch.float64))
+    for r in (3, 10):
+        uw, vw = weighted_lowrank(w, r, whiten=wh)
+        up, vp = weighted_lowrank(w, r)
+        assert torch.allclose(uw.double() @ vw.double(), up.double() @ vp.double(), atol=1e-5)
+
+
+def test_rank_deficient_gram_falls_back_and_stays_finite():
+    g = _seed()
+    w, x = _layer(g, tokens=10)  # 10 tokens, 32 inputs: rank-10 X^T X
+    x[:, 3] = 0  # a dead channel
+    h = x.T @ x
+    for damp in (0.0, 0.01):
+        u, v = weighted_lowrank(w, 8, whiten=whitening(h, damp=damp))
+        assert torch.isfinite(u).all() and torch.isfinite(v).all()
+        # still better than plain SVD on the data the statistic saw
+        up, vp = weighted_lowrank(w, 8)
+        assert weighted_error(w, u.double() @ v.double(), h) <= weighted_error(w, up.double() @ vp.double(), h) * 1.001
+
+
+def test_bad_inputs_raise_typed_errors():
+    g = _seed()
+    w, x = _layer(g)
+    h = x.T @ x
+    with pytest.raises(UnsupportedLayerError):
+        weighted_lowrank(w, 33)
+    with pytest.raises(UnsupportedLayerError):
+        weighted_lowrank(w, 0)
+    bad = w.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(NumericalError):
+        weighted_lowrank(bad, 4)
+    hb = h.clone()
+    hb[1, 2] = float("inf")
+    with pytest.raises(CalibrationError):
+        whitening(hb)
+    with pytest.raises(CalibrationError):
+        whitening(torch.zeros(32, 32))
+    m = SVD(format=LowRank(rank=4))
+    with pytest.raises(UnsupportedLayerError):
+        m.apply(bad.float(), LayerStats())
+    with pytest.raises(UnsupportedLayerError, match="rank 64"):
+        SVD(format=LowRank(rank=64)).apply(w.float(), LayerStats(), layer="l0")
+    with pytest.raises(CalibrationError):
+        WhitenedSVD(format=LowRank(rank=4)).apply(w.float(), LayerStats())
+    with pytest.raises(ConfigError):
+        build_method("svd", parse_format("int4:g32"))
+
+
+def test_methods_produce_lowrank_weights_and_resolve_reduction():
+    g = _seed()
+    w, x = _layer(g)
+    st = _stats(x)
+    for name in ("svd", "svd-whitened"):
+        cw = build_method(name, parse_format("lowrank:r6:float32")).apply(w.float(), st, layer="l")
+        assert cw.format == LowRank(rank=6, dtype="float32") and cw.nbytes == 6 * 80 * 4
+        cw = build_method(name, parse_format("lowrank:0.5")).apply(w.float(), st, layer="l")
+        assert cw.format.rank == int(0.5 * 48 * 32 / 80)
+    # the whitened method minimizes the activation-weighted error
+    h = x.T @ x
+    ew = weighted_error(w, build_method("svd-whitened", LowRank(rank=6, dtype="float32")).apply(w.float(), st).decode(), h)
+    ep = weighted_error(w, build_method("svd", LowRank(rank=6, dtype="float32")).apply(w.float(), st).decode(), h)
+    assert ew <= ep * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("axis", ["in", "out"])
+def test_fwsvd_uniform_fisher_equals_svd_and_weighted_optimality(axis):
+    g = _seed()
+    w, _ = _layer(g)
+    n = w.shape[1] if axis == "in" else w.shape[0]
+    svd = SVD(format=LowRank(rank=5, dtype="float32")).apply(w.float(), LayerStats()).decode()
+    uni = FWSVD(format=LowRank(rank=5, dtype="float32"), axis=axis).with_fisher(torch.full((n,), 3.0))
+    assert torch.allclose(uni.apply(w.float(), LayerStats()).decode(), svd, atol=1e-5)
+    # non-uniform Fisher: the weighted error is below the plain SVD's
+    f = torch.rand(n, generator=g, dtype=torch.float64) ** 4
+    m = FWSVD(format=LowRank(rank=5, dtype="float32"), axis=axis).with_fisher(f)
+    approx = m.apply(w.float(), LayerStats()).decode().double()
+    dw = (w - approx) if axis == "out" else (w - approx).T
+    dp = (w - svd.double()) if axis == "out" else (w - svd.double()).T
+    e_f = float((f.sqrt()[:, None] * dw).norm())
+    e_p = float((f.sqrt()[:, None] * dp).norm())
+    assert e_f <= e_p * (1 + 1e-5)
+    # full [out, in] Fisher from LayerStats reduces to the same vector
+    full = torch.rand(w.shape, generator=g)
+    a = FWSVD(format=LowRank(rank=5), axis=axis).apply(w.float(), LayerStats(fisher=full)).decode()
+    b = FWSVD(format=LowRank(rank=5), axis=axis).with_fisher(full).apply(w.float(), LayerStats()).decode()
+    assert torch.allclose(a, b)
+    with pytest.raises(CalibrationError):
+        FWSVD(format=LowRank(rank=5)).apply(w.float(), LayerStats())
+    assert "fisher_weights" not in m.to_dict()
