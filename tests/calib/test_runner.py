@@ -109,3 +109,16 @@ def test_nonfinite_weight_names_layer():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(UnsupportedLayerError, match=r"model\.layers\.1\.mlp\.up_proj"):
         api.compress(model, RTN(format=IntGroup(bits=4, group_size=32)), None, progress=False)
+
+
+def test_bf16_calibration_close_to_fp32():
+    data = _data(n=4)
+    outs = {}
+    for dt in ("float32", "bfloat16"):
+        model = tiny_model("llama", seed=5)
+        adapter = get_adapter(model)
+        method = _Recording(format=IntGroup(bits=4, group_size=32))
+        run_compression(model, adapter, {n: method for n in adapter.linear_names(model)}, data, progress=False, calib_dtype=dt)
+        outs[dt] = method.seen["model.layers.1.mlp.down_proj"].gram.double()
+    rel = (outs["bfloat16"] - outs["float32"]).norm() / outs["float32"].norm()
+    assert 0 < rel < 0.05

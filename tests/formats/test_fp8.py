@@ -73,3 +73,24 @@ def test_bad_inputs_raise_typed_errors():
     w[0, 0] = float("nan")
     with pytest.raises(UnsupportedLayerError, match="non-finite"):
         m.apply(w, LayerStats(n_tokens=0), layer="x")
+
+
+def test_every_grid_format_survives_a_checkpoint(tmp_path):
+    from tensorslim.formats import CompressedLinear
+    from tensorslim.io.checkpoint import load, save
+    from tensorslim.models.adapter import get_adapter
+    from tensorslim.models.tiny import tiny_model
+
+    model = tiny_model("llama")
+    specs = ["fp8:e4m3", "mxfp4", "mxfp8", "nvfp4", "nf4:g64", "ternary:g64", "bcq3:g64", "bipolar4:g32", "ternary"]
+    for i, name in enumerate(get_adapter(model).linear_names(model)):
+        lin = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        cw = build_method("rtn", parse_format(specs[i % len(specs)])).apply(lin.weight.detach(), LayerStats(), layer=name)
+        setattr(model.get_submodule(parent), child, CompressedLinear.from_linear(lin, cw, method="rtn"))
+    ids = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        ref = model(ids).logits
+        save(model, tmp_path / "ckpt")
+        again, _ = load(tmp_path / "ckpt")
+        assert torch.equal(again(ids).logits, ref)

@@ -192,8 +192,11 @@ def test_resigned_inconsistent_shards(case: Case, data):
     else:
         tensors[data.draw(st.sampled_from([n for n in names if n != name]))] = tensors.pop(name)
     blob = st_save(tensors, metadata={"format": "pt"})
-    if data.draw(st.booleans()):  # the attacker also fixes the manifest's tensor list
-        m["shards"][0]["tensors"] = sorted(tensors)
+    if data.draw(st.booleans()):  # the attacker also fixes the manifest's tensor names (declared dtypes/shapes kept)
+        listing = m["shards"][0]["tensors"]
+        m["shards"][0]["tensors"] = {
+            k: listing.get(k, {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)})
+            for k, v in tensors.items()}
     m["shards"][0]["sha256"] = hashlib.sha256(blob).hexdigest()
     m["shards"][0]["size"] = len(blob)
     m.pop("digest")

@@ -44,3 +44,16 @@ def test_nonfinite_activations_name_the_layer():
 def test_merge_mismatch_rejected():
     with pytest.raises(CalibrationError):
         GramAccumulator(4).merge(GramAccumulator(5))
+
+
+def test_bf16_gram_is_close_and_merges():
+    x = torch.randn(2048, 48)
+    fast = GramAccumulator(48, matmul_dtype=torch.bfloat16)
+    for c in x.split(512):
+        fast.update(c)
+    ref = (x.double().T @ x.double())
+    rel = (fast.finalize().double() - ref).norm() / ref.norm()
+    assert rel < 5e-3
+    assert fast.finalize().dtype == torch.float32
+    with pytest.raises(CalibrationError):
+        fast.update(torch.full((1, 48), float("inf")), "layer")

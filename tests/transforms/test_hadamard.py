@@ -51,3 +51,16 @@ def test_unsupported_model_is_refused():
     model = tiny_model("bert")
     with pytest.raises(UnsupportedModelError):
         apply_rotation(model, get_adapter(model), "hadamard")
+
+
+@pytest.mark.slow
+def test_rotation_preserves_smollm2_logits():
+    from tensorslim.models.sources import load_model
+
+    model, _ = load_model("smollm2-135m")
+    ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.double()
+        apply_rotation(model, get_adapter(model), "hadamard", seed=0)
+        got = model(input_ids=ids).logits.double()
+    assert float((got - ref).norm() / ref.norm()) < 1e-3

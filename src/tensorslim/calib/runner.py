@@ -116,11 +116,14 @@ def run_compression(
     start_block: int = 0,
     initial_inputs: Sequence[_Cached] | None = None,
     on_block_done: Callable[[int, nn.Module, list[_Cached]], None] | None = None,
+    calib_dtype: str = "float32",
 ) -> list[LayerResult]:
     """Compress every linear named in ``assign`` (full dotted names; ``None`` keeps a layer dense).
 
     ``batches`` (``[n, seq_len]`` token ids) may be ``None`` only when no method needs statistics; then layers are
-    solved directly and the relative error is the weight-space (Frobenius) one. ``on_block_done`` is called after each
+    solved directly and the relative error is the weight-space (Frobenius) one. ``calib_dtype="bfloat16"`` runs the
+    calibration forwards under bf16 autocast and the Gram products in bf16 (fp32 sums): ~3x faster on CPUs with bf16
+    units, an approximation of the statistics that methods then solve exactly (documented in docs/calibration.md). ``on_block_done`` is called after each
     block with the inputs of the next block (for resumable runs); ``start_block``/``initial_inputs`` resume there.
     """
     blocks = adapter.get_blocks(model)
@@ -132,6 +135,10 @@ def run_compression(
     needs_data = any(m is not None and m.requires for m in assign.values()) or bool(compensate and compensate.requires)
     if needs_data and batches is None:
         raise CalibrationError("a method needs calibration statistics; give calibration text (--calib FILE)")
+    if calib_dtype not in ("float32", "bfloat16"):
+        raise CalibrationError(f"calib_dtype must be 'float32' or 'bfloat16', got {calib_dtype!r}")
+    fast = calib_dtype == "bfloat16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if fast else contextlib.nullcontext()
     results: list[LayerResult] = []
     bar = Progress(total=len(blocks) - start_block, label="compress", enabled=progress)
 
@@ -150,7 +157,8 @@ def run_compression(
             targets = {rel: m for rel, m in targets.items() if m is not None}
             if targets:
                 layer_stats = (
-                    _collect(block, adapter, linears, targets, cache, compensate, measure_error, f"{prefix}{bi}.")
+                    _collect(block, adapter, linears, targets, cache, compensate, measure_error, f"{prefix}{bi}.",
+                             autocast, torch.bfloat16 if fast else None)
                     if cache is not None
                     else {rel: LayerStats() for rel in targets}
                 )
@@ -159,7 +167,8 @@ def run_compression(
                     results.append(_solve(block, rel, name, linears[rel], method, layer_stats[rel], compensate))
                     bar.status(name)
             if cache is not None:
-                cache = [_Cached(_first_output(block(c.hidden, **c.kwargs)), c.kwargs) for c in cache]
+                with autocast:
+                    cache = [_Cached(_first_output(block(c.hidden, **c.kwargs)).to(c.hidden.dtype), c.kwargs) for c in cache]
                 if not all(torch.isfinite(c.hidden).all() for c in cache):
                     raise NumericalError(f"block {bi} produced non-finite activations after compression")
             if on_block_done is not None:
@@ -177,7 +186,7 @@ def _needed(method: Method, compensate: Compensator | None, measure_error: bool)
     return need
 
 
-def _collect(block, adapter, linears, targets, cache, compensate, measure_error, prefix) -> dict[str, LayerStats]:
+def _collect(block, adapter, linears, targets, cache, compensate, measure_error, prefix, autocast, matmul_dtype) -> dict[str, LayerStats]:
     """One forward of the uncompressed block over all batches, accumulating each target's statistics."""
     needs = {rel: _needed(m, compensate, measure_error) for rel, m in targets.items()}
     # Linears of one sub-sequential group read the same tensor: one accumulator per group (checked, not assumed).
@@ -191,7 +200,8 @@ def _collect(block, adapter, linears, targets, cache, compensate, measure_error,
     union: dict[str, set[Stat]] = {}
     for rel, o in owner.items():
         union.setdefault(o, set()).update(needs[rel])
-    accs = {o: new_accumulators(s, linears[o].in_features, device=cache[0].hidden.device) for o, s in union.items()}
+    accs = {o: new_accumulators(s, linears[o].in_features, device=cache[0].hidden.device, matmul_dtype=matmul_dtype)
+            for o, s in union.items()}
     seen_inputs: dict[str, torch.Tensor] = {}
     first = [True]
 
@@ -208,8 +218,9 @@ def _collect(block, adapter, linears, targets, cache, compensate, measure_error,
 
     handles = [linears[rel].register_forward_hook(make_hook(rel)) for rel in targets]
     try:
-        for i, c in enumerate(cache):
-            block(c.hidden, **c.kwargs)
+        for c in cache:
+            with autocast:
+                block(c.hidden, **c.kwargs)
             if first[0]:
                 first[0] = False
                 for rel, o in owner.items():

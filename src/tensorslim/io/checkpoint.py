@@ -113,7 +113,8 @@ def write_shards(folder: Path, tensors: dict[str, torch.Tensor], max_bytes: int)
         file = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
         with open(folder / file, "wb") as f:
             f.write(data)
-        entries.append({"file": file, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "tensors": names})
+        listing = {n: {"dtype": str(part[n].dtype).removeprefix("torch."), "shape": list(part[n].shape)} for n in names}
+        entries.append({"file": file, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "tensors": listing})
         del data, part
     return entries
 
@@ -257,6 +258,11 @@ def read_tensors(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Tens
             raise CheckpointError(f"{path} is not a valid safetensors file ({e})") from e
         if sorted(part) != sorted(s["tensors"]):
             raise CheckpointError(f"{path} holds tensors {sorted(part)[:5]}..., not the ones its manifest lists")
+        for name, t in part.items():
+            want = s["tensors"][name]
+            if str(t.dtype).removeprefix("torch.") != want["dtype"] or list(t.shape) != want["shape"]:
+                raise CheckpointError(f"{path}: {name} is {t.dtype} {list(t.shape)}, the manifest says "
+                                      f"{want['dtype']} {want['shape']}")
         out.update(part)
     return out
 

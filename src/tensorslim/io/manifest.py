@@ -15,7 +15,8 @@ Schema (version 1)::
      "layers": {name: {"format": Format.to_dict(), "method": str|null, "shape": [out, in], "bias": bool,
                        "tensors": [tensor names]}},
      "tied": {alias parameter: canonical parameter},
-     "shards": [{"file": "model-00001-of-00001.safetensors", "sha256": hex, "size": bytes, "tensors": [names]}],
+     "shards": [{"file": "model-00001-of-00001.safetensors", "sha256": hex, "size": bytes,
+                 "tensors": {name: {"dtype": "float16", "shape": [...]}}}],
      "plan": any JSON | null, "report": any JSON | null, "extra": {...},
      "digest": hex}
 
@@ -43,6 +44,8 @@ _KEYS = {"schema", "schema_version", "tensorslim_version", "model", "tokenizer",
          "report", "extra", "digest"}
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_DTYPES = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu",
+           "float4_e2m1fn_x2", "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool"}
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -149,9 +152,14 @@ def validate(m: Any) -> None:
             raise _fail(f"{where}sha256", "not a lowercase hex sha256")
         if _need(s, "size", int, where) < 8:
             raise _fail(f"{where}size", f"{s['size']} is too small for a safetensors file")
-        for t in _need(s, "tensors", list, where):
-            if not isinstance(t, str) or not t or t in stored:
+        for t, desc in _need(s, "tensors", dict, where).items():
+            if not t or t in stored:
                 raise _fail(f"{where}tensors", f"bad or repeated tensor name {t!r}")
+            if (not isinstance(desc, dict) or set(desc) != {"dtype", "shape"} or not isinstance(desc["dtype"], str)
+                    or desc["dtype"] not in _DTYPES
+                    or not isinstance(desc["shape"], list)
+                    or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in desc["shape"])):
+                raise _fail(f"{where}tensors[{t!r}]", f"expected {{dtype, shape}}, got {desc!r}")
             stored.add(t)
     layers = _need(m, "layers", dict, "")
     claimed: set[str] = set()

@@ -1,10 +1,11 @@
 """Choose how a compressed weight multiplies: a Triton kernel on CUDA where one fits, else the reference.
 
 ``linear(cw, x, bias)`` is what ``CompressedWeight.linear`` calls for CUDA activations. Paths:
-- ``IntGroupWeight`` (1-6 and 8 bits, ``in % 32 == 0``, fp16/bf16 activations): "gemv" (1-8 rows, CUDA cores,
-  optional split-K), "gemm" (tensor-core tiles, optional split-K) or "dequant" (dequantize to the activation dtype,
+- ``IntGroupWeight`` (1-6 and 8 bits, ``in % 32 == 0``, fp16/bf16 activations): "gemv" (1-16 rows, one row a
+  program, CUDA cores, optional split-K), "gemm" (tensor-core tiles, optional split-K) or "dequant" (dequantize to the activation dtype,
   then cuBLAS; large batches only);
-- ``SumWeight(IntGroupWeight, LowRankWeight)``: the same kernels with the low-rank term fused into their epilogue
+- ``TernaryWeight``: the same kernels (2-bit codes ``t + 1``, zero point 1; :func:`.layout.ternary_layout`);
+- ``SumWeight(IntGroupWeight | TernaryWeight, LowRankWeight)``: the same kernels with the low-rank term fused into their epilogue
   (``t = x V^T`` first, a ``[M, r]`` fp32 product, then one pass over ``y``);
 - anything else, CPU tensors, fp32 activations or a missing Triton: :func:`.reference.reference_linear`.
 
@@ -29,7 +30,7 @@ import torch
 
 from ..formats.base import CompressedWeight
 from ..formats.intgroup import IntGroupWeight
-from .layout import IntKernelLayout, int_layout, int_layout_reason
+from .layout import IntKernelLayout, int_layout, int_layout_reason, ternary_layout, ternary_layout_reason
 from .reference import reference_linear
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,19 @@ def _lowrank_type() -> type | None:
     return LowRankWeight
 
 
+def _ternary_type() -> type | None:
+    try:
+        from ..formats.ternary import TernaryWeight
+    except ImportError:
+        return None
+    return TernaryWeight
+
+
+def _is_int_like(cw: CompressedWeight) -> bool:
+    tern = _ternary_type()
+    return isinstance(cw, IntGroupWeight) or (tern is not None and isinstance(cw, tern))
+
+
 # -- what runs -----------------------------------------------------------------------------------------------------
 def kernel_reason(cw: CompressedWeight, x: torch.Tensor | None = None) -> str | None:
     """``None`` if a kernel can run ``cw`` (for ``x``), else why the reference path runs."""
@@ -68,18 +82,19 @@ def kernel_reason(cw: CompressedWeight, x: torch.Tensor | None = None) -> str | 
     base = _int_part(cw)
     if base is None:
         return f"no kernel for {type(cw).__name__} ({cw.format.spec()})"
-    reason = int_layout_reason(base)
+    reason = int_layout_reason(base) if isinstance(base, IntGroupWeight) else ternary_layout_reason(base)
     if reason is None and _ops() is None:
         reason = "triton is not installed"
     return reason
 
 
-def _int_part(cw: CompressedWeight) -> IntGroupWeight | None:
-    if isinstance(cw, IntGroupWeight):
+def _int_part(cw: CompressedWeight) -> CompressedWeight | None:
+    """The part the integer kernels run: the weight itself (IntGroup, Ternary) or the base of Sum(that, LowRank)."""
+    if _is_int_like(cw):
         return cw
     lr = _lowrank_type()
     base, extra = getattr(cw, "base", None), getattr(cw, "extra", None)
-    if lr is not None and isinstance(base, IntGroupWeight) and isinstance(extra, lr):
+    if lr is not None and base is not None and _is_int_like(base) and isinstance(extra, lr):
         return base
     return None
 
@@ -113,10 +128,10 @@ def kernel_linear(cw: CompressedWeight, x: torch.Tensor, bias: torch.Tensor | No
     return y.reshape(*x.shape[:-1], lay.n)
 
 
-def layout(base: IntGroupWeight) -> IntKernelLayout:
+def layout(base: CompressedWeight) -> IntKernelLayout:
     lay = _LAYOUTS.get(base)
     if lay is None:
-        lay = int_layout(base)
+        lay = int_layout(base) if isinstance(base, IntGroupWeight) else ternary_layout(base)
         _LAYOUTS[base] = lay
     return lay
 
@@ -156,16 +171,12 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
     bks = [b for b in (128, 64, 32) if g % b == 0 and k % b == 0]
     target = 2 * sms
     out: list[Choice] = []
-    if m <= 8:
-        bm = _pow2(m)
-        for bn, bk, warps in ((128, 64, 4), (256, 32, 4), (64, 128, 4), (256, 64, 8), (128, 128, 8), (64, 64, 4)):
+    if m <= 16:
+        for bn, bk, warps in ((256, 128, 4), (512, 64, 4), (128, 128, 4), (256, 128, 8), (512, 128, 4),
+                              (256, 64, 8), (128, 64, 4)):
             bk = next((b for b in bks if b <= bk), bks[-1])
-            while bm * bn * bk > 8192 * warps // 4 and bn > 32:
-                bn //= 2
-            while bm * bn * bk > 8192 * warps // 4 and bk > bks[-1]:
-                bk //= 2
-            tiles = -(-n // bn)
-            c = ("gemv", (bm, bn, bk, _split(k // bk, tiles, target), warps, 4))
+            tiles = m * -(-n // bn)
+            c = ("gemv", (1, bn, bk, _split(k // bk, tiles, target), warps, 3))
             if c not in out:
                 out.append(c)
     if m >= 2:
@@ -173,6 +184,8 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
         for bn, bk, warps, stages in ((64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 5),
                                       (256, 64, 8, 3)):
             bk = next((b for b in bks if b <= bk), bks[-1])
+            while stages > 2 and stages * (bm * bk * 2 + bk * bn * 4) > 160_000:  # shared memory per pipeline stage
+                stages -= 1
             tiles = -(-m // bm) * -(-n // bn)
             c = ("gemm", (bm, bn, bk, _split(k // bk, tiles, target), warps, stages))
             if c not in out:
@@ -188,7 +201,7 @@ def tuned_choice(lay: IntKernelLayout, x2d: torch.Tensor, rank: int | None) -> C
     if x2d.device.type != "cuda":  # the interpreter: no timing, first candidate
         return candidates(lay, bucket)[0]
     key = (lay.n, lay.k, lay.bits, lay.group, lay.symmetric, lay.qb is not None, bucket, x2d.dtype, rank,
-           torch.cuda.get_device_name(x2d.device))
+           x2d.device)
     hit = _TUNED.get(key)
     if hit is None:
         hit = tune(lay, bucket, x2d.dtype, rank)

@@ -13,6 +13,10 @@ This is a one-time repack into a kernel-side copy kept by :mod:`.dispatch` per w
 stored format; it costs as much GPU memory as the codes (the stored tensors stay where they are). Act-order weights
 keep their permutation: the kernel multiplies ``x[:, perm]`` by the stored (permuted) columns.
 
+Ternary weights (codes ``t + 1`` at 2 bits, per-group fp16 or per-tensor fp32 scale) are the 2-bit integer layout
+with zero point 1 (per-tensor: one "group" of all inputs, the scale repeated per column), so they run on the same
+kernels (:func:`ternary_layout`).
+
 Limits: ``in`` must be a multiple of 32; the group a multiple of 32 (or per-channel); 7-bit codes would need three
 planes and take the reference path.
 """
@@ -64,6 +68,29 @@ def int_layout_reason(w: IntGroupWeight) -> str | None:
     if g % 32 and g != inp:
         return f"group {g} is not a multiple of 32"
     return None
+
+
+def ternary_layout_reason(w) -> str | None:
+    out, inp = w.shape
+    g = w.format.group_size or inp
+    if inp % 32:
+        return f"in_features {inp} is not a multiple of 32"
+    if g % 32 and g != inp:
+        return f"group {g} is not a multiple of 32"
+    return None
+
+
+def ternary_layout(w) -> IntKernelLayout:
+    """Kernel view of a ``TernaryWeight``: int2 codes ``t + 1`` with zero point 1."""
+    out, inp = w.shape
+    g = w.format.group_size or inp
+    ng = inp // g
+    scales = w.scales.reshape(1, 1).expand(1, out) if w.format.group_size is None else w.scales.t()
+    return IntKernelLayout(
+        n=out, k=inp, bits=2, bits_a=2, bits_b=0, group=g, symmetric=False,
+        qa=w.codes.contiguous().view(torch.int32).t().contiguous(), qb=None, scales=scales.contiguous(),
+        zeros=torch.ones(ng, out, dtype=torch.uint8, device=w.codes.device), perm=None,
+    )
 
 
 def _plane(codes: torch.Tensor, bits: int) -> torch.Tensor:

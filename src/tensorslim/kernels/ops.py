@@ -33,7 +33,6 @@ def check_config(path: str, meta: list[int], config: list[int], m: int) -> None:
     assert path in ("gemv", "gemm"), path
     assert bk >= 32 and bk & (bk - 1) == 0 and k % bk == 0, (k, bk)
     assert bk <= group and group % bk == 0, "tiles lie inside one group"
-    assert path == "gemm" or bm >= m, (bm, m)
     assert split_k >= 1 and (k // bk) % split_k == 0, (k, bk, split_k)
 
 
@@ -52,14 +51,14 @@ def launch_int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zero
     uu = u.contiguous() if has_lr else x
     common = (
         x, out, qa, qb if qb is not None else qa, scales, zt, tt, uu,
-        m, n, k, r, k // split_k,
+        m, n, k, r, k // split_k, group, split_k,
         x.stride(0), out.stride(0), tt.stride(0), uu.stride(0),
     )
-    consts = dict(BITS=bits, BITS_A=bits_a, BITS_B=bits_b, GROUP=group, SYMMETRIC=bool(symmetric),
-                  HAS_LR=has_lr, BR=max(16, _next_pow2(r)), SPLIT_K=split_k, BM=bm, BN=bn, BK=bk,
+    consts = dict(BITS=bits, BITS_A=bits_a, BITS_B=bits_b, SYMMETRIC=bool(symmetric),
+                  HAS_LR=has_lr, BR=max(16, _next_pow2(r)), BM=bm, BN=bn, BK=bk,
                   num_warps=num_warps, num_stages=num_stages)
     if path == "gemv":
-        int_gemv_kernel[(triton.cdiv(n, bn), split_k)](*common, **consts)
+        int_gemv_kernel[(m, triton.cdiv(n, bn), split_k)](*common, **consts)
     else:
         int_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](*common, **consts)
 
@@ -91,8 +90,8 @@ def launch_int_dequant(qa: Tensor, qb: Tensor | None, scales: Tensor, zeros: Ten
     bn = 128
     zt = zeros if zeros is not None else scales
     int_dequant_kernel[(triton.cdiv(n, bn), k // bk)](
-        out, qa, qb if qb is not None else qa, scales, zt, n,
-        BITS=bits, BITS_A=bits_a, BITS_B=bits_b, GROUP=group, SYMMETRIC=bool(symmetric), BN=bn, BK=bk, num_warps=4,
+        out, qa, qb if qb is not None else qa, scales, zt, n, group,
+        BITS=bits, BITS_A=bits_a, BITS_B=bits_b, SYMMETRIC=bool(symmetric), BN=bn, BK=bk, num_warps=4,
     )
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import ClassVar
 
 import torch
@@ -135,7 +136,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: IntGroup, *, damp
     bs = max(block_size // g, 1) * g if g <= block_size else g
     natural_groups = static and not fmt.act_order
     proj = GroupProjector(fmt, out, inp, order=order if natural_groups else None, static=grids, device=w.device)
-    obs_solve(w, hessian, proj, block_size=bs, damp=damp, order=order, layer=layer)
+    obs_solve(w, hessian, proj, block_size=bs, damp=damp, order=order, layer=layer, sync=math.gcd(16, g))
     codes = proj.codes.to(torch.int64)
     perm = None
     if order is not None and not fmt.act_order:  # static groups: store codes in natural order

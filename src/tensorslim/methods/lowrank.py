@@ -7,11 +7,13 @@ compression with ``M = W``, EoRA (Liu et al., arXiv 2410.21271) with ``M = W - W
 norm: ``L M R = U Sigma V^T`` and ``M' = L^{-1} U_r Sigma_r V_r^T R^{-1}``, stored as ``u = L^{-1} U_r Sigma_r^{1/2}``
 and ``v = Sigma_r^{1/2} V_r^T R^{-1}`` (balanced factors survive float16 storage).
 
-Whitening uses the eigendecomposition ``H = Q Lambda Q^T`` in float64 (EoRA's choice): ``S = Q Lambda^{1/2}``,
-``S^{-1} = Lambda^{-1/2} Q^T``. Rank-deficient ``H`` (fewer tokens than inputs, dead channels): ``damp`` adds
-``damp * mean(diag H)`` to the diagonal first (a ridge; default 0 keeps the exact optimum); eigenvalues still below
-``EIG_FLOOR * lambda_max`` are raised to that floor (documented fallback, logged), so the un-whitening stays finite
-and directions the data never visits are fitted with a tiny plain-SVD weight instead of being dropped.
+Whitening uses a Cholesky factor ``H = L L^T`` (float64; any factor with ``S S^T = H`` gives the same optimum,
+so this equals EoRA's ``Q Lambda^{1/2}`` in result and is far cheaper than ``eigh`` on CPU); un-whitening is a
+triangular solve. Rank-deficient ``H`` (fewer tokens than inputs, dead channels): ``damp`` adds
+``damp * mean(diag H)`` first (default 0 keeps the exact optimum); if Cholesky still fails, ridges of
+``RIDGE_LADDER`` x ``mean(diag H)`` are tried in turn (documented fallback, logged): directions the data never
+visits are then fitted with a tiny plain-SVD weight instead of an infinite un-whitening. The SVD itself runs in
+float32 (``svd_dtype``; float64 is ~10x slower on CPU), everything around it in float64.
 Errors: non-finite ``M`` or ``H`` -> :class:`NumericalError` / :class:`CalibrationError`; an all-zero ``H`` ->
 :class:`CalibrationError`; ``rank > min(out, in)`` -> :class:`UnsupportedLayerError`.
 """
@@ -27,20 +29,27 @@ from ..errors import CalibrationError, NumericalError, UnsupportedLayerError
 
 logger = logging.getLogger(__name__)
 
-EIG_FLOOR = 1e-10  # relative to the largest eigenvalue, after damping
+RIDGE_LADDER = (1e-8, 1e-6, 1e-4, 1e-2, 1e-1)  # fallback ridges (x mean diag) when Cholesky fails
 WEIGHT_FLOOR = 1e-8  # relative to the largest row/column weight (FWSVD: rows with zero Fisher)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class Whitening:
-    """A factor ``s`` of ``H`` (``s s^T = H``) and its inverse, both ``[in, in]`` float64."""
+    """A lower-triangular factor ``l`` of ``H`` (``l l^T = H``), float64 ``[in, in]``."""
 
-    s: torch.Tensor
-    s_inv: torch.Tensor
+    l: torch.Tensor
+
+    def right(self, a: torch.Tensor) -> torch.Tensor:
+        """``a @ l`` (whiten the input side)."""
+        return a @ self.l.to(device=a.device, dtype=a.dtype)
+
+    def unright(self, v: torch.Tensor) -> torch.Tensor:
+        """``v @ l^{-1}`` (a triangular solve, no explicit inverse)."""
+        return torch.linalg.solve_triangular(self.l.to(device=v.device, dtype=v.dtype), v, upper=False, left=False)
 
 
 def whitening(h: torch.Tensor, *, damp: float = 0.0, layer: str = "<layer>") -> Whitening:
-    """Whitening factor of a symmetric PSD second moment ``h [in, in]`` (see the module note for the fallbacks)."""
+    """Cholesky whitening factor of a symmetric PSD second moment ``h [in, in]`` (see the module note)."""
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise CalibrationError(f"layer {layer!r}: X^T X must be square, got shape {tuple(h.shape)}")
     h = h.detach().to(torch.float64)
@@ -53,17 +62,14 @@ def whitening(h: torch.Tensor, *, damp: float = 0.0, layer: str = "<layer>") -> 
         raise CalibrationError(f"layer {layer!r}: X^T X is zero (no calibration tokens reached this layer?)")
     if damp < 0:
         raise CalibrationError(f"damp must be >= 0, got {damp}")
-    if damp > 0:
-        h = h + damp * mean_diag * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    lam, q = torch.linalg.eigh(h)
-    floor = EIG_FLOOR * float(lam.max())
-    low = int((lam < floor).sum())
-    if low:
-        logger.info("layer %r: X^T X has %d of %d eigenvalues below %.1e x max; raised to the floor", layer, low,
-                    lam.numel(), EIG_FLOOR)
-    lam = lam.clamp(min=floor)
-    root = lam.sqrt()
-    return Whitening(s=q * root, s_inv=(q / root).T)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for ridge in (damp, *(r for r in RIDGE_LADDER if r > damp)):
+        l, info = torch.linalg.cholesky_ex(h + ridge * mean_diag * eye if ridge else h)
+        if int(info) == 0 and bool(torch.isfinite(l).all()) and float(l.diagonal().min()) > 0:
+            if ridge != damp:
+                logger.info("layer %r: X^T X is singular; whitening with ridge %.0e x mean diag", layer, ridge)
+            return Whitening(l=l)
+    raise CalibrationError(f"layer {layer!r}: X^T X is not positive definite even with ridge {RIDGE_LADDER[-1]}")
 
 
 def truncation_rank_check(shape: tuple[int, int], rank: int, layer: str) -> None:
@@ -81,6 +87,7 @@ def weighted_lowrank(
     col_weight: torch.Tensor | None = None,
     whiten: Whitening | None = None,
     layer: str = "<layer>",
+    svd_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` ``u [out, r] @ v [r, in]`` for ``m [out, in]`` in the weighted norm; float32 factors.
 
@@ -99,17 +106,18 @@ def weighted_lowrank(
     if cw is not None:
         a = a * cw[None, :]
     if whiten is not None:
-        a = a @ whiten.s.to(a.device)
-    uu, sig, vh = torch.linalg.svd(a, full_matrices=False)
-    root = sig[:rank].sqrt()
-    u = uu[:, :rank] * root
-    v = root[:, None] * vh[:rank]
+        a = whiten.right(a)
+    # the SVD is the cost (float64 is ~10x slower on CPU); float32 keeps the truncation accurate to ~1e-6 relative
+    uu, sig, vh = torch.linalg.svd(a.to(svd_dtype), full_matrices=False)
+    root = sig[:rank].double().sqrt()
+    u = uu[:, :rank].double() * root
+    v = root[:, None] * vh[:rank].double()
     if lw is not None:
         u = u / lw[:, None]
     if cw is not None:
         v = v / cw[None, :]
     if whiten is not None:
-        v = v @ whiten.s_inv.to(v.device)
+        v = whiten.unright(v)
     if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
         raise NumericalError(f"layer {layer!r}: low-rank factors are not finite (ill-conditioned weights); "
                              "increase damp or use plain SVD")

@@ -112,14 +112,18 @@ def obs_solve(
     order: torch.Tensor | None = None,
     layer: str = "<layer>",
     dtype: torch.dtype = torch.float32,
+    sync: int = 16,
 ) -> ObsResult:
     """Run the OBS column loop on ``w [out, in]`` with ``H [in, in]``; see the module note for ``project``.
 
     ``order`` is the solve order (a permutation of the inputs, e.g. :func:`act_order`); the projector sees columns
-    in that order and ``start + i`` is a solve-order index. Inputs are not modified.
+    in that order and ``start + i`` is a solve-order index. Inputs are not modified. Column ``i`` is fully updated
+    when projected; the whole block is fully updated whenever ``i`` is a multiple of ``sync`` (so a projector that
+    looks ahead, e.g. to fit a group or choose an N:M mask, must do so at such columns: pass a ``sync`` dividing
+    its group size).
     """
-    if block_size < 1:
-        raise ConfigError(f"block_size must be >= 1, got {block_size!r}")
+    if block_size < 1 or sync < 1:
+        raise ConfigError(f"block_size and sync must be >= 1, got {block_size!r}, {sync!r}")
     out, inp = w.shape
     wk, h, dead = prepare(w, hessian, layer=layer, dtype=dtype)
     if order is not None:
@@ -143,13 +147,19 @@ def obs_solve(
         diag = u1.diagonal().clone()
         err = torch.empty_like(b)
         view = b.T
-        for i in range(k):
-            qi = project(view, i, i1, diag)
-            qt[i1 + i] = qi
-            torch.sub(b[i], qi, out=err[i])
-            err[i].div_(diag[i])
-            if i + 1 < k:
-                b[i + 1:].addr_(u1[i, i + 1:], err[i], alpha=-1.0)
+        # Two-level blocking: rank-1 updates stay inside a sub-block of `sync` columns (small enough that torch runs
+        # them on one thread; on a busy CPU, multi-threaded tiny ops are >10x slower), one GEMM per sub-block.
+        for s0 in range(0, k, sync):
+            s1 = min(s0 + sync, k)
+            for i in range(s0, s1):
+                qi = project(view, i, i1, diag)
+                qt[i1 + i] = qi
+                torch.sub(b[i], qi, out=err[i])
+                err[i].div_(diag[i])
+                if i + 1 < s1:
+                    b[i + 1:s1].addr_(u1[i, i + 1:s1], err[i], alpha=-1.0)
+            if s1 < k:
+                b[s1:].addmm_(u1[s0:s1, s1:].T, err[s0:s1], alpha=-1.0)
         if i2 < inp:
             wt[i2:].addmm_(u[i1:i2, i2:].T, err, alpha=-1.0)
     q = qt.T

@@ -21,6 +21,7 @@ Stored: ``SumWeight(IntGroupWeight, SparseOutliersWeight)``, format ``Sum(IntGro
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import torch
@@ -110,7 +111,7 @@ def quantease_outliers_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: Int
     g = fmt.group(inp)
     grids = fit_scale_zero(torch.where(keep, torch.zeros_like(wz), wz).reshape(out, inp // g, g), fmt)
     proj = GroupProjector(fmt, out, inp, order=order, static=grids, device=w.device, keep=keep[:, order].T.contiguous())
-    res = obs_solve(w, h, proj, damp=damp, order=order, layer=layer)
+    res = obs_solve(w, h, proj, damp=damp, order=order, layer=layer, sync=math.gcd(16, g))
     inv = torch.empty_like(order)
     inv[order] = torch.arange(inp)
     codes = proj.codes[:, inv].float()

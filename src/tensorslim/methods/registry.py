@@ -18,13 +18,14 @@ from .quantease_outliers import QuantEaseOutliers
 from .rtn import RTN
 from .prune import Magnitude, Wanda
 from .sparsegpt import SparseGPT
+from .mfac import MFAC
 from .structured import KPSVD, MonarchProjection
 from .svd import FWSVD, SVD, WhitenedSVD
 from .welore import WeLore, WeLoreWhitened
 
 MethodFactory = Callable[..., Method]
 
-_METHODS: dict[str, MethodFactory] = {"rtn": rtn, "gptq": GPTQ, "finequant": FineQuant, "hqq": HQQ, "rtn-imatrix": RTNImatrix, "quantease": QuantEase, "quantease-outliers": QuantEaseOutliers, "svd": SVD, "svd-whitened": WhitenedSVD, "fwsvd": FWSVD, "welore": WeLore, "welore-whitened": WeLoreWhitened, "kpsvd": KPSVD, "monarch": MonarchProjection, "magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT}
+_METHODS: dict[str, MethodFactory] = {"rtn": rtn, "gptq": GPTQ, "finequant": FineQuant, "hqq": HQQ, "rtn-imatrix": RTNImatrix, "quantease": QuantEase, "quantease-outliers": QuantEaseOutliers, "svd": SVD, "svd-whitened": WhitenedSVD, "fwsvd": FWSVD, "welore": WeLore, "welore-whitened": WeLoreWhitened, "kpsvd": KPSVD, "monarch": MonarchProjection, "magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT, "mfac": MFAC}
 
 
 def register_method(name: str, factory: MethodFactory) -> None:

@@ -9,7 +9,8 @@ values and kept as fp32 tensors (they are small and their ops are elementwise or
 L-Mul (Luo & Sun, arXiv 2410.00907): an approximate float multiply done by one integer addition of the
 exponent-mantissa fields. For ``x = (1 + a) 2^e``, ``y = (1 + b) 2^f`` with ``m``-bit mantissas ``a, b``, the adder
 computes ``s = a + b + 2^-l(m)`` (``l = m`` for ``m <= 3``, 3 for ``m = 4``, 4 above) and returns
-``(1 + s) 2^(e+f)``, or, when ``s >= 1`` (the mantissa carry), ``s 2^(e+f+1)``; sign by XOR, zero if an operand is
+``(1 + s - k) 2^(e+f+k)`` with ``k = floor(s)`` the carries out of the mantissa field (``k`` = 2 happens for
+``m >= 5``); sign by XOR, zero if an operand is
 zero. We emulate this *adder* version (not the paper's formula, which differs on carry), with operands first rounded
 to ``m`` mantissa bits (RNE, fp32 exponent range). Its relative error does not vanish as ``m`` grows (the missing
 ``a b`` term is replaced by a constant): it is at most ``max(2^-l, 0.08)`` (1/8 for ``m >= 3``).
@@ -71,7 +72,8 @@ def lmul_table(m: int) -> torch.Tensor:
     """``F[i, j]``: the adder's result for mantissas ``i/2^m``, ``j/2^m`` (exponent sum 0), float64."""
     a = torch.arange(1 << m, dtype=torch.float64) / (1 << m)
     s = a[:, None] + a[None, :] + 2.0 ** -_offset_bits(m)
-    return torch.where(s < 1, 1 + s, 2 * s)
+    k = torch.floor(s)  # carries out of the mantissa field (2 are possible when l < m)
+    return (1 + s - k) * 2.0**k
 
 
 def lmul(x: torch.Tensor, y: torch.Tensor, m: int) -> torch.Tensor:

@@ -31,15 +31,7 @@ class Accumulator(ABC):
         self.count = 0
 
     def _rows(self, x: torch.Tensor, layer: str) -> torch.Tensor:
-        if x.shape[-1] != self.dim:
-            raise CalibrationError(f"layer {layer!r}: input has {x.shape[-1]} features, expected {self.dim}")
-        rows = x.reshape(-1, self.dim).to(device=self.device, dtype=self.dtype)
-        if not torch.isfinite(rows).all():
-            raise CalibrationError(
-                f"layer {layer!r}: calibration activations contain NaN or Inf; check the calibration text, the model "
-                "dtype (use float32), or the layers compressed before this one"
-            )
-        return rows
+        return _checked(x, self.dim, layer).to(device=self.device, dtype=self.dtype)
 
     def update(self, x: torch.Tensor, layer: str = "<layer>") -> None:
         rows = self._rows(x, layer)
@@ -66,24 +58,49 @@ class Accumulator(ABC):
 
 
 class GramAccumulator(Accumulator):
-    """``sum_t x_t x_t^T`` over all input rows (fp32 accumulation by default)."""
+    """``sum_t x_t x_t^T`` over all input rows (fp32 accumulation by default).
 
-    def __init__(self, dim: int, **kw) -> None:
+    ``matmul_dtype=torch.bfloat16`` computes each batch's product in bf16 (fp32 accumulation inside the matmul, one
+    bf16 rounding of the batch's sum) and adds it to the fp32 total: about 4x faster on CPUs with bf16 units, at a
+    relative error of about 2^-9 per batch entry. Opt-in (``calib_dtype="bfloat16"`` in the runner).
+    """
+
+    def __init__(self, dim: int, *, matmul_dtype: torch.dtype | None = None, **kw) -> None:
         super().__init__(dim, **kw)
+        self.matmul_dtype = matmul_dtype
         self.sum = torch.zeros(dim, dim, dtype=self.dtype, device=self.device)
 
+    def _rows(self, x: torch.Tensor, layer: str) -> torch.Tensor:
+        rows = super()._rows(x, layer) if self.matmul_dtype is None else _checked(x, self.dim, layer)
+        return rows if self.matmul_dtype is None else rows.to(device=self.device, dtype=self.matmul_dtype)
+
     def _add(self, rows: torch.Tensor) -> None:
-        self.sum.addmm_(rows.T, rows)
+        if self.matmul_dtype is None:
+            self.sum.addmm_(rows.T, rows)
+        else:
+            self.sum += (rows.T @ rows).to(self.dtype)
 
     def merge(self, other: Self) -> Self:
         self._check_merge(other)
-        out = type(self)(self.dim, dtype=self.dtype, device=self.device)
+        out = type(self)(self.dim, dtype=self.dtype, device=self.device, matmul_dtype=self.matmul_dtype)
         out.sum = self.sum + other.sum.to(self.sum)
         out.count = self.count + other.count
         return out
 
     def finalize(self) -> torch.Tensor:
         return self.sum
+
+
+def _checked(x: torch.Tensor, dim: int, layer: str) -> torch.Tensor:
+    if x.shape[-1] != dim:
+        raise CalibrationError(f"layer {layer!r}: input has {x.shape[-1]} features, expected {dim}")
+    rows = x.reshape(-1, dim)
+    if not torch.isfinite(rows).all():
+        raise CalibrationError(
+            f"layer {layer!r}: calibration activations contain NaN or Inf; check the calibration text, the model "
+            "dtype (use float32), or the layers compressed before this one"
+        )
+    return rows
 
 
 class NormAccumulator(Accumulator):

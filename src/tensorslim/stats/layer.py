@@ -43,5 +43,11 @@ def stats_from_accumulators(accs: dict[Stat, Accumulator]) -> LayerStats:
     return LayerStats(n_tokens=max(counts) if counts else 0, **{str(k): a.finalize() for k, a in accs.items()})
 
 
-def new_accumulators(stats: set[Stat], dim: int, device: torch.device | str = "cpu") -> dict[Stat, Accumulator]:
-    return {s: ACCUMULATORS[s](dim, device=device) for s in sorted(stats)}
+def new_accumulators(
+    stats: set[Stat], dim: int, device: torch.device | str = "cpu", *, matmul_dtype: torch.dtype | None = None
+) -> dict[Stat, Accumulator]:
+    """One accumulator per statistic; ``matmul_dtype`` (bf16) speeds up the Gram product (see GramAccumulator)."""
+    return {
+        s: ACCUMULATORS[s](dim, device=device, **({"matmul_dtype": matmul_dtype} if s == Stat.GRAM else {}))
+        for s in sorted(stats)
+    }

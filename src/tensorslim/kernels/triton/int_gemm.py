@@ -17,16 +17,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .int_gemv import load_codes, load_group
+from .int_gemv import load_codes3, load_group, tile_k_offsets
 
 
 @triton.jit
 def int_gemm_kernel(
     x_ptr, out_ptr, qa_ptr, qb_ptr, s_ptr, z_ptr, t_ptr, u_ptr,
-    M, N, K, R, k_split,
+    M, N, K, R, k_split, GROUP, SPLIT_K,
     stride_xm, stride_om, stride_tm, stride_un,
-    BITS: tl.constexpr, BITS_A: tl.constexpr, BITS_B: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
-    HAS_LR: tl.constexpr, BR: tl.constexpr, SPLIT_K: tl.constexpr,
+    BITS: tl.constexpr, BITS_A: tl.constexpr, BITS_B: tl.constexpr, SYMMETRIC: tl.constexpr,
+    HAS_LR: tl.constexpr, BR: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -37,12 +37,14 @@ def int_gemm_kernel(
     ms = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     mmask = ms < M
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    # the dot runs over the tile's inputs in the order load_codes3 produces them (t-major); x is gathered to match
+    koff = tl.reshape(tile_k_offsets(BITS_A, BK), (BK,))
+    x_rows = x_ptr + ms[:, None] * stride_xm
     k_lo = pid_k * k_split
     for k0 in range(k_lo, k_lo + k_split, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        q = load_codes(qa_ptr, qb_ptr, offs_k, offs_n, nmask, N, BITS_A, BITS_B)
+        q = tl.reshape(load_codes3(qa_ptr, qb_ptr, k0, offs_n, nmask, N, BITS_A, BITS_B, BK), (BK, BN))
         s, z = load_group(s_ptr, z_ptr, k0 // GROUP, offs_n, nmask, N, BITS, SYMMETRIC)
-        x = tl.load(x_ptr + ms[:, None] * stride_xm + offs_k[None, :], mask=mmask[:, None], other=0.0)
+        x = tl.load(x_rows + (k0 + koff)[None, :], mask=mmask[:, None], other=0.0)
         w = (q - z[None, :]).to(x_ptr.dtype.element_ty)  # [BK, BN], integers: exact in fp16/bf16
         acc += tl.dot(x, w) * s[None, :]
     if HAS_LR:
@@ -63,8 +65,8 @@ def int_gemm_kernel(
 
 @triton.jit
 def int_dequant_kernel(
-    out_ptr, qa_ptr, qb_ptr, s_ptr, z_ptr, N,
-    BITS: tl.constexpr, BITS_A: tl.constexpr, BITS_B: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+    out_ptr, qa_ptr, qb_ptr, s_ptr, z_ptr, N, GROUP,
+    BITS: tl.constexpr, BITS_A: tl.constexpr, BITS_B: tl.constexpr, SYMMETRIC: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr,
 ):
     """Write ``W^T`` (``[K, N]``, row stride ``N``: coalesced stores) in the output dtype."""
@@ -73,9 +75,9 @@ def int_dequant_kernel(
     offs_n = pid_n * BN + tl.arange(0, BN)
     nmask = offs_n < N
     k0 = pid_k * BK
-    offs_k = k0 + tl.arange(0, BK)
-    q = load_codes(qa_ptr, qb_ptr, offs_k, offs_n, nmask, N, BITS_A, BITS_B)
+    q = load_codes3(qa_ptr, qb_ptr, k0, offs_n, nmask, N, BITS_A, BITS_B, BK)
     s, z = load_group(s_ptr, z_ptr, k0 // GROUP, offs_n, nmask, N, BITS, SYMMETRIC)
-    w = (q - z[None, :]).to(tl.float32) * s[None, :]
-    tl.store(out_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=nmask[None, :])
+    w = (q - z[None, None, :]).to(tl.float32) * s[None, None, :]
+    koff = (k0 + tile_k_offsets(BITS_A, BK)).to(tl.int64)
+    tl.store(out_ptr + koff[:, :, None] * N + offs_n[None, None, :], w.to(out_ptr.dtype.element_ty),
+             mask=nmask[None, None, :])

@@ -1,15 +1,17 @@
-"""Integer-group GEMV (small batch): ``y = x W^T`` straight from packed codes, for 1..8 activation rows.
+"""Integer-group GEMV (small batch): ``y = x W^T`` straight from packed codes, one activation row per program.
 
-Design (FineQuant / FasterTransformer-style weight-only GEMV, with the GPTQ-Triton / split-K tile access): each
-program owns ``BN`` output columns and a ``K / SPLIT_K`` slice of the inputs. Per K tile (``BK`` inputs inside one
-group) it reads the ``[BK, BN]`` codes from the transposed word layout of :mod:`tensorslim.kernels.layout` (lanes
-along N, so reads are coalesced; a word is read once per code it holds and served by L1), unpacks them with shifts and
-masks, subtracts the zero point and multiplies by the group scale in fp32 (exactly the reference arithmetic). The
-products with the activations accumulate elementwise in a ``[BM, BK, BN]`` fp32 register tile reduced once at the end
-(no cross-lane reduction inside the K loop). ``SPLIT_K > 1`` adds partial sums atomically into a zeroed fp32 output
-(enough programs for small ``N``). An optional low-rank term ``t U^T`` (``t = x V^T`` computed before the call) is
-added by the ``pid_k == 0`` programs, so ``Sum(int, LowRank)`` needs no second pass over ``y``.
-The helpers are shared with the tiled GEMM and the dequantize kernel.
+Design (FineQuant / FasterTransformer-style weight-only GEMV): program ``(m, n-block, k-split)`` owns ``BN`` output
+columns of activation row ``m`` and a ``K / SPLIT_K`` slice of the inputs; ``m`` varies fastest over the grid, so the
+programs of one weight tile run together and all but the first read it from L2 (batches 2..8 cost little more than
+one row). Per K tile (``BK`` inputs inside one group) it loads the ``[BK/P, BN]`` int32 words of the transposed
+layout of :mod:`tensorslim.kernels.layout` once each (lanes along N: coalesced), expands them in registers to a
+``[P, BK/P, BN]`` code tensor (code ``t`` of word ``j`` is input ``j*P + t``; no reshape), subtracts the zero point and
+multiplies the integer weights ``q - z`` with the activations (loaded in the same ``[P, BK/P]`` arrangement) in fp32,
+sums the tile and scales the ``[BN]`` partial sums by the group scales. With ``BN >= 32 * num_warps`` every lane owns
+whole output columns, so the tile sum is in-thread (no shuffles) and the accumulator is one register a column.
+``SPLIT_K > 1`` adds partial sums atomically into a zeroed fp32 output (enough programs for small ``N``). An optional
+low-rank term ``t U^T`` (``t = x V^T`` computed before the call) is added by the ``pid_k == 0`` programs, so
+``Sum(int, LowRank)`` needs no second pass over ``y``. The helpers are shared with the tiled GEMM and dequantize.
 """
 
 from __future__ import annotations
@@ -19,18 +21,32 @@ import triton.language as tl
 
 
 @triton.jit
-def load_codes(qa_ptr, qb_ptr, offs_k, offs_n, nmask, N, BITS_A: tl.constexpr, BITS_B: tl.constexpr):
-    """Codes ``[BK, BN]`` (int32) of inputs ``offs_k`` and outputs ``offs_n`` from the transposed word planes."""
+def load_codes3(qa_ptr, qb_ptr, k0, offs_n, nmask, N,
+                BITS_A: tl.constexpr, BITS_B: tl.constexpr, BK: tl.constexpr):
+    """Codes ``[PA, BK/PA, BN]`` (int32) of inputs ``k0 + j*PA + t`` (element ``[t, j, n]``), ``PA = 32 / BITS_A``."""
     PA: tl.constexpr = 32 // BITS_A
-    ka = (offs_k // PA).to(tl.int64)
-    wa = tl.load(qa_ptr + ka[:, None] * N + offs_n[None, :], mask=nmask[None, :], other=0)
-    q = (wa >> ((offs_k % PA) * BITS_A)[:, None]) & ((1 << BITS_A) - 1)
+    JA: tl.constexpr = BK // PA
+    ja = tl.arange(0, JA)
+    ta = tl.arange(0, PA)
+    wa = tl.load(qa_ptr + ((k0 // PA + ja).to(tl.int64) * N)[:, None] + offs_n[None, :], mask=nmask[None, :], other=0)
+    q = (wa[None, :, :] >> (ta * BITS_A)[:, None, None]) & ((1 << BITS_A) - 1)
     if BITS_B > 0:
+        # plane b holds PB = 32 / BITS_B codes a word in natural order: input k = j*PA + t is bit (k % PB) of word k // PB
         PB: tl.constexpr = 32 // BITS_B
-        kb = (offs_k // PB).to(tl.int64)
-        wb = tl.load(qb_ptr + kb[:, None] * N + offs_n[None, :], mask=nmask[None, :], other=0)
-        q = q | (((wb >> ((offs_k % PB) * BITS_B)[:, None]) & ((1 << BITS_B) - 1)) << BITS_A)
+        RB: tl.constexpr = PB // PA
+        wb = tl.load(qb_ptr + ((k0 // PB + ja // RB).to(tl.int64) * N)[:, None] + offs_n[None, :],
+                     mask=nmask[None, :], other=0)
+        sh = ((ja % RB) * PA)[None, :] + ta[:, None]
+        q = q | (((wb[None, :, :] >> (sh * BITS_B)[:, :, None]) & ((1 << BITS_B) - 1)) << BITS_A)
     return q
+
+
+@triton.jit
+def tile_k_offsets(BITS_A: tl.constexpr, BK: tl.constexpr):
+    """``[PA, BK/PA]`` input offsets within a tile matching :func:`load_codes3` (``j*PA + t`` at ``[t, j]``)."""
+    PA: tl.constexpr = 32 // BITS_A
+    JA: tl.constexpr = BK // PA
+    return tl.arange(0, JA)[None, :] * PA + tl.arange(0, PA)[:, None]
 
 
 @triton.jit
@@ -47,39 +63,37 @@ def load_group(s_ptr, z_ptr, g, offs_n, nmask, N, BITS: tl.constexpr, SYMMETRIC:
 @triton.jit
 def int_gemv_kernel(
     x_ptr, out_ptr, qa_ptr, qb_ptr, s_ptr, z_ptr, t_ptr, u_ptr,
-    M, N, K, R, k_split,
+    M, N, K, R, k_split, GROUP, SPLIT_K,
     stride_xm, stride_om, stride_tm, stride_un,
-    BITS: tl.constexpr, BITS_A: tl.constexpr, BITS_B: tl.constexpr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
-    HAS_LR: tl.constexpr, BR: tl.constexpr, SPLIT_K: tl.constexpr,
+    BITS: tl.constexpr, BITS_A: tl.constexpr, BITS_B: tl.constexpr, SYMMETRIC: tl.constexpr,
+    HAS_LR: tl.constexpr, BR: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_n = pid_n * BN + tl.arange(0, BN)
     nmask = offs_n < N
-    ms = tl.arange(0, BM)
-    mmask = ms < M
-    acc = tl.zeros((BM, BK, BN), dtype=tl.float32)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    koff = tile_k_offsets(BITS_A, BK)
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
     k_lo = pid_k * k_split
     for k0 in range(k_lo, k_lo + k_split, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        q = load_codes(qa_ptr, qb_ptr, offs_k, offs_n, nmask, N, BITS_A, BITS_B)
+        q = load_codes3(qa_ptr, qb_ptr, k0, offs_n, nmask, N, BITS_A, BITS_B, BK)
         s, z = load_group(s_ptr, z_ptr, k0 // GROUP, offs_n, nmask, N, BITS, SYMMETRIC)
-        w = (q - z[None, :]).to(tl.float32) * s[None, :]
-        x = tl.load(x_ptr + ms[:, None] * stride_xm + offs_k[None, :], mask=mmask[:, None], other=0.0).to(tl.float32)
-        acc += x[:, :, None] * w[None, :, :]
-    y = tl.sum(acc, axis=1)
+        x = tl.load(x_row + k0 + koff).to(tl.float32)
+        part = tl.sum(tl.sum(x[:, :, None] * (q - z[None, None, :]).to(tl.float32), axis=0), axis=0)
+        acc += part * s
+    y = acc
     if HAS_LR:
         if pid_k == 0:
             rs = tl.arange(0, BR)
-            t = tl.load(t_ptr + ms[:, None] * stride_tm + rs[None, :], mask=mmask[:, None] & (rs[None, :] < R),
-                        other=0.0).to(tl.float32)
+            t = tl.load(t_ptr + m.to(tl.int64) * stride_tm + rs, mask=rs < R, other=0.0).to(tl.float32)
             u = tl.load(u_ptr + offs_n[None, :].to(tl.int64) * stride_un + rs[:, None],
                         mask=nmask[None, :] & (rs[:, None] < R), other=0.0).to(tl.float32)
-            y += tl.sum(t[:, :, None] * u[None, :, :], axis=1)
-    optr = out_ptr + ms[:, None] * stride_om + offs_n[None, :]
-    omask = mmask[:, None] & nmask[None, :]
+            y += tl.sum(t[:, None] * u, axis=0)
+    optr = out_ptr + m.to(tl.int64) * stride_om + offs_n
     if SPLIT_K == 1:
-        tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=omask)
+        tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=nmask)
     else:
-        tl.atomic_add(optr, y, mask=omask)
+        tl.atomic_add(optr, y, mask=nmask)

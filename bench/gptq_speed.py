@@ -1,0 +1,82 @@
+"""Wall time and peak memory of compressing all 210 linear layers of SmolLM2-135M on this CPU.
+
+    python bench/gptq_speed.py [--threads 2] [--samples 128 --seq-len 512] [--json runs/gptq_speed.json]
+
+Times (each on a freshly loaded model): GPTQ int4:g64 *including calibration* (block-input capture, statistics,
+solves, re-forwards: the whole ``ts.compress`` call), then RTN and HQQ-style (data-free). Peak resident memory is
+``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the GPTQ run, compared with the model's float32 size. Prints a
+markdown table; writes JSON under runs/. Targets (issue 3): GPTQ < 120 s, RTN / HQQ < 30 s, peak RSS < 3x fp32 model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("TS_DATA", ROOT.parent / "shared" / "data"))
+
+
+def rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--format", default="int4:g64")
+    ap.add_argument("--calib", default=str(DATA / "wikitext-2" / "valid.txt"))
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--methods", default="gptq,rtn,hqq")
+    ap.add_argument("--json", default="runs/gptq_speed.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import tensorslim.api as ts
+    from tensorslim.formats import parse_format
+    from tensorslim.methods import build_method
+
+    fmt = parse_format(args.format)
+    model, tok = ts.load_model(args.model)
+    fp32_gib = sum(p.numel() for p in model.parameters()) * 4 / 2**30
+    rss_loaded = rss_gib()
+    t0 = time.perf_counter()
+    data = ts.calibration_data(tok, args.calib, samples=args.samples, seq_len=args.seq_len, seed=0)
+    t_tok = time.perf_counter() - t0
+    rows = []
+    for name in args.methods.split(","):
+        if rows:
+            model, _ = ts.load_model(args.model)
+        method = build_method(name, fmt)
+        t0 = time.perf_counter()
+        res = ts.compress(model, method, data if method.requires else None, progress=False)
+        secs = time.perf_counter() - t0
+        solve = sum(r.seconds for r in res.layers)
+        rows.append({"method": name, "format": fmt.spec(), "layers": len(res.layers), "seconds": secs,
+                     "solve_seconds": solve, "peak_rss_gib": rss_gib()})
+        print(json.dumps(rows[-1]), flush=True)
+        del model
+    print(f"\nSmolLM2-135M, {args.samples}x{args.seq_len} calibration tokens, torch threads {torch.get_num_threads()}, "
+          f"2-core CPU (this dev machine); fp32 model {fp32_gib:.2f} GiB, RSS after load {rss_loaded:.2f} GiB, "
+          f"tokenizing calibration text {t_tok:.1f} s\n")
+    print("| method | format | layers | total s (incl. calibration) | solve s | peak RSS GiB | RSS / fp32 model |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['format']} | {r['layers']} | {r['seconds']:.1f} | {r['solve_seconds']:.1f} | "
+              f"{r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] / fp32_gib:.2f} |")
+    out = ROOT / args.json
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "fp32_gib": fp32_gib, "rss_after_load_gib": rss_loaded,
+                               "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
