@@ -78,6 +78,10 @@ def model_size(model: nn.Module, adapter=None) -> tuple[float, float]:
     return 8.0 * lin_bytes / max(lin_numel, 1), 8.0 * total_bytes / max(total_numel, 1)
 
 
+def _shape(m: nn.Module) -> tuple[int, int]:
+    return (m.out_features, m.in_features)
+
+
 def compress(
     model: nn.Module,
     method: Method | Plan,
@@ -99,7 +103,7 @@ def compress(
     if not isinstance(plan, Plan):
         raise ConfigError(f"compress takes a Method or a Plan, got {type(method).__name__}")
     names = adapter.linear_names(model)
-    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
+    shapes = {n: _shape(model.get_submodule(n)) for n in names}
     assign = plan.resolve(names, shapes)
     t0 = time.perf_counter()
     layers = run_compression(model, adapter, assign, data, compensate=compensate, device=device,

@@ -47,6 +47,7 @@ def compress(
     no_eval: Annotated[bool, typer.Option("--no-eval", help="skip the quality report")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the report as JSON")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write a tensorslim checkpoint folder")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run of the same command (needs -o)")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     batch_size: Annotated[int, typer.Option(help="calibration batch size")] = 8,
     calib_dtype: Annotated[str, typer.Option(help="float32 (exact statistics) or bfloat16 (~3x faster calibration on CPUs with bf16 units)")] = "float32",
@@ -56,13 +57,13 @@ def compress(
     _setup_logging(verbose)
     try:
         _compress(model, method, format, calib, samples, seq_len, seed, ignore or [], compensate, eval_text,
-                  max_tokens, no_eval, json_out, output, device, batch_size, calib_dtype)
+                  max_tokens, no_eval, json_out, output, device, batch_size, calib_dtype, resume)
     except TensorslimError as e:
         _fail(e)
 
 
 def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, ignore, compensate_spec, eval_text,
-              max_tokens, no_eval, json_out, output, device, batch_size, calib_dtype) -> None:
+              max_tokens, no_eval, json_out, output, device, batch_size, calib_dtype, resume) -> None:
     from . import api
     from .calib.data import calibration_data, sample_from_model
     from .eval.report import Report, render
@@ -91,8 +92,26 @@ def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, i
             sampled_eval = sampled[n:] if want_eval else None
             calib_label = f"sampled from the base model ({n} x {seq_len} tokens, seed {seed})"
     console.print(f"calibration text: {calib_label}")
+    if resume and output is None:
+        from .errors import ConfigError
+
+        raise ConfigError("--resume continues a run that writes a checkpoint: give the same -o DIR as before")
+    fingerprint = {"model": model_src, "method": method.to_dict(), "compensate": compensate_spec, "ignore": list(ignore),
+                   "data_sha256": _sha256(data), "calib_dtype": calib_dtype, "batch_size": batch_size}
+    progress = _progress(model, output, fingerprint, resume) if output is not None else None
+    runner_opts = {}
+    if progress is not None:
+        runner_opts["on_block_done"] = progress.on_block_done
+        start = progress.restore(model)
+        if start:
+            from .calib.runner import capture_block_inputs
+            from .models import get_adapter
+
+            fresh = capture_block_inputs(model, get_adapter(model), data, batch_size=batch_size, device=device)
+            runner_opts.update(start_block=start, initial_inputs=progress.initial_inputs(fresh))
+            console.print(f"resuming at block {start}")
     result = api.compress(model, method, data, ignore=ignore, compensate=comp, device=device, batch_size=batch_size,
-                          calib_dtype=calib_dtype)
+                          calib_dtype=calib_dtype, **runner_opts)
     console.print(f"compressed {len(result.layers)} layers in {result.seconds:.1f} s; "
                   f"{result.bits_per_weight:.3f} bits per weight over the block linears")
     extra = {"compress_seconds": result.seconds, "calibration": calib_label, "model_bits_per_weight": result.model_bits_per_weight}
@@ -111,7 +130,8 @@ def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, i
     report = _with(report, model=model_src, method=method.name + (f"+{comp.describe()}" if comp else ""), format=fmt.spec(),
                    seconds=time.perf_counter() - t_start)
     if output is not None:
-        _save(model, output, model_src, report)
+        _save(model, tok, output, model_src, report)
+        progress.clear()
     console.print(render(report))
     if json_out is not None:
         report.write_json(json_out)
@@ -134,14 +154,29 @@ def _parse_compensate(spec: str):
     return parse_compensate(spec)
 
 
-def _save(model, output: Path, source: str, report) -> None:
-    try:
-        from .io.checkpoint import save
-    except ImportError as e:
-        from .errors import CheckpointError
+def _sha256(t) -> str:
+    import hashlib
 
-        raise CheckpointError("checkpoint saving is not available in this build") from e
-    save(model, output, source=source, report=report.to_dict())
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _progress(model, output: Path, fingerprint: dict, resume: bool):
+    """Per-block progress beside OUT; a fresh run (no --resume) starts over."""
+    from .io.resume import BlockProgress, progress_dir_for
+    from .models import get_adapter
+
+    folder = progress_dir_for(output)
+    if not resume:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    return BlockProgress(folder, fingerprint=fingerprint, blocks=get_adapter(model).blocks)
+
+
+def _save(model, tokenizer, output: Path, source: str, report) -> None:
+    from .io.checkpoint import save
+
+    save(model, output, tokenizer=tokenizer, source=source, report=report.to_dict())
     console.print(f"checkpoint written to {output}")
 
 
@@ -172,6 +207,26 @@ def eval_cmd(
         if json_out is not None:
             report.write_json(json_out)
             console.print(f"report written to {json_out}")
+    except TensorslimError as e:
+        _fail(e)
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[str, typer.Argument(help="tensorslim checkpoint folder")],
+    to: Annotated[str, typer.Option("--to", help="gguf, compressed-tensors or hf")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="output file (gguf) or folder")],
+    dequantize: Annotated[bool, typer.Option("--dequantize", help="write layers the target cannot represent as dense")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Export a checkpoint for llama.cpp (gguf), vLLM (compressed-tensors) or any tool (hf, dense)."""
+    _setup_logging(verbose)
+    try:
+        from .io import export
+
+        with console.status(f"exporting {checkpoint} to {to}"):
+            path = export(checkpoint, to, output, dequantize_unsupported=dequantize)
+        console.print(f"written {path}")
     except TensorslimError as e:
         _fail(e)
 

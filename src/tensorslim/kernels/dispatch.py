@@ -2,19 +2,19 @@
 
 ``linear(cw, x, bias)`` is what ``CompressedWeight.linear`` calls for CUDA activations. Paths:
 - ``IntGroupWeight`` (1-6 and 8 bits, ``in % 32 == 0``, fp16/bf16 activations): "gemv" (1-16 rows, one row a
-  program, CUDA cores, optional split-K), "gemm" (tensor-core tiles, optional split-K) or "dequant" (dequantize to the activation dtype,
-  then cuBLAS; large batches only);
+  program, CUDA cores, optional split-K), "gemm" (tensor-core tiles, optional split-K) or "dequant" (dequantize to
+  the activation dtype, then cuBLAS; 64 rows or more);
 - ``TernaryWeight``: the same kernels (2-bit codes ``t + 1``, zero point 1; :func:`.layout.ternary_layout`);
-- ``SumWeight(IntGroupWeight | TernaryWeight, LowRankWeight)``: the same kernels with the low-rank term fused into their epilogue
-  (``t = x V^T`` first, a ``[M, r]`` fp32 product, then one pass over ``y``);
+- ``SumWeight(IntGroupWeight | TernaryWeight, LowRankWeight)``: the same kernels with the low-rank term fused into
+  their epilogue (``t = x V^T`` first, a ``[M, r]`` fp32 product, then one pass over ``y``);
 - anything else, CPU tensors, fp32 activations or a missing Triton: :func:`.reference.reference_linear`.
 
 Which path and tile config run is *measured*, not guessed: the first call for a (shape, format, batch bucket, dtype,
-device) key times the candidate configs with ``triton.testing.do_bench`` (median) and remembers the fastest in
-``_TUNED`` (a per-process memo, like Triton's autotuner; batch buckets are powers of two). Kernel layouts (views or
-one-time repacks of the stored tensors, :mod:`.layout`) are memoized per weight object in ``_LAYOUTS`` (weak keys:
-they go away with the weight; moving a ``CompressedLinear`` makes a new weight object and so a new layout).
-Neither memo changes results: every candidate is a correct path.
+device) key times the candidate configs in CUDA-graph replays (median; GPU time, no Python overhead) and keeps the
+fastest in ``_TUNED`` (a per-process memo, like Triton's autotuner; batch buckets are powers of two). Kernel layouts
+(views or one-time repacks of the stored tensors, :mod:`.layout`) are memoized per weight object in ``_LAYOUTS``
+(weak keys: they go away with the weight; moving a ``CompressedLinear`` makes a new weight object and so a new
+layout). Neither memo changes results: every candidate is a correct path.
 """
 
 from __future__ import annotations
@@ -75,10 +75,10 @@ def _is_int_like(cw: CompressedWeight) -> bool:
 # -- what runs -----------------------------------------------------------------------------------------------------
 def kernel_reason(cw: CompressedWeight, x: torch.Tensor | None = None) -> str | None:
     """``None`` if a kernel can run ``cw`` (for ``x``), else why the reference path runs."""
-    if x is not None and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "activations are not on a CUDA device"
     if x is not None and x.dtype not in _KERNEL_DTYPES:
         return f"activation dtype {x.dtype} (kernels take float16/bfloat16)"
+    if x is not None and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "activations are not on a CUDA device"
     base = _int_part(cw)
     if base is None:
         return f"no kernel for {type(cw).__name__} ({cw.format.spec()})"
@@ -166,7 +166,10 @@ def _split(k_tiles: int, programs: int, target: int) -> int:
 
 
 def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
-    """Correct (path, config) choices for ``m`` rows, best guess first. config = (BM, BN, BK, SPLIT_K, warps, stages)."""
+    """Correct (path, config) choices for ``m`` rows, best guess first.
+
+    config = (BM, BN, BK, SPLIT_K, num_warps, num_stages); BM is unused by "gemv" (one row a program).
+    """
     n, k, g = lay.n, lay.k, lay.group
     bks = [b for b in (128, 64, 32) if g % b == 0 and k % b == 0]
     target = 2 * sms
@@ -204,15 +207,43 @@ def tuned_choice(lay: IntKernelLayout, x2d: torch.Tensor, rank: int | None) -> C
            x2d.device)
     hit = _TUNED.get(key)
     if hit is None:
-        hit = tune(lay, bucket, x2d.dtype, rank)
+        if torch.cuda.is_current_stream_capturing():  # cannot time inside a capture: a safe default, not remembered
+            return candidates(lay, bucket)[0]
+        hit = tune(lay, bucket, x2d.dtype, rank, x2d.device)
         _TUNED[key] = hit
     return hit
 
 
-def tune(lay: IntKernelLayout, m: int, dtype: torch.dtype, rank: int | None = None, device: str = "cuda") -> Choice:
-    """Time every candidate for ``m`` rows on ``device`` (median of do_bench) and return the fastest."""
-    import triton.testing
+def _time_graph(fn, calls: int = 8, reps: int = 5) -> float:
+    """Milliseconds per call of ``fn`` replayed in a CUDA graph (GPU time without Python or launch overhead)."""
+    fn()  # compile
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    return sorted(times)[reps // 2]
 
+
+def tune(lay: IntKernelLayout, m: int, dtype: torch.dtype, rank: int | None = None,
+         device: torch.device | str = "cuda") -> Choice:
+    """Time every candidate for ``m`` rows (median of CUDA-graph replays) and return the fastest.
+
+    Runs on the first call for a key, so call a model once before capturing it in a CUDA graph yourself.
+    """
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     x = torch.randn(m, lay.k, device=device, dtype=dtype)
     lr = None
@@ -221,8 +252,7 @@ def tune(lay: IntKernelLayout, m: int, dtype: torch.dtype, rank: int | None = No
     best: tuple[float, Choice] | None = None
     for c in candidates(lay, m, sms):
         try:
-            ms = triton.testing.do_bench(lambda: run_choice(c, lay, x, lr, dtype), warmup=5, rep=20,
-                                         return_mode="median")
+            ms = _time_graph(lambda: run_choice(c, lay, x, lr, dtype))
         except Exception as e:  # a config the compiler rejects (e.g. shared memory) is skipped, not fatal
             log.debug("candidate %s failed: %s", c, e)
             continue

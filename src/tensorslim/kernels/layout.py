@@ -115,9 +115,13 @@ def int_layout(w: IntGroupWeight) -> IntKernelLayout:
     return IntKernelLayout(
         n=out, k=inp, bits=fmt.bits, bits_a=bits_a, bits_b=bits_b, group=fmt.group(inp), symmetric=fmt.symmetric,
         qa=qa, qb=qb, scales=w.scales.t().contiguous(),
-        zeros=None if w.zeros is None else unpack_codes(w.zeros, fmt.bits, fmt.n_groups(inp)).to(torch.uint8).t().contiguous(),
+        zeros=None if w.zeros is None else _zeros_t(w.zeros, fmt.bits, fmt.n_groups(inp)),
         perm=None if w.perm is None else w.perm.long(),
     )
+
+
+def _zeros_t(zeros: torch.Tensor, bits: int, n_groups: int) -> torch.Tensor:
+    return unpack_codes(zeros, bits, n_groups).to(torch.uint8).t().contiguous()
 
 
 def unpack_plane(q: torch.Tensor, bits: int, k: int) -> torch.Tensor:
@@ -137,3 +141,16 @@ def layout_decode(lay: IntKernelLayout, dtype: torch.dtype = torch.float32) -> t
     z = torch.full_like(s, float(1 << (lay.bits - 1))) if lay.symmetric else lay.zeros.float().t()
     w = (q.float().reshape(lay.n, -1, lay.group) - z.unsqueeze(-1)) * s.unsqueeze(-1)
     return w.reshape(lay.n, lay.k).to(dtype)
+
+
+def check_config(path: str, meta: list[int], config: list[int], m: int) -> None:
+    """Internal invariants of a kernel launch (the dispatcher only builds valid ones; tests check that it does)."""
+    k, bits, bits_a, bits_b, group, _ = meta
+    bm, bn, bk, split_k, _, _ = config
+    assert path in ("gemv", "gemm"), path
+    assert bits_a in (1, 2, 4, 8) and bits_b in (0, 1, 2, 4) and bits_b <= bits_a, (bits_a, bits_b)
+    assert bk >= 32 and bk & (bk - 1) == 0 and k % bk == 0, (k, bk)
+    assert bk <= group and group % bk == 0, "tiles lie inside one group"
+    assert bn >= 16 and bn & (bn - 1) == 0, bn
+    assert path == "gemv" or (bm >= 16 and bm & (bm - 1) == 0), bm
+    assert split_k >= 1 and (k // bk) % split_k == 0, (k, bk, split_k)

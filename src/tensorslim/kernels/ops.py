@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from .layout import check_config
 from .triton.int_gemm import int_dequant_kernel, int_gemm_kernel
 from .triton.int_gemv import int_gemv_kernel
 
@@ -24,16 +25,6 @@ Tensor = torch.Tensor
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def check_config(path: str, meta: list[int], config: list[int], m: int) -> None:
-    """Internal invariants of a launch (the dispatcher only builds valid ones)."""
-    k, bits, bits_a, bits_b, group, _ = meta
-    bm, bn, bk, split_k, _, _ = config
-    assert path in ("gemv", "gemm"), path
-    assert bk >= 32 and bk & (bk - 1) == 0 and k % bk == 0, (k, bk)
-    assert bk <= group and group % bk == 0, "tiles lie inside one group"
-    assert split_k >= 1 and (k // bk) % split_k == 0, (k, bk, split_k)
 
 
 def launch_int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zeros: Tensor | None, t: Tensor | None,

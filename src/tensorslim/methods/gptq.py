@@ -89,7 +89,11 @@ class GroupProjector:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GPTQ(Method):
-    """``GPTQ(format=IntGroup(bits=4, group_size=64), damp=0.01, block_size=128, act_order=False)``."""
+    """``GPTQ(format=IntGroup(bits=4, group_size=64), damp=0.01, block_size=128, act_order=True)``.
+
+    ``act_order=True`` (default, like llm-compressor's ``actorder="static"``): columns solved by descending
+    ``diag(H)`` with static groups, no permutation stored. ``act_order=False``: natural order, dynamic groups.
+    """
 
     name: ClassVar[str] = "gptq"
     requires: ClassVar[frozenset[Stat]] = frozenset({Stat.GRAM})
@@ -97,7 +101,7 @@ class GPTQ(Method):
 
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True
     static_groups: bool = False
 
     def __post_init__(self) -> None:

@@ -122,10 +122,12 @@ _LMUL = re.compile(r"^lmul:m(\d+)$")
 def apply_numerics(model: nn.Module, kind: str, adapter=None) -> nn.Module:  # noqa: ANN001 - a ModelAdapter
     """``layercast``: bf16 storage, fp32 compute. ``bf16``: plain bf16 (for comparison). ``lmul:m<k>``: L-Mul in the
     block linears (``adapter`` given) or in every linear but the head. In place; returns ``model``."""
+    # parameters are converted one by one: transformers refuses model.to(dtype) / .float() on GGUF-loaded models
     if kind == "bf16":
-        return model.to(torch.bfloat16)
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+        return model
     if kind == "layercast":
-        model.float()
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16).float()
         _replace(model, lambda name, mod: isinstance(mod, nn.Linear), LayerCastLinear)

@@ -1,12 +1,13 @@
 """Integer-group tiled GEMM (batch >= 2) and the dequantize kernel behind "dequantize once, then cuBLAS".
 
-Tiled GEMM: program ``(m, n, k-split)`` owns a ``BM x BN`` output tile; per K tile (inside one group, ``BK | GROUP``)
-it unpacks the ``[BK, BN]`` codes (transposed word layout, coalesced along N), forms the *integer* weights ``q - z`` in the activation dtype (exact in
-bf16/fp16 for up to 8 bits: ``|q - z| <= 255``), runs one tensor-core ``tl.dot`` with fp32 accumulation and scales the
-partial product by the group scales in fp32. So the only rounding is the fp32 accumulation: the result matches
-``x @ decode()^T`` in fp32 to accumulation-order error. ``SPLIT_K > 1`` adds partial sums atomically into a zeroed
-fp32 output (for few output tiles). The ``m`` index varies fastest over the grid, so programs sharing a weight tile
-run together and read it from L2. An optional low-rank epilogue adds ``t U^T`` (fp32, ``pid_k == 0`` only).
+Tiled GEMM: program ``(m, n, k-split)`` owns a ``BM x BN`` output tile; per K tile (inside one group, ``BK |
+GROUP``) it unpacks the ``[BK, BN]`` codes (transposed word layout, coalesced along N), forms the *integer* weights
+``q - z`` in the activation dtype (exact in bf16/fp16 for up to 8 bits: ``|q - z| <= 255``), runs one tensor-core
+``tl.dot`` with fp32 accumulation and scales the partial product by the group scales in fp32. So the only rounding
+is the fp32 accumulation: the result matches ``x @ decode()^T`` in fp32 to accumulation-order error. ``SPLIT_K > 1``
+adds partial sums atomically into a zeroed fp32 output (for few output tiles). The ``m`` index varies fastest over
+the grid, so programs sharing a weight tile run together and read it from L2. An optional low-rank epilogue adds ``t
+U^T`` (fp32, ``pid_k == 0`` only).
 
 Dequantize: writes the dense ``W^T [K, N]`` in the activation dtype (bf16 rounding of the weights, as a bf16 model
 has), for large batches where cuBLAS on the dense matrix beats the fused kernel.
@@ -37,8 +38,7 @@ def int_gemm_kernel(
     ms = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     mmask = ms < M
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    # the dot runs over the tile's inputs in the order load_codes3 produces them (t-major); x is gathered to match
-    koff = tl.reshape(tile_k_offsets(BITS_A, BK), (BK,))
+    koff = tl.arange(0, BK)  # load_codes3 flattened is the natural input order
     x_rows = x_ptr + ms[:, None] * stride_xm
     k_lo = pid_k * k_split
     for k0 in range(k_lo, k_lo + k_split, BK):

