@@ -22,16 +22,6 @@ def smollm2_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     """A 2-block Llama (hidden 64) with SmolLM2's 49,152-token tokenizer: the CLI runs on it in seconds."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tensorslim.models.tiny import save_tiny_causal_lm
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(smollm2_tokenizer), max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(cfg).eval()
-    out = tmp_path_factory.mktemp("tiny_llm")
-    model.save_pretrained(out, safe_serialization=True)
-    smollm2_tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_llm"), smollm2_tokenizer)

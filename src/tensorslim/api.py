@@ -55,12 +55,12 @@ def model_size(model: nn.Module, adapter=None) -> tuple[float, float]:
     """``(bits per weight of the block linears, bits per weight of the whole model)``, counting every stored byte."""
     adapter = adapter or get_adapter(model)
     lin_bytes = lin_numel = 0
-    for name in adapter.linear_names(model):
-        m = model.get_submodule(name)
+    # every linear inside the blocks, found by type (robust to runtime wrappers around them)
+    for m in adapter.get_blocks(model).modules():
         if isinstance(m, CompressedLinear):
             lin_bytes += m.compressed.nbytes
             lin_numel += m.compressed.numel
-        else:
+        elif isinstance(m, nn.Linear):
             lin_bytes += m.weight.numel() * m.weight.element_size()
             lin_numel += m.weight.numel()
     total_bytes = total_numel = 0
@@ -106,6 +106,11 @@ def compress(
     shapes = {n: _shape(model.get_submodule(n)) for n in names}
     assign = plan.resolve(names, shapes)
     t0 = time.perf_counter()
+    if any(m is not None and (hasattr(m, "resolve") or hasattr(m, "with_fisher")) for m in assign.values()):
+        # whole-model steps before the block loop: global rank allocation (WeLore), the Fisher pass (FWSVD)
+        from .calib.fisher import prepare_assign
+
+        assign = prepare_assign(model, adapter, assign, data, device=device)
     layers = run_compression(model, adapter, assign, data, compensate=compensate, device=device,
                              batch_size=batch_size, progress=progress, **runner_options)
     seconds = time.perf_counter() - t0

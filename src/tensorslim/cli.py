@@ -47,6 +47,10 @@ def compress(
     no_eval: Annotated[bool, typer.Option("--no-eval", help="skip the quality report")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the report as JSON")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write a tensorslim checkpoint folder")] = None,
+    rotate: Annotated[Optional[str], typer.Option(help="rotate the model first (function-preserving): hadamard or random")] = None,
+    act: Annotated[Optional[str], typer.Option(help="quantize activations at run time: int8, int4 or fp8")] = None,
+    kv: Annotated[Optional[str], typer.Option(help="quantize the KV cache at run time: int8, int4, bfp4")] = None,
+    numerics: Annotated[Optional[str], typer.Option(help="numerics mode: layercast, bf16 or lmul:m3")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run of the same command (needs -o)")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     batch_size: Annotated[int, typer.Option(help="calibration batch size")] = 8,
@@ -57,13 +61,14 @@ def compress(
     _setup_logging(verbose)
     try:
         _compress(model, method, format, calib, samples, seq_len, seed, ignore or [], compensate, eval_text,
-                  max_tokens, no_eval, json_out, output, device, batch_size, calib_dtype, resume)
+                  max_tokens, no_eval, json_out, output, device, batch_size, calib_dtype, resume,
+                  {"rotate": rotate, "act": act, "kv": kv, "numerics": numerics})
     except TensorslimError as e:
         _fail(e)
 
 
 def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, ignore, compensate_spec, eval_text,
-              max_tokens, no_eval, json_out, output, device, batch_size, calib_dtype, resume) -> None:
+              max_tokens, no_eval, json_out, output, device, batch_size, calib_dtype, resume, modes) -> None:
     from . import api
     from .calib.data import calibration_data, sample_from_model
     from .eval.report import Report, render
@@ -71,8 +76,14 @@ def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, i
     from .methods import build_method
 
     t_start = time.perf_counter()
-    fmt = parse_format(fmt_spec)
-    method = build_method(method_name, fmt)
+    model_transform = method_name in _MODEL_TRANSFORMS
+    if model_transform:
+        fraction = _fraction(method_name, fmt_spec)
+        method = None
+        fmt = None
+    else:
+        fmt = parse_format(fmt_spec)
+        method = build_method(method_name, fmt)
     comp = _parse_compensate(compensate_spec) if compensate_spec else None
     with console.status(f"loading {model_src}"):
         model, tok = api.load_model(model_src, device=device)
@@ -110,10 +121,20 @@ def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, i
             fresh = capture_block_inputs(model, get_adapter(model), data, batch_size=batch_size, device=device)
             runner_opts.update(start_block=start, initial_inputs=progress.initial_inputs(fresh))
             console.print(f"resuming at block {start}")
-    result = api.compress(model, method, data, ignore=ignore, compensate=comp, device=device, batch_size=batch_size,
-                          calib_dtype=calib_dtype, **runner_opts)
-    console.print(f"compressed {len(result.layers)} layers in {result.seconds:.1f} s; "
-                  f"{result.bits_per_weight:.3f} bits per weight over the block linears")
+    if modes["rotate"]:
+        from .models import get_adapter
+        from .transforms.hadamard import apply_rotation
+
+        apply_rotation(model, get_adapter(model), modes["rotate"], seed)
+    if model_transform:
+        result = _apply_model_transform(model, method_name, fraction, data, batch_size)
+        console.print(f"{method_name} {fmt_spec} applied in {result.seconds:.1f} s")
+    else:
+        result = api.compress(model, method, data, ignore=ignore, compensate=comp, device=device, batch_size=batch_size,
+                              calib_dtype=calib_dtype, **runner_opts)
+        console.print(f"compressed {len(result.layers)} layers in {result.seconds:.1f} s; "
+                      f"{result.bits_per_weight:.3f} bits per weight over the block linears")
+    _apply_runtime_modes(model, modes)
     extra = {"compress_seconds": result.seconds, "calibration": calib_label, "model_bits_per_weight": result.model_bits_per_weight}
     if no_eval:
         report = Report(perplexity=None, kl_mean=None, kl_p99=None, top1_agreement=None, bits_per_weight=result.bits_per_weight,
@@ -127,8 +148,10 @@ def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, i
                                       layers=result.layer_reports(), extra=extra,
                                       text_label=f"sampled from the base model ({sampled_eval.shape[0]} x {seq_len} tokens, seed {seed}, "
                                                  "disjoint from the calibration sequences)")
-    report = _with(report, model=model_src, method=method.name + (f"+{comp.describe()}" if comp else ""), format=fmt.spec(),
-                   seconds=time.perf_counter() - t_start)
+    described = method_name if method is None else method.name + (f"+{comp.describe()}" if comp else "")
+    mode_desc = " ".join(f"--{k} {v}" for k, v in modes.items() if v)
+    report = _with(report, model=model_src, method=described + (f" ({mode_desc})" if mode_desc else ""),
+                   format=fmt_spec if fmt is None else fmt.spec(), seconds=time.perf_counter() - t_start)
     if output is not None:
         _save(model, tok, output, model_src, report)
         progress.clear()
@@ -136,6 +159,60 @@ def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, i
     if json_out is not None:
         report.write_json(json_out)
         console.print(f"report written to {json_out}")
+
+
+# "methods" that rewrite the model or its run time instead of compressing weights one by one
+_MODEL_TRANSFORMS = {"slicegpt": "slice", "wina": "act", "teal": "act"}
+
+
+def _fraction(method_name: str, fmt_spec: str) -> float:
+    from .errors import ConfigError
+
+    prefix = _MODEL_TRANSFORMS[method_name]
+    head, _, value = fmt_spec.partition(":")
+    try:
+        f = float(value)
+    except ValueError:
+        f = -1.0
+    if head != prefix or not 0.0 <= f < 1.0:
+        raise ConfigError(f"--method {method_name} takes --format {prefix}:<fraction in [0, 1)>, e.g. {prefix}:0.2; got {fmt_spec!r}")
+    return f
+
+
+def _apply_model_transform(model, method_name: str, fraction: float, data, batch_size: int):
+    from .api import CompressionResult, model_size
+    from .models import get_adapter
+
+    adapter = get_adapter(model)
+    t0 = time.perf_counter()
+    if method_name == "slicegpt":
+        from .transforms.slicegpt import apply_slicegpt
+
+        apply_slicegpt(model, adapter, data, fraction)
+    else:
+        from .runtime.wina import apply_activation_sparsity
+
+        apply_activation_sparsity(model, adapter, data, fraction, kind=method_name)
+    seconds = time.perf_counter() - t0
+    bpw, model_bpw = model_size(model, get_adapter(model))
+    return CompressionResult(layers=(), seconds=seconds, bits_per_weight=bpw, model_bits_per_weight=model_bpw)
+
+
+def _apply_runtime_modes(model, modes: dict) -> None:
+    from .models import get_adapter
+
+    if modes["kv"]:
+        from .runtime.kvcache import apply_kv_quant
+
+        apply_kv_quant(model, get_adapter(model), modes["kv"])
+    if modes["act"]:
+        from .runtime.actquant import apply_activation_quant
+
+        apply_activation_quant(model, get_adapter(model), modes["act"])
+    if modes["numerics"]:
+        from .runtime.numerics import apply_numerics
+
+        apply_numerics(model, modes["numerics"], adapter=get_adapter(model))
 
 
 def _with(report, **changes):

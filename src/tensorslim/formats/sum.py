@@ -46,6 +46,11 @@ class SumWeight(CompressedWeight):
         return (self.base.decode(torch.float32) + self.extra.decode(torch.float32)).to(dtype)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.is_cuda:  # one fused kernel for e.g. int4 + low-rank where registered
+            from ..kernels.dispatch import kernel_linear, kernel_reason
+
+            if kernel_reason(self, x) is None:
+                return kernel_linear(self, x, bias)
         return self.base.linear(x, bias) + self.extra.linear(x, None)
 
     @classmethod

@@ -88,18 +88,23 @@ def cd_passes(target: torch.Tensor, hessian: torch.Tensor, grid: Grid, codes: to
             b1 = min(b0 + block_size, inp)
             rb = rt[b0:b1].clone()
             dq = torch.zeros(b1 - b0, out, dtype=dtype, device=wt.device)
-            for i in range(b1 - b0):
-                j = b0 + i
-                if not live[j]:
-                    continue
-                u = qt[j] + rb[i] / hd[j]
-                c = torch.clamp(torch.round(u / st[j]) + zt[j], 0, grid.maxq)
-                qn = (c - zt[j]) * st[j]
-                torch.sub(qn, qt[j], out=dq[i])
-                ct[j] = c
-                qt[j] = qn
-                if i + 1 < b1 - b0:
-                    rb[i + 1:].addr_(h[j, j + 1:b1], dq[i], alpha=-1.0)
+            k = b1 - b0
+            for s0 in range(0, k, 16):  # sub-blocks keep the rank-1 updates small (single-threaded in torch)
+                s1 = min(s0 + 16, k)
+                for i in range(s0, s1):
+                    j = b0 + i
+                    if not live[j]:
+                        continue
+                    u = qt[j] + rb[i] / hd[j]
+                    c = torch.clamp(torch.round(u / st[j]) + zt[j], 0, grid.maxq)
+                    qn = (c - zt[j]) * st[j]
+                    torch.sub(qn, qt[j], out=dq[i])
+                    ct[j] = c
+                    qt[j] = qn
+                    if i + 1 < s1:
+                        rb[i + 1:s1].addr_(h[j, j + 1:b0 + s1], dq[i], alpha=-1.0)
+                if s1 < k:
+                    rb[s1:].addmm_(h[b0 + s0:b0 + s1, b0 + s1:b1].T, dq[s0:s1], alpha=-1.0)
             rt.addmm_(h[:, b0:b1], dq, alpha=-1.0)
         rt = h @ (wt - qt)  # refresh: keeps float32 drift out of the next pass and the trace
         trace.append(float(((wt - qt) * rt).sum(dtype=torch.float64)))

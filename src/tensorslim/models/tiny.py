@@ -111,3 +111,24 @@ def tiny_model(arch: str, *, seed: int = 0, vocab_size: int = 128) -> nn.Module:
         generator = torch.Generator().manual_seed(seed + 1)
         _perturb(model, generator)
     return model.to(torch.float32).eval()
+
+
+def save_tiny_causal_lm(folder, tokenizer, *, seed: int = 0, layers: int = 2):
+    """Save a tiny Llama (hidden 64) sized for ``tokenizer`` plus the tokenizer as a Hugging Face folder.
+
+    The CLI and the kill/resume scripts run on it in seconds with a real tokenizer (no download).
+    """
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg).eval()
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
