@@ -92,6 +92,8 @@ def quantease_outliers_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: Int
                                 layer: str = "<layer>") -> tuple[SumWeight, list[float]]:
     """Returns the ``Sum`` weight and the objective trace of the returned candidate."""
     check_hessian(hessian, w.shape[1], layer)
+    if fmt.act_order:
+        raise ConfigError("quantease-outliers uses static groups in natural order; drop ':act' from the format")
     out, inp = w.shape
     k = ofmt.per_row(inp)
     w = w.float()
@@ -100,8 +102,6 @@ def quantease_outliers_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: Int
     if k == 0:
         return _pack(fmt, ofmt, plain, torch.zeros(out, 0, dtype=torch.long), torch.zeros_like(w)), plain_trace
     order = act_order_perm(h)
-    if fmt.act_order:
-        raise ConfigError("quantease-outliers uses static groups in natural order; drop ':act' from the format")
     # Candidate with an outlier-aware grid.
     dead = h.diagonal() == 0
     wz = w.clone()
@@ -158,7 +158,9 @@ class QuantEaseOutliers(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.parts()  # validates
+        base, _ = self.parts()  # validates
+        if base.act_order:
+            raise ConfigError("quantease-outliers uses static groups in natural order; drop ':act' from the format")
         if not isinstance(self.iters, int) or self.iters < 0 or not isinstance(self.outlier_iters, int) or self.outlier_iters < 0:
             raise ConfigError("QuantEaseOutliers.iters and outlier_iters must be non-negative integers")
 
