@@ -62,7 +62,8 @@ def test_whitened_equals_plain_for_isotropic_inputs():
     for r in (3, 10):
         uw, vw = weighted_lowrank(w, r, whiten=wh)
         up, vp = weighted_lowrank(w, r)
-        assert torch.allclose(uw.double() @ vw.double(), up.double() @ vp.double(), atol=1e-5)
+        a, b = uw.double() @ vw.double(), up.double() @ vp.double()
+        assert float((a - b).norm() / b.norm()) < 1e-5
 
 
 def test_rank_deficient_gram_falls_back_and_stays_finite():
@@ -130,7 +131,8 @@ def test_fwsvd_uniform_fisher_equals_svd_and_weighted_optimality(axis):
     n = w.shape[1] if axis == "in" else w.shape[0]
     svd = SVD(format=LowRank(rank=5, dtype="float32")).apply(w.float(), LayerStats()).decode()
     uni = FWSVD(format=LowRank(rank=5, dtype="float32"), axis=axis).with_fisher(torch.full((n,), 3.0))
-    assert torch.allclose(uni.apply(w.float(), LayerStats()).decode(), svd, atol=1e-5)
+    # float32 SVD inside: equal up to float32 round-off, relative to the matrix
+    assert float((uni.apply(w.float(), LayerStats()).decode() - svd).norm() / svd.norm()) < 1e-5
     # non-uniform Fisher: the weighted error is below the plain SVD's
     f = torch.rand(n, generator=g, dtype=torch.float64) ** 4
     m = FWSVD(format=LowRank(rank=5, dtype="float32"), axis=axis).with_fisher(f)

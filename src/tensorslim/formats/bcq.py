@@ -29,7 +29,7 @@ import torch
 
 from ..errors import ConfigError, FormatError
 from .base import CompressedWeight, Format, Shape, register_weight_class
-from .fp8 import group_reason
+from .grouped import Grouped, check_group_size
 from .intgroup import IntGroupWeight
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 
@@ -37,7 +37,7 @@ _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BCQ(Format):
+class BCQ(Grouped, Format):
     family: ClassVar[str] = "bcq"
     bits: int
     group_size: int | None = 128
@@ -46,16 +46,11 @@ class BCQ(Format):
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
             raise ConfigError(f"BCQ.bits must be an integer in 1..8, got {self.bits!r}")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
-            raise ConfigError(f"BCQ.group_size must be a positive integer or None, got {self.group_size!r}")
+        check_group_size("BCQ", self.group_size)
         if self.scale_dtype not in _SCALE_DTYPES:
             raise ConfigError(f"BCQ.scale_dtype must be one of {sorted(_SCALE_DTYPES)}, got {self.scale_dtype!r}")
 
-    def group(self, inp: int) -> int:
-        return inp if self.group_size is None else self.group_size
 
-    def supports(self, shape: Shape) -> str | None:
-        return group_reason(shape[1], self.group_size, self.spec())
 
     def nbytes(self, shape: Shape) -> int:
         out, inp = shape

@@ -24,13 +24,13 @@ import torch
 from ..errors import ConfigError, FormatError
 from .base import CompressedWeight, Format, Shape, register_weight_class
 from .bcq import int_bitplanes, pack_planes, unpack_planes
-from .fp8 import group_reason
+from .grouped import Grouped, check_group_size
 from .intgroup import IntGroup, IntGroupWeight, quantize_rtn
 from .packing import packed_row_bytes
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Bipolar(Format):
+class Bipolar(Grouped, Format):
     family: ClassVar[str] = "bipolar"
     bits: int
     group_size: int | None = 128
@@ -38,14 +38,9 @@ class Bipolar(Format):
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
             raise ConfigError(f"Bipolar.bits must be an integer in 1..8, got {self.bits!r}")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
-            raise ConfigError(f"Bipolar.group_size must be a positive integer or None, got {self.group_size!r}")
+        check_group_size("Bipolar", self.group_size)
 
-    def group(self, inp: int) -> int:
-        return inp if self.group_size is None else self.group_size
 
-    def supports(self, shape: Shape) -> str | None:
-        return group_reason(shape[1], self.group_size, self.spec())
 
     def nbytes(self, shape: Shape) -> int:
         out, inp = shape

@@ -17,21 +17,13 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError, FormatError
+from .grouped import Grouped, check_group_size, group_reason  # noqa: F401 (re-exported)
 from .base import CompressedWeight, Format, Shape, register_weight_class
 from .floatcodec import FP8_DTYPES, FP8_MAX, encode_fp8
 
 
-def group_reason(inp: int, group: int | None, spec: str) -> str | None:
-    """The shared 'group does not divide' message of the grid formats."""
-    if group is not None and inp % group:
-        fits = [g for g in (128, 64, 32, 16) if inp % g == 0]
-        fix = f"use {spec.split(':')[0]} with group {fits[0]}" if fits else "use per-channel"
-        return f"{inp} is not divisible by the block size {group}; {fix}, or ignore the layer"
-    return None
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FP8(Format):
+class FP8(Grouped, Format):
     family: ClassVar[str] = "fp8"
     kind: str = "e4m3"
     group_size: int | None = None  # None: one scale per output channel
@@ -39,14 +31,9 @@ class FP8(Format):
     def __post_init__(self) -> None:
         if self.kind not in FP8_DTYPES:
             raise ConfigError(f"FP8.kind must be one of {sorted(FP8_DTYPES)}, got {self.kind!r}")
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
-            raise ConfigError(f"FP8.group_size must be a positive integer or None (per-channel), got {self.group_size!r}")
+        check_group_size("FP8", self.group_size)
 
-    def group(self, inp: int) -> int:
-        return inp if self.group_size is None else self.group_size
 
-    def supports(self, shape: Shape) -> str | None:
-        return group_reason(shape[1], self.group_size, self.spec())
 
     def nbytes(self, shape: Shape) -> int:
         out, inp = shape

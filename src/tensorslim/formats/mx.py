@@ -27,7 +27,7 @@ from ..errors import ConfigError, FormatError
 from .base import CompressedWeight, Format, Shape, register_weight_class
 from .floatcodec import (EMAX, FP8_DTYPES, decode_e2m1, decode_e8m0, encode_e2m1, encode_e8m0, encode_fp8,
                          floor_log2)
-from .fp8 import group_reason
+from .grouped import group_reason
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 
 _ELEMS = ("e2m1", "e4m3", "e5m2")

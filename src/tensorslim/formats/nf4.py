@@ -18,7 +18,7 @@ import torch
 
 from ..errors import ConfigError, FormatError
 from .base import CompressedWeight, Format, Shape, register_weight_class
-from .fp8 import group_reason
+from .grouped import Grouped, check_group_size
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 
 NF4_LEVELS = torch.tensor([
@@ -30,22 +30,17 @@ _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class NF4(Format):
+class NF4(Grouped, Format):
     family: ClassVar[str] = "nf"
     group_size: int | None = 64
     scale_dtype: str = "float16"
 
     def __post_init__(self) -> None:
-        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
-            raise ConfigError(f"NF4.group_size must be a positive integer or None, got {self.group_size!r}")
+        check_group_size("NF4", self.group_size)
         if self.scale_dtype not in _SCALE_DTYPES:
             raise ConfigError(f"NF4.scale_dtype must be one of {sorted(_SCALE_DTYPES)}, got {self.scale_dtype!r}")
 
-    def group(self, inp: int) -> int:
-        return inp if self.group_size is None else self.group_size
 
-    def supports(self, shape: Shape) -> str | None:
-        return group_reason(shape[1], self.group_size, self.spec())
 
     def nbytes(self, shape: Shape) -> int:
         out, inp = shape

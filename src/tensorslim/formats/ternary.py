@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ConfigError, FormatError
 from .base import CompressedWeight, Format, Shape, register_weight_class
-from .fp8 import group_reason
+from .grouped import group_reason
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 
 
