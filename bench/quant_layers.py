@@ -26,7 +26,8 @@ DATA = Path(os.environ.get("TS_DATA", ROOT.parent / "shared" / "data"))
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--methods", default="rtn,rtn-imatrix,hqq,gptq,quantease,quantease-outliers")
+    ap.add_argument("--methods", default="rtn,rtn-imatrix,hqq,gptq,quantease,quantease-outliers",
+                    help="comma list; options in brackets: gptq[grid=imatrix;damp=0.1]")
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--group", default="64")
     ap.add_argument("--blocks", default="2,15,28")
@@ -68,7 +69,11 @@ def main() -> None:
         spec = f"int{bits}:g{args.group}"
         ref: dict[str, float] = {}
         for name in args.methods.split(","):
-            method = build_method(name, parse_format(spec))
+            # "gptq[grid=imatrix;damp=0.1]": a method with options
+            base_name, _, rest = name.partition("[")
+            kw = dict(kv.split("=", 1) for kv in rest.rstrip("]").split(";") if kv)
+            kw = {k: json.loads(v) if v[:1] in "0123456789-tf[{" else v for k, v in kw.items()}
+            method = build_method(base_name, parse_format(spec), **kw)
             logs, secs, nbytes, numel = [], 0.0, 0, 0
             for n in names:
                 w = model.get_submodule(n).weight.detach().float()

@@ -25,6 +25,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--levels", default="0.25,0.4,0.5")
     ap.add_argument("--eval-tokens", type=int, default=32768)
+    ap.add_argument("--variants", default="teal,wina",
+                    help="comma-separated: teal, wina (rotation, column norms on all linears), wina-kgate (norms on "
+                         "k/gate only, as the release), wina-norot, wina-norot-kgate")
     ap.add_argument("--json", default="runs/wina_table.json")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -35,11 +38,14 @@ def main() -> None:
     out = [{"label": "dense", "perplexity": base_eval.perplexity, "kl_mean": 0.0, "top1": 1.0}]
     print(f"base ppl {base_eval.perplexity:.3f}", flush=True)
     for level in [float(x) for x in args.levels.split(",")]:
-        for kind in ("teal", "wina"):
+        for variant in args.variants.split(","):
+            kind = "teal" if variant == "teal" else "wina"
+            opts = {"transform": "norot" not in variant, "weighted": "kgate" if "kgate" in variant else "all"}
             model = copy.deepcopy(base)
-            apply_activation_sparsity(model, get_adapter(model), None, level, kind=kind)
+            apply_activation_sparsity(model, get_adapter(model), None, level, kind=kind,
+                                      **(opts if kind == "wina" else {}))
             ev = evaluate_lm(model, eval_ids, baseline=base)
-            row = {"label": f"{kind} act:{level:g}", "kind": kind, "sparsity": level, "perplexity": ev.perplexity,
+            row = {"label": f"{variant} act:{level:g}", "kind": variant, "sparsity": level, "perplexity": ev.perplexity,
                    "kl_mean": ev.kl_mean, "top1": ev.top1_agreement}
             out.append(row)
             print(json.dumps(row), flush=True)

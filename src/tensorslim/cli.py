@@ -308,6 +308,54 @@ def export_cmd(
         _fail(e)
 
 
+@app.command("inspect")
+def inspect_cmd(
+    model: Annotated[str, typer.Argument(help=_MODEL_HELP)],
+    spectra: Annotated[bool, typer.Option("--spectra", help="singular-value spectra of every block linear")] = False,
+    png: Annotated[Optional[Path], typer.Option(help="with --spectra: write a plot of the spectra")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the table as JSON")] = None,
+) -> None:
+    """Per layer: format, bits per weight (and with --spectra: energy ranks and WeLore's class)."""
+    try:
+        from rich.table import Table
+
+        from . import api
+        from .formats import CompressedLinear
+        from .models import get_adapter
+
+        with console.status(f"loading {model}"):
+            m, _ = api.load_model(model)
+        adapter = get_adapter(m)
+        if spectra:
+            from .inspect_spectra import inspect_spectra
+
+            rows = inspect_spectra(m, adapter, png)
+        else:
+            rows = []
+            for name in adapter.linear_names(m):
+                mod = m.get_submodule(name)
+                if isinstance(mod, CompressedLinear):
+                    cw = mod.compressed
+                    rows.append({"name": name, "format": cw.format.spec(), "method": mod.method,
+                                 "bits_per_weight": round(cw.bits_per_weight, 4), "nbytes": cw.nbytes})
+                else:
+                    rows.append({"name": name, "format": f"dense {str(mod.weight.dtype).removeprefix('torch.')}",
+                                 "method": None, "bits_per_weight": 8 * mod.weight.element_size(),
+                                 "nbytes": mod.weight.numel() * mod.weight.element_size()})
+        table = Table(*rows[0].keys()) if rows else Table("name")
+        for r in rows:
+            table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()))
+        console.print(table)
+        bpw, model_bpw = api.model_size(m, adapter)
+        console.print(f"block linears: {bpw:.4f} bits per weight; whole model: {model_bpw:.4f}")
+        if json_out is not None:
+            json_out.write_text(json.dumps(rows, indent=1, default=str))
+        if png is not None and spectra:
+            console.print(f"plot written to {png}")
+    except TensorslimError as e:
+        _fail(e)
+
+
 @app.command("methods")
 def methods_cmd() -> None:
     """List the registered methods and format families."""

@@ -83,3 +83,19 @@ def test_resume_matches_uninterrupted(tiny_llm_dir, tmp_path, request, monkeypat
 def test_resume_without_output_is_an_error(tiny_llm_dir):
     r = runner.invoke(app, ["compress", str(tiny_llm_dir), "--resume", "--no-eval"])
     assert r.exit_code == 2 and "-o" in r.output
+
+
+def test_inspect_checkpoint_and_spectra(tiny_llm_dir, tmp_path):
+    out = tmp_path / "ckpt"
+    r = runner.invoke(app, ["compress", str(tiny_llm_dir), "--format", "int4:g32", "--samples", "2", "--seq-len", "16",
+                            "--no-eval", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = tmp_path / "rows.json"
+    r = runner.invoke(app, ["inspect", str(out), "--json", str(rows)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(rows.read_text())
+    assert len(data) == 14 and all(d["format"] == "int4:g32" for d in data)
+    r = runner.invoke(app, ["inspect", str(tiny_llm_dir), "--spectra", "--png", str(tmp_path / "s.png"),
+                            "--json", str(rows)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "s.png").stat().st_size > 1000 and len(json.loads(rows.read_text())) == 14

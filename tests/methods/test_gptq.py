@@ -110,3 +110,23 @@ def test_method_api_and_bad_input():
     g[1, 2] = float("nan")
     with pytest.raises(CalibrationError, match="blk.0.q"):
         m.apply(w, LayerStats(n_tokens=200, gram=g), layer="blk.0.q")
+
+
+def test_imatrix_grid_option():
+    from tensorslim.methods.rtn_imatrix import weighted_grid
+
+    gen = torch.Generator().manual_seed(_seed())
+    w = torch.randn(16, 128, generator=gen)
+    w[torch.rand(16, 128, generator=gen) < 0.03] *= 8
+    h = _hessian(128, gen)
+    fmt = IntGroup(bits=3, group_size=32)
+    cw = gptq_quantize(w, h, fmt, act_order=True, grid="imatrix")
+    imp = h.diagonal() + 1e-6 * float(h.diagonal().mean()) + 1e-30
+    s, z = weighted_grid(w.reshape(16, 4, 32), imp.reshape(4, 32), fmt)
+    rtn = quantize_rtn(w, fmt)
+    if layer_objective(w, cw.decode(), h) < layer_objective(w, rtn.decode(), h):  # not the RTN fallback
+        assert torch.equal(cw.scales.float(), s) and torch.equal(cw.zeros, IntGroupWeight.from_codes(
+            fmt, torch.zeros(16, 128, dtype=torch.long), s, z).zeros)
+    assert layer_objective(w, cw.decode(), h) <= layer_objective(w, rtn.decode(), h)
+    with pytest.raises(Exception):
+        gptq_quantize(w, h, fmt, grid="nope")

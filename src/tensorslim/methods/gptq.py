@@ -103,6 +103,7 @@ class GPTQ(Method):
     block_size: int = 128
     act_order: bool = True
     static_groups: bool = False
+    grid: str = "minmax"  # "imatrix": static grids clipped to minimize the diag(H)-weighted error
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -116,18 +117,20 @@ class GPTQ(Method):
         self.format.check(tuple(w.shape), layer)
         return gptq_quantize(w, stats.hessian(self.name, layer), self.format, damp=self.damp,
                              block_size=self.block_size, act_order=self.act_order,
-                             static_groups=self.static_groups, layer=layer)
+                             static_groups=self.static_groups, grid=self.grid, layer=layer)
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: IntGroup, *, damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, static_groups: bool = False,
-                  layer: str = "<layer>") -> IntGroupWeight:
+                  grid: str = "minmax", layer: str = "<layer>") -> IntGroupWeight:
     """The GPTQ solve as a function (``W [out, in]``, ``H [in, in]``) -> ``IntGroupWeight`` (see module note)."""
     out, inp = w.shape
     g = fmt.group(inp)
     use_order = act_order or fmt.act_order
     order = act_order_perm(hessian) if use_order else None
-    static = (static_groups or (use_order and not fmt.act_order) or fmt.group_size is None)
+    if grid not in ("minmax", "imatrix"):
+        raise ConfigError(f"GPTQ grid must be 'minmax' or 'imatrix', got {grid!r}")
+    static = (static_groups or (use_order and not fmt.act_order) or fmt.group_size is None or grid == "imatrix")
     grids = None
     if static:
         # Grids from W with dead inputs zeroed, as the loop will see it; per-channel needs no order mapping.
@@ -136,7 +139,14 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: IntGroup, *, damp
         wz[:, hessian.diagonal() == 0] = 0.0
         if fmt.act_order:
             wz = wz[:, order]
-        grids = fit_scale_zero(wz.reshape(out, inp // g, g), fmt)
+        if grid == "imatrix":  # clipped grids minimizing the diag(H)-weighted error (see rtn_imatrix)
+            from .rtn_imatrix import weighted_grid
+
+            imp = hessian.diagonal().float().clamp(min=0)
+            imp = (imp if not fmt.act_order else imp[order]) + 1e-6 * float(imp.mean()) + 1e-30
+            grids = weighted_grid(wz.reshape(out, inp // g, g), imp.reshape(inp // g, g), fmt)
+        else:
+            grids = fit_scale_zero(wz.reshape(out, inp // g, g), fmt)
     bs = max(block_size // g, 1) * g if g <= block_size else g
     natural_groups = static and not fmt.act_order
     proj = GroupProjector(fmt, out, inp, order=order if natural_groups else None, static=grids, device=w.device)

@@ -145,12 +145,15 @@ def _calibrate_thresholds(model: nn.Module, modules: dict[str, ActSparseLinear],
 @torch.no_grad()
 def apply_activation_sparsity(model: nn.Module, adapter: ModelAdapter | None, calib_batches: torch.Tensor | None,
                               sparsity: float, kind: Kind = "wina", *, mode: Mode = "topk",
-                              allocation: Literal["uniform"] = "uniform", batch_size: int = 4) -> nn.Module:
+                              allocation: Literal["uniform"] = "uniform", batch_size: int = 4,
+                              transform: bool | None = None, weighted: Literal["all", "kgate"] = "all") -> nn.Module:
     """Wrap every block linear in an :class:`ActSparseLinear` (in place; returns ``model``).
 
     ``kind="wina"``: fold + SVD rotation, scores ``|x| * column norms``; ``kind="teal"``: no transform, scores ``|x|``.
     ``mode="topk"`` needs no calibration data; ``mode="threshold"`` calibrates per-linear thresholds on
-    ``calib_batches`` (LongTensor ``[n, seq]``).
+    ``calib_batches`` (LongTensor ``[n, seq]``). WINA options: ``transform`` (default True: fold + SVD rotation;
+    False keeps the model's basis) and ``weighted`` (``"all"``: column norms on every linear; ``"kgate"``: only on
+    k_proj and the MLP's gate, |x| elsewhere, as the released WINA code).
     """
     sparsity = _check_sparsity(sparsity)
     if kind not in ("wina", "teal"):
@@ -161,15 +164,19 @@ def apply_activation_sparsity(model: nn.Module, adapter: ModelAdapter | None, ca
         raise ConfigError(f"activation sparsity mode must be 'topk' or 'threshold', got {mode!r}")
     if mode == "threshold" and (calib_batches is None or calib_batches.numel() == 0):
         raise ConfigError("mode='threshold' needs calibration batches to set the thresholds")
+    if weighted not in ("all", "kgate"):
+        raise ConfigError(f"WINA weighted must be 'all' or 'kgate', got {weighted!r}")
     adapter = adapter or get_adapter(model)
-    if kind == "wina":
+    transform = (kind == "wina") if transform is None else bool(transform)
+    if transform:
         check_rotatable(adapter)
         fold_norms(model, adapter)
         rotate_residual(model, adapter, wina_bases(model, adapter))
     wrapped: dict[str, ActSparseLinear] = {}
     for i, block in enumerate(adapter.get_blocks(model)):
         for name, lin in adapter.block_linears(block).items():
-            cw = lin.weight.detach().float().norm(dim=0) if kind == "wina" else None
+            use = kind == "wina" and (weighted == "all" or name.endswith("k_proj") or name == adapter.linear_groups[2][0])
+            cw = lin.weight.detach().float().norm(dim=0) if use else None
             mod = ActSparseLinear(lin, sparsity, col_weight=cw, mode="topk")
             parent, _, leaf = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, leaf, mod)
