@@ -25,9 +25,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--levels", default="0.25,0.4,0.5")
     ap.add_argument("--eval-tokens", type=int, default=32768)
-    ap.add_argument("--variants", default="teal,wina",
-                    help="comma-separated: teal, wina (rotation, column norms on all linears), wina-kgate (norms on "
-                         "k/gate only, as the release), wina-norot, wina-norot-kgate")
+    ap.add_argument("--variants", default="teal,wina-norot",
+                    help="comma-separated: teal, wina (SVD rotation, column norms on all linears), wina-kgate (norms "
+                         "on k/gate only, as the release), wina-norot (the library default), wina-norot-kgate")
     ap.add_argument("--json", default="runs/wina_table.json")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

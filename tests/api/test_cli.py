@@ -41,7 +41,7 @@ def test_default_main_job_on_real_model_small_slice(tmp_path):
     for key in ("perplexity", "kl_mean", "kl_p99", "top1_agreement", "bits_per_weight", "tokens_evaluated", "seconds", "layers"):
         assert key in rep
     assert len(rep["layers"]) == 210
-    assert rep["bits_per_weight"] == pytest.approx(4.3125)
+    assert rep["bits_per_weight"] == pytest.approx(4.3177, abs=1e-4)  # zero points of 9 groups pad to 5 bytes a row
     assert 0 < rep["kl_mean"] < 1 and 0.5 < rep["top1_agreement"] <= 1
     assert "sampled" in rep["text"]
     assert {"name", "format", "numel", "bits_per_weight", "relative_error"} <= set(rep["layers"][0])

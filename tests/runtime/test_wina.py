@@ -57,7 +57,7 @@ def test_wina_transform_at_zero_sparsity_is_invariant() -> None:
     ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         ref = model(ids).logits
-        apply_activation_sparsity(model, get_adapter(model), None, 0.0, kind="wina")
+        apply_activation_sparsity(model, get_adapter(model), None, 0.0, kind="wina", transform=True)
         out = model(ids).logits
     assert _rel(out, ref) < 1e-4
     # the SVD basis makes k_proj column-orthogonal
@@ -107,4 +107,4 @@ def test_bad_inputs() -> None:
         apply_activation_sparsity(model, None, None, 0.4, mode="threshold")
     gemma = tiny_model("gemma3")
     with pytest.raises(UnsupportedModelError):
-        apply_activation_sparsity(gemma, None, None, 0.4, kind="wina")
+        apply_activation_sparsity(gemma, None, None, 0.4, kind="wina", transform=True)

@@ -14,7 +14,8 @@ Group grids (scale/zero per ``group_size`` inputs of a row):
   stored ("act-order + static groups", the usual deployment choice).
 - format ``int4:g64:act``: the loop runs in act-order and groups are consecutive in that order; the permutation is
   stored with the weight (``IntGroupWeight.perm``).
-Per-channel (``:pc``) grids are fitted from ``W`` at the start (as the reference does).
+Per-channel (``:pc``) grids are fitted from ``W`` at the start (as the reference does). ``grid="imatrix"``: static
+grids clipped to minimize the ``diag(H)``-weighted error (:func:`.rtn_imatrix.weighted_grid`) instead of min-max.
 
 Stored: an ``IntGroupWeight``; ``decode()`` equals the loop's projected matrix exactly. Safeguard: GPTQ is greedy,
 so the result is compared with RTN on the same grid layout and Hessian and the better one is returned.
@@ -93,6 +94,7 @@ class GPTQ(Method):
 
     ``act_order=True`` (default, like llm-compressor's ``actorder="static"``): columns solved by descending
     ``diag(H)`` with static groups, no permutation stored. ``act_order=False``: natural order, dynamic groups.
+    ``grid="imatrix"`` (default; int3:g64 SmolLM2 one-shot ppl 39.7 vs 56.1 with ``"minmax"``, the reference grid).
     """
 
     name: ClassVar[str] = "gptq"
@@ -103,7 +105,7 @@ class GPTQ(Method):
     block_size: int = 128
     act_order: bool = True
     static_groups: bool = False
-    grid: str = "minmax"  # "imatrix": static grids clipped to minimize the diag(H)-weighted error
+    grid: str = "imatrix"  # static grids clipped to minimize the diag(H)-weighted error; "minmax": the reference
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -118,19 +118,20 @@ def cd_passes(target: torch.Tensor, hessian: torch.Tensor, grid: Grid, codes: to
     return c.float().contiguous(), trace
 
 
-def warm_start(w: torch.Tensor, hessian: torch.Tensor, fmt: IntGroup, init: str, damp: float, layer: str) -> IntGroupWeight:
+def warm_start(w: torch.Tensor, hessian: torch.Tensor, fmt: IntGroup, init: str, damp: float, layer: str,
+               grid: str = "minmax") -> IntGroupWeight:
     if init == "gptq":
-        return gptq_quantize(w, hessian, fmt, damp=damp, act_order=True, layer=layer)
+        return gptq_quantize(w, hessian, fmt, damp=damp, act_order=True, grid=grid, layer=layer)
     perm = act_order_perm(hessian) if fmt.act_order else None
     return quantize_rtn(w.float(), fmt, perm)
 
 
 def quantease_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: IntGroup, *, iters: int = 20, init: str = "gptq",
-                       damp: float = 0.01, tol: float = 1e-4, act_order: bool = True,
+                       damp: float = 0.01, tol: float = 1e-4, act_order: bool = True, grid: str = "minmax",
                        layer: str = "<layer>") -> tuple[IntGroupWeight, list[float]]:
     """QuantEase as a function: returns the quantized weight and the objective trace (non-increasing)."""
     check_hessian(hessian, w.shape[1], layer)
-    start = warm_start(w, hessian, fmt, init, damp, layer)
+    start = warm_start(w, hessian, fmt, init, damp, layer, grid)
     grid, codes = Grid.of(start)
     h = hessian.float()
     visit = None
@@ -155,6 +156,7 @@ class QuantEase(Method):
     damp: float = 0.01  # for the GPTQ warm start only
     tol: float = 1e-4
     act_order: bool = True
+    grid: str = "imatrix"  # grid of the GPTQ warm start (clipped, see GPTQ.grid; "minmax": the reference's)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -167,5 +169,6 @@ class QuantEase(Method):
         check_weight(w, layer)
         self.format.check(tuple(w.shape), layer)
         cw, _ = quantease_quantize(w, stats.hessian(self.name, layer), self.format, iters=self.iters, init=self.init,
-                                   damp=self.damp, tol=self.tol, act_order=self.act_order, layer=layer)
+                                   damp=self.damp, tol=self.tol, act_order=self.act_order, grid=self.grid,
+                                   layer=layer)
         return cw

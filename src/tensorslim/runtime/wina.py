@@ -149,10 +149,10 @@ def apply_activation_sparsity(model: nn.Module, adapter: ModelAdapter | None, ca
                               transform: bool | None = None, weighted: Literal["all", "kgate"] = "all") -> nn.Module:
     """Wrap every block linear in an :class:`ActSparseLinear` (in place; returns ``model``).
 
-    ``kind="wina"``: fold + SVD rotation, scores ``|x| * column norms``; ``kind="teal"``: no transform, scores ``|x|``.
+    ``kind="wina"``: scores ``|x| * column norms`` (optionally after the SVD rotation); ``kind="teal"``: scores ``|x|``.
     ``mode="topk"`` needs no calibration data; ``mode="threshold"`` calibrates per-linear thresholds on
-    ``calib_batches`` (LongTensor ``[n, seq]``). WINA options: ``transform`` (default True: fold + SVD rotation;
-    False keeps the model's basis) and ``weighted`` (``"all"``: column norms on every linear; ``"kgate"``: only on
+    ``calib_batches`` (LongTensor ``[n, seq]``). WINA options: ``transform`` (default False; True folds the norms and
+    rotates the residual stream by the SVD bases, which measured worse on SmolLM2-135M, see docs/results/sparsity.md) and ``weighted`` (``"all"``: column norms on every linear; ``"kgate"``: only on
     k_proj and the MLP's gate, |x| elsewhere, as the released WINA code).
     """
     sparsity = _check_sparsity(sparsity)
@@ -167,7 +167,7 @@ def apply_activation_sparsity(model: nn.Module, adapter: ModelAdapter | None, ca
     if weighted not in ("all", "kgate"):
         raise ConfigError(f"WINA weighted must be 'all' or 'kgate', got {weighted!r}")
     adapter = adapter or get_adapter(model)
-    transform = (kind == "wina") if transform is None else bool(transform)
+    transform = False if transform is None else bool(transform)  # measured: the SVD rotation hurts SmolLM2 (docs)
     if transform:
         check_rotatable(adapter)
         fold_norms(model, adapter)
