@@ -111,6 +111,14 @@ def compress(
         from .calib.fisher import prepare_assign
 
         assign = prepare_assign(model, adapter, assign, data, device=device)
+    if any(m is not None and hasattr(m, "with_gradients") for m in assign.values()):
+        # M-FAC: per-sample gradients of the dense model, bound to each layer's method
+        from .calib.gradients import prepare_mfac
+        from .errors import CalibrationError
+
+        if data is None:
+            raise CalibrationError("mfac needs calibration text for its gradient pass; give --calib FILE")
+        assign = prepare_mfac(model, assign, data)
     layers = run_compression(model, adapter, assign, data, compensate=compensate, device=device,
                              batch_size=batch_size, progress=progress, **runner_options)
     seconds = time.perf_counter() - t0

@@ -122,3 +122,16 @@ def test_bf16_calibration_close_to_fp32():
         outs[dt] = method.seen["model.layers.1.mlp.down_proj"].gram.double()
     rel = (outs["bfloat16"] - outs["float32"]).norm() / outs["float32"].norm()
     assert 0 < rel < 0.05
+
+
+@pytest.mark.parametrize("method,spec", [("mfac", "sparse:0.5"), ("welore", "lowrank:0.3"), ("fwsvd", "lowrank:r8")])
+def test_whole_model_preparation_through_compress(method, spec):
+    """Methods that need the whole model first (gradients, global rank allocation) work through api.compress."""
+    from tensorslim.formats import parse_format
+    from tensorslim.methods import build_method
+
+    model = tiny_model("llama", seed=7)
+    res = api.compress(model, build_method(method, parse_format(spec)), _data(n=4), progress=False)
+    assert res.layers and all(r.relative_error is not None and r.relative_error < 1.0 for r in res.layers)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=_data(n=1)).logits).all()
