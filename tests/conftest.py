@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+
+# Triton kernels are tested under Triton's interpreter (CI has no GPU). The variable must be set before anything
+# imports triton (some libraries do so indirectly), so it is set here, first, for the whole session.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
