@@ -76,6 +76,10 @@ def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, i
     from .methods import build_method
 
     t_start = time.perf_counter()
+    if resume and output is None:
+        from .errors import ConfigError
+
+        raise ConfigError("--resume continues a run that writes a checkpoint: give the same -o DIR as before")
     model_transform = method_name in _MODEL_TRANSFORMS
     if model_transform:
         fraction = _fraction(method_name, fmt_spec)
@@ -103,10 +107,6 @@ def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, i
             sampled_eval = sampled[n:] if want_eval else None
             calib_label = f"sampled from the base model ({n} x {seq_len} tokens, seed {seed})"
     console.print(f"calibration text: {calib_label}")
-    if resume and output is None:
-        from .errors import ConfigError
-
-        raise ConfigError("--resume continues a run that writes a checkpoint: give the same -o DIR as before")
     fingerprint = {"model": model_src, "method": method.to_dict(), "compensate": compensate_spec, "ignore": list(ignore),
                    "data_sha256": _sha256(data), "calib_dtype": calib_dtype, "batch_size": batch_size}
     progress = _progress(model, output, fingerprint, resume) if output is not None else None

@@ -35,7 +35,7 @@ def test_methods_lists_registries():
 def test_default_main_job_on_real_model_small_slice(tmp_path):
     """The README's main job on a small slice: sampled text, RTN int4 g64, report with every documented key."""
     out = tmp_path / "r.json"
-    r = runner.invoke(app, ["compress", "smollm2-135m", "--samples", "2", "--seq-len", "128", "--json", str(out)])
+    r = runner.invoke(app, ["compress", "smollm2-135m", "--samples", "2", "--seq-len", "64", "--json", str(out)])
     assert r.exit_code == 0, r.output
     rep = json.loads(out.read_text())
     for key in ("perplexity", "kl_mean", "kl_p99", "top1_agreement", "bits_per_weight", "tokens_evaluated", "seconds", "layers"):
