@@ -99,7 +99,8 @@ def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, i
             calib_label = f"file:{calib} ({samples} x {seq_len} tokens, seed {seed})"
         else:
             # One seeded batch of 2n sequences: the first n calibrate, the other n are the evaluation text.
-            n = max(1, min(samples, 8))
+            # (generation costs one forward per token position: sequences are capped at 256 tokens)
+            n, seq_len = max(1, min(samples, 8)), min(seq_len, 256)
             want_eval = eval_text is None and not no_eval
             sampled = sample_from_model(model, tok, sequences=2 * n if want_eval else n, seq_len=seq_len, seed=seed,
                                         batch_size=2 * n)
