@@ -320,7 +320,9 @@ def render(report: Report, *, max_layers: int = 12) -> Any:
     )
     for name, justify in (("layer", "left"), ("format", "left"), ("method", "left"), ("bits/w", "right"),
                           ("weights", "right"), ("rel. error", "right"), ("seconds", "right")):
-        layers.add_column(name, justify=justify)  # type: ignore[arg-type]
+        # the layer name is what the reader needs: it never truncates, it folds
+        layers.add_column(name, justify=justify, overflow="fold",
+                          min_width=24 if name == "layer" else None)  # type: ignore[arg-type]
     for r in worst:
         layers.add_row(
             r.name,
