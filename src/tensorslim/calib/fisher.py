@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..errors import CalibrationError, UnsupportedModelError
+from ..errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 
@@ -46,47 +46,14 @@ def fisher_diagonal(
     """
     if reduce not in ("none", "in", "out"):
         raise CalibrationError(f"reduce must be 'none', 'in' or 'out', got {reduce!r}")
-    if batches is None or batches.ndim != 2 or batches.shape[0] == 0 or batches.shape[1] < 2:
-        raise CalibrationError("the Fisher pass needs calibration token ids [n, seq] with n >= 1 and seq >= 2")
-    names = list(names)
-    weights: dict[str, nn.Parameter] = {}
-    for n in names:
-        mod = model.get_submodule(n)
-        if not isinstance(getattr(mod, "weight", None), torch.Tensor) or mod.weight.ndim != 2:
-            raise UnsupportedModelError(f"{n!r} is not a linear layer with a 2-D weight (already compressed?)")
-        weights[n] = mod.weight  # type: ignore[assignment]
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    was_training = model.training
+    from .gradients import per_sequence_gradients
+
     sums: dict[str, torch.Tensor] = {}
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in weights.values():
-            p.requires_grad_(True)
-            p.grad = None
-        with torch.enable_grad():
-            for i in range(batches.shape[0]):
-                ids = batches[i : i + 1].to(device)
-                out = model(input_ids=ids, labels=ids)
-                loss = getattr(out, "loss", None)
-                if loss is None:
-                    raise UnsupportedModelError(
-                        f"{type(model).__name__} returned no language-model loss; the Fisher pass needs a causal LM")
-                if not torch.isfinite(loss):
-                    raise CalibrationError(f"the LM loss of calibration sequence {i} is not finite")
-                loss.backward()
-                for n, p in weights.items():
-                    g2 = p.grad.detach().float().square()  # type: ignore[union-attr]
-                    g2 = g2.sum(0) if reduce == "in" else g2.sum(1) if reduce == "out" else g2
-                    sums[n] = sums[n] + g2 if n in sums else g2.clone()
-                    p.grad = None
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(flags.get(id(p), False))
-            p.grad = None
-        model.train(was_training)
+    for _, grads in per_sequence_gradients(model, batches, list(names), device=device, what="the Fisher pass"):
+        for n, g in grads.items():
+            g2 = g.float().square()
+            g2 = g2.sum(0) if reduce == "in" else g2.sum(1) if reduce == "out" else g2
+            sums[n] = sums[n] + g2 if n in sums else g2.clone()
     return {n: t.cpu() for n, t in sums.items()}
 
 

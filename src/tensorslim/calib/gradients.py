@@ -10,36 +10,41 @@ Flags and ``.grad`` fields of the model are restored; weights are untouched.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import CalibrationError, UnsupportedModelError
 
-__all__ = ["collect_gradients", "prepare_mfac"]
+__all__ = ["collect_gradients", "per_sequence_gradients", "prepare_mfac"]
 
 logger = logging.getLogger(__name__)
 
 
-def collect_gradients(model: nn.Module, batches: torch.Tensor, names: Iterable[str], *, m: int | None = None,
-                      store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """``{name: [m, out, in]}`` LM-loss gradients of the named linears, one per sequence of ``batches[:m]``."""
+def per_sequence_gradients(model: nn.Module, batches: torch.Tensor, names: Iterable[str], *, m: int | None = None,
+                           device: str | torch.device | None = None, what: str = "the gradient pass",
+                           ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Yield ``(i, {name: dL_i/dW})`` for the first ``m`` sequences of ``batches``: one causal-LM-loss backward each.
+
+    The one gradient loop of the project (M-FAC stores the gradients, the Fisher pass sums their squares). Gradients
+    are enabled only on the named weights; the model's ``requires_grad`` flags, ``.grad`` fields and train/eval mode
+    are restored afterwards. A yielded gradient is only valid until the next step (copy what you keep).
+    """
     if batches is None or batches.ndim != 2 or batches.shape[0] == 0 or batches.shape[1] < 2:
-        raise CalibrationError("the gradient pass needs calibration token ids [n, seq] with n >= 1 and seq >= 2")
+        raise CalibrationError(f"{what} needs calibration token ids [n, seq] with n >= 1 and seq >= 2")
     m = batches.shape[0] if m is None else m
     if not 1 <= m <= batches.shape[0]:
-        raise CalibrationError(f"M-FAC wants m={m} gradients but there are {batches.shape[0]} calibration sequences")
+        raise CalibrationError(f"{what} wants {m} gradients but there are {batches.shape[0]} calibration sequences")
     weights: dict[str, nn.Parameter] = {}
     for n in names:
         w = getattr(model.get_submodule(n), "weight", None)
         if not isinstance(w, torch.Tensor) or w.ndim != 2:
             raise UnsupportedModelError(f"{n!r} is not a linear layer with a 2-D weight (already compressed?)")
         weights[n] = w  # type: ignore[assignment]
-    out = {n: torch.empty((m, *w.shape), dtype=store_dtype) for n, w in weights.items()}
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     flags = {id(p): p.requires_grad for p in model.parameters()}
     was_training = model.training
-    device = next(model.parameters()).device
     try:
         model.eval()
         for p in model.parameters():
@@ -52,18 +57,32 @@ def collect_gradients(model: nn.Module, batches: torch.Tensor, names: Iterable[s
                 ids = batches[i:i + 1].to(device)
                 loss = getattr(model(input_ids=ids, labels=ids), "loss", None)
                 if loss is None:
-                    raise UnsupportedModelError(f"{type(model).__name__} returned no LM loss; M-FAC needs a causal LM")
+                    raise UnsupportedModelError(
+                        f"{type(model).__name__} returned no language-model loss; {what} needs a causal LM")
                 if not torch.isfinite(loss):
                     raise CalibrationError(f"the LM loss of calibration sequence {i} is not finite")
                 loss.backward()
-                for n, p in weights.items():
-                    out[n][i] = p.grad.detach().to("cpu", store_dtype)  # type: ignore[union-attr]
+                yield i, {n: p.grad.detach() for n, p in weights.items()}  # type: ignore[union-attr]
+                for p in weights.values():
                     p.grad = None
     finally:
         for p in model.parameters():
             p.requires_grad_(flags.get(id(p), False))
             p.grad = None
         model.train(was_training)
+
+
+def collect_gradients(model: nn.Module, batches: torch.Tensor, names: Iterable[str], *, m: int | None = None,
+                      store_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """``{name: [m, out, in]}`` LM-loss gradients of the named linears, one per sequence of ``batches[:m]``."""
+    names = list(names)
+    m = batches.shape[0] if (m is None and batches is not None) else m
+    out: dict[str, torch.Tensor] = {}
+    for i, grads in per_sequence_gradients(model, batches, names, m=m, what="M-FAC's gradient pass"):
+        for n, g in grads.items():
+            if n not in out:
+                out[n] = torch.empty((m, *g.shape), dtype=store_dtype)
+            out[n][i] = g.to("cpu", store_dtype)
     return out
 
 
