@@ -13,25 +13,15 @@ sequential ones; the method ranking is the point. Prints a markdown table; write
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
 import resource
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TS_DATA", ROOT.parent / "shared" / "data"))
-
-
-def _val(s: str):
-    try:
-        return json.loads(s)
-    except json.JSONDecodeError:
-        return s
+from quant_args import ROOT, parse_quant_args  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 @torch.inference_mode()
@@ -70,34 +60,13 @@ def collect(model, names, data, batch: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--methods", default="rtn,rtn-imatrix,hqq,gptq,quantease,quantease-outliers")
-    ap.add_argument("--bits", default="4,3")
-    ap.add_argument("--group", default="64")
-    ap.add_argument("--calib", default=str(DATA / "wikitext-2" / "valid.txt"))
-    ap.add_argument("--eval-text", default=str(DATA / "wikitext-2-raw" / "wiki.test.raw"))
-    ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--eval-tokens", type=int, default=32768)
-    ap.add_argument("--no-kl", action="store_true", help="skip the baseline (faster, no KL / top-1)")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--opt", action="append", default=[], help="method.key=value")
-    ap.add_argument("--json", default="runs/quant_shared.json")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, opts = parse_quant_args("runs/quant_shared.json")
     import tensorslim.api as ts
     from tensorslim.eval.text import read_text, tokenize_text
     from tensorslim.formats import CompressedLinear, parse_format
     from tensorslim.methods import build_method
     from tensorslim.models import get_adapter
 
-    opts: dict[str, dict] = {}
-    for o in args.opt:
-        k, v = o.split("=", 1)
-        m, key = k.split(".", 1)
-        opts.setdefault(m, {})[key] = _val(v)
     base, tok = ts.load_model(args.model)
     adapter = get_adapter(base)
     names = adapter.linear_names(base)
