@@ -36,6 +36,8 @@ def parse_quant_args(default_json: str, *, sym: bool = False) -> tuple[argparse.
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--no-kl", action="store_true", help="skip the baseline (faster, no KL / top-1)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--reference-cache", default=None,
+                    help="folder for the base model's logits (reused across runs; default: in memory only)")
     ap.add_argument("--opt", action="append", default=[], help="method.key=value")
     ap.add_argument("--json", default=default_json)
     args = ap.parse_args()

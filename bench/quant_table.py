@@ -32,7 +32,11 @@ def main() -> None:
     from tensorslim.methods import build_method
 
 
+    from tensorslim.eval import CachedBaseline
+
     base, tok = ts.load_model(args.model)
+    # the base model's logits are computed once and reused for every row's KL / top-1 (bit-identical)
+    reference = CachedBaseline(base, directory=args.reference_cache)
     tokens = tokenize_text(tok, read_text(args.eval_text), args.eval_tokens)
     data = ts.calibration_data(tok, args.calib, samples=args.samples, seq_len=args.seq_len, seed=0)
     rows = []
@@ -45,7 +49,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 res = ts.compress(model, method, data if method.requires else None, progress=False)
                 secs = time.perf_counter() - t0
-                rep = ts.evaluate(model, tok, tokens, baseline=None if args.no_kl else base, max_tokens=None)
+                rep = ts.evaluate(model, tok, tokens, baseline=None if args.no_kl else reference, max_tokens=None)
                 row = {
                     "method": name, "format": spec, "options": opts.get(name, {}),
                     "perplexity": rep.perplexity, "kl_mean": rep.kl_mean, "top1": rep.top1_agreement,
