@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from tensorslim.formats.intgroup import IntGroup, quantize_rtn  # noqa: E402
-from tensorslim.methods.gptq import GroupProjector, gptq_quantize  # noqa: E402
-from tensorslim.methods.obs import layer_objective, obs_solve  # noqa: E402
+from tensorslim.methods.gptq import gptq_quantize  # noqa: E402
+from tensorslim.methods.obs import layer_objective  # noqa: E402
 
 
 def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
@@ -59,27 +59,26 @@ def main() -> None:
     h = x.T @ x / args.tokens
     fmt = IntGroup(bits=args.bits, group_size=args.group)
 
-    t_gptq, cw = timed(lambda: gptq_quantize(w, h, fmt), dev, args.repeats)
-
-    def loop_only():
-        proj = GroupProjector(fmt, n, n, order=None, static=None, device=dev)
-        return obs_solve(w, h, proj, block_size=128)
-
-    t_loop, _ = timed(loop_only, dev, args.repeats)
+    t_gptq, cw = timed(lambda: gptq_quantize(w, h, fmt), dev, args.repeats)  # fused block kernel on CUDA
+    t_loop, cw_loop = timed(lambda: gptq_quantize(w, h, fmt, fused=False), dev, args.repeats)  # per-column loop
+    t_def, cw_def = timed(lambda: gptq_quantize(w, h, fmt, act_order=True, grid="imatrix"), dev, args.repeats)
     t_rtn, rtn = timed(lambda: quantize_rtn(w, fmt), dev, args.repeats)
-    f_g, f_r = layer_objective(w, cw.decode(), h), layer_objective(w, rtn.decode(), h)
+    f_r = layer_objective(w, rtn.decode(), h)
+    f_g, f_l, f_d = (layer_objective(w, c.decode(), h) for c in (cw, cw_loop, cw_def))
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"\nGPTQ {fmt.spec()} on a {n}x{n} layer, {n}x{n} Hessian, {name}, torch {torch.__version__}\n")
-    print("| step | median seconds |")
-    print("|---|---|")
-    print(f"| gptq_quantize (damping, Cholesky, OBS loop, packing, RTN safeguard) | {t_gptq:.3f} |")
-    print(f"| obs_solve loop only | {t_loop:.3f} |")
-    print(f"| RTN | {t_rtn:.3f} |")
-    print(f"\nlayer objective GPTQ / RTN = {f_g / f_r:.4f}")
+    print("| gptq_quantize (damping, Cholesky, OBS loop, packing, RTN safeguard) | median seconds | objective / RTN |")
+    print("|---|---|---|")
+    print(f"| natural order, min-max grids, fused block kernel (default on CUDA) | {t_gptq:.3f} | {f_g / f_r:.4f} |")
+    print(f"| natural order, min-max grids, per-column loop (fused=False) | {t_loop:.3f} | {f_l / f_r:.4f} |")
+    print(f"| act-order + clipped static grids (the `gptq` method's defaults), fused | {t_def:.3f} | {f_d / f_r:.4f} |")
+    print(f"| RTN | {t_rtn:.3f} | 1 |")
     out = ROOT / args.json
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": name, "n": n, "format": fmt.spec(), "gptq_s": t_gptq, "loop_s": t_loop,
-                               "rtn_s": t_rtn, "objective_ratio": f_g / f_r}, indent=1))
+    out.write_text(json.dumps({"device": name, "n": n, "format": fmt.spec(), "gptq_fused_s": t_gptq,
+                               "gptq_loop_s": t_loop, "gptq_defaults_s": t_def, "rtn_s": t_rtn,
+                               "objective_ratio": {"fused": f_g / f_r, "loop": f_l / f_r, "defaults": f_d / f_r}},
+                              indent=1))
 
 
 if __name__ == "__main__":

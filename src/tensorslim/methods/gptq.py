@@ -57,6 +57,7 @@ class GroupProjector:
         self.keep = keep
         self.fmt, self.g = fmt, fmt.group(inp)
         self.order = None if order is None else order.tolist()
+        self.order_t = None if order is None else order.to(device=device, dtype=torch.long)
         self.static = static
         ng = inp // self.g
         self.codes_t = torch.empty(inp, out, dtype=torch.float32, device=device)  # row j = column j (contiguous)
@@ -81,6 +82,34 @@ class GroupProjector:
         if self.keep is not None:
             return torch.where(self.keep[j], block[:, i], (c - z) * s)
         return (c - z) * s
+
+    def block(self, b: torch.Tensor, u1: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A whole block ``b [k, out]`` (solve order, one row per column; updated in place) in the fused kernel.
+
+        Returns ``(q, err)`` as the OBS loop would produce them, or ``None`` (kept outliers: use the loop).
+        """
+        if self.keep is not None:
+            return None
+        from ..kernels.triton.gptq_block import gptq_columns
+
+        k = b.shape[0]
+        q, codes, err = torch.empty_like(b), torch.empty_like(b), torch.empty_like(b)
+        if self.static is not None:
+            cols = torch.arange(start, start + k, device=b.device)
+            grp = (cols if self.order_t is None else self.order_t[cols]) // self.g
+            sc, ze = self.scale[:, grp].T.contiguous(), self.zero[:, grp].T.contiguous()
+            gptq_columns(b, u1, sc, ze, q, codes, err, 0, k, self.fmt.maxq)
+        else:  # dynamic grids: fit each group from the block as updated so far, then run its columns
+            sc, ze = torch.empty_like(b), torch.empty_like(b)
+            for i0 in range(0, k, self.g):
+                s, z = fit_scale_zero(b[i0:i0 + self.g].T, self.fmt)
+                self.scale[:, (start + i0) // self.g] = s
+                self.zero[:, (start + i0) // self.g] = z
+                sc[i0:i0 + self.g] = s
+                ze[i0:i0 + self.g] = z
+                gptq_columns(b, u1, sc, ze, q, codes, err, i0, min(i0 + self.g, k), self.fmt.maxq)
+        self.codes_t[start:start + k] = codes
+        return q, err
 
     @property
     def codes(self) -> torch.Tensor:
@@ -124,8 +153,11 @@ class GPTQ(Method):
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: IntGroup, *, damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, static_groups: bool = False,
-                  grid: str = "minmax", layer: str = "<layer>") -> IntGroupWeight:
-    """The GPTQ solve as a function (``W [out, in]``, ``H [in, in]``) -> ``IntGroupWeight`` (see module note)."""
+                  grid: str = "minmax", layer: str = "<layer>", fused: bool | None = None) -> IntGroupWeight:
+    """The GPTQ solve as a function (``W [out, in]``, ``H [in, in]``) -> ``IntGroupWeight`` (see module note).
+
+    ``fused``: run each block's column loop in one Triton kernel (default: on CUDA; see :func:`.obs.obs_solve`).
+    """
     out, inp = w.shape
     g = fmt.group(inp)
     use_order = act_order or fmt.act_order
@@ -152,7 +184,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: IntGroup, *, damp
     bs = max(block_size // g, 1) * g if g <= block_size else g
     natural_groups = static and not fmt.act_order
     proj = GroupProjector(fmt, out, inp, order=order if natural_groups else None, static=grids, device=w.device)
-    obs_solve(w, hessian, proj, block_size=bs, damp=damp, order=order, layer=layer, sync=math.gcd(16, g))
+    obs_solve(w, hessian, proj, block_size=bs, damp=damp, order=order, layer=layer, sync=math.gcd(16, g),
+              fused=fused)
     codes = proj.codes.to(torch.int64)
     perm = None
     if order is not None and not fmt.act_order:  # static groups: store codes in natural order

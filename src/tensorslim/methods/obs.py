@@ -113,6 +113,7 @@ def obs_solve(
     layer: str = "<layer>",
     dtype: torch.dtype = torch.float32,
     sync: int = 16,
+    fused: bool | None = None,
 ) -> ObsResult:
     """Run the OBS column loop on ``w [out, in]`` with ``H [in, in]``; see the module note for ``project``.
 
@@ -121,6 +122,11 @@ def obs_solve(
     when projected; the whole block is fully updated whenever ``i`` is a multiple of ``sync`` (so a projector that
     looks ahead, e.g. to fit a group or choose an N:M mask, must do so at such columns: pass a ``sync`` dividing
     its group size).
+
+    ``fused``: a projector with a ``block(b, u1, start)`` method (GPTQ's) may process a whole block in one fused
+    kernel; it returns ``(q, err)`` (both ``[k, out]``, one row per column) or ``None`` to use the loop here.
+    ``None`` (default): fused on CUDA tensors only; ``True``: whenever the projector offers it (tests use this with
+    Triton's CPU interpreter); ``False``: never.
     """
     if block_size < 1 or sync < 1:
         raise ConfigError(f"block_size and sync must be >= 1, got {block_size!r}, {sync!r}")
@@ -139,11 +145,19 @@ def obs_solve(
     wt = wk.T.contiguous()
     del wk
     qt = torch.empty_like(wt)
+    use_fused = (wt.is_cuda if fused is None else fused) and dtype == torch.float32
+    block_fn = getattr(project, "block", None) if use_fused else None
     for i1 in range(0, inp, block_size):
         i2 = min(i1 + block_size, inp)
         k = i2 - i1
         b = wt[i1:i2].clone()
         u1 = u[i1:i2, i1:i2]
+        done = block_fn(b, u1.contiguous(), i1) if block_fn is not None else None
+        if done is not None:
+            qt[i1:i2], err = done
+            if i2 < inp:
+                wt[i2:].addmm_(u[i1:i2, i2:].T, err, alpha=-1.0)
+            continue
         diag = u1.diagonal().clone()
         err = torch.empty_like(b)
         view = b.T
