@@ -28,7 +28,19 @@ EXAMPLES: dict[str, list[str]] = {
     "outliers": ["int3:g32+outliers:0.05"],
     "sparse": ["sparse:2:4", "sparse:2:4+int4:g32", "sparse:0.5"],
     "groupsparse": ["groupsparse:0.5:g32"],
+    "kquant": ["q4_k", "q6_k"],  # rows must be multiples of 256: use wide_llama()
 }
+
+
+def wide_llama(seed: int = 0) -> nn.Module:
+    """A tiny Llama whose linears take 256-multiple rows (hidden 256, intermediate 512), for the k-quant formats."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(cfg).eval()
 
 
 def _stats(inp: int, seed: int) -> LayerStats:

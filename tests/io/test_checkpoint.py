@@ -15,7 +15,7 @@ from tensorslim.io import load, read_manifest, save
 from tensorslim.io.atomic import atomic_folder
 from tensorslim.models.tiny import TINY_ARCHS, tiny_model
 
-from .helpers import EXAMPLES, compress_linears, logits
+from .helpers import EXAMPLES, compress_linears, logits, wide_llama
 
 ALL_SPECS = [s for specs in EXAMPLES.values() for s in specs]
 
@@ -31,7 +31,7 @@ def _tokens(seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("spec", ALL_SPECS)
 def test_round_trip_every_format(tmp_path: Path, spec: str):
-    model = tiny_model("llama", seed=1)
+    model = wide_llama(1) if spec in EXAMPLES["kquant"] else tiny_model("llama", seed=1)
     n = compress_linears(model, spec, under="model.layers.1")
     assert n > 0, f"{spec}: no layer could take the format"
     x = _tokens()

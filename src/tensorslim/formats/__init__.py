@@ -16,6 +16,7 @@ from .bcq import BCQ, BCQWeight  # noqa: E402  (registers bcq<q>:)
 from .bipolar import Bipolar, BipolarWeight  # noqa: E402  (registers bipolar<n>:)
 from .sparse import GroupSparse, GroupSparseWeight, Sparse, SparseWeight  # noqa: E402  (registers sparse:, groupsparse:)
 from .outliers import SparseOutliers, SparseOutliersWeight  # noqa: E402  (registers outliers:)
+from .kquant import KQuant, KQuantWeight  # noqa: E402  (registers q4_k, q6_k)
 
 __all__ = [
     "BCQ",
@@ -37,6 +38,8 @@ __all__ = [
     "Format",
     "IntGroup",
     "IntGroupWeight",
+    "KQuant",
+    "KQuantWeight",
     "Kronecker",
     "KroneckerWeight",
     "LowRank",

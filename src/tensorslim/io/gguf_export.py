@@ -10,8 +10,10 @@ so the blocks carry ``d = s``. With ``v = q - z``:
 - ``Q5_0`` (``w = d * (c - 16)``): ``v`` in [-16, 15]: symmetric 5 bits, and asymmetric <= 4 bits (``v`` in [-15, 15]).
 - ``Q8_0`` (``w = d * c``, ``c`` int8): ``v`` in [-128, 127]: symmetric <= 8 bits and asymmetric <= 7 bits.
 So every mapped layer dequantizes to *exactly* our ``decode()`` (in fp32); the price of exactness is one extra bit
-per weight where an asymmetric 4-bit layer's ``m`` is not fp16 (Q5_0 instead of Q4_1). The k-quants are not used: their
-6-bit quantized sub-block scales cannot hold our fp16 scales exactly. Not representable (refused with the list of
+per weight where an asymmetric 4-bit layer's ``m`` is not fp16 (Q5_0 instead of Q4_1). ``IntGroup`` is never mapped to a
+k-quant (their 6-bit quantized sub-block scales cannot hold our fp16 scales exactly); instead the ``q4_k`` / ``q6_k``
+formats (:mod:`tensorslim.formats.kquant`) store the GGML Q4_K / Q6_K blocks themselves and are written as a byte copy
+(rows permuted like any Q/K tensor). Not representable (refused with the list of
 layers, or written dense with ``dequantize_unsupported=True``): act-order layers, asymmetric 8-bit, scales that are not
 fp16 numbers, groups that are not multiples of 32, and every other format family. Dense tensors are written F32
 (exact) by default.
@@ -35,6 +37,7 @@ from torch import nn
 
 from ..errors import ExportError
 from ..formats.intgroup import IntGroup, IntGroupWeight
+from ..formats.kquant import GGML_TYPE, KQuantWeight
 from ..formats.module import CompressedLinear
 
 logger = logging.getLogger(__name__)
@@ -139,6 +142,8 @@ def plan_export(model: nn.Module, *, exact: bool = True) -> tuple[dict[str, tupl
             if isinstance(cw, IntGroupWeight):
                 _, scale, zero = cw.unpacked()
                 plan[name] = choose_type(cw.format, scale, zero, cw.shape[1], exact=exact)
+            elif isinstance(cw, KQuantWeight):
+                plan[name] = (GGML_TYPE[cw.format.kind], "exact (the stored GGML blocks)")
             else:
                 plan[name] = (None, f"format {cw.format.spec()} has no GGUF equivalent")
     bad = [f"{n} ({why})" for n, (t, why) in plan.items() if t is None]
@@ -227,6 +232,9 @@ def export_gguf(model: nn.Module, out: str | os.PathLike[str], *, tokenizer: Any
             w = w if rows is None else w[rows]
             add(f"{layer}.weight", w.numpy().astype(np_dense), dense_q)
             qtype = dense_type
+        elif isinstance(cw, KQuantWeight):
+            blocks = cw.blocks.cpu() if rows is None else cw.blocks.cpu()[rows]
+            add(f"{layer}.weight", blocks.numpy(), getattr(gguf.GGMLQuantizationType, qtype))
         else:
             add(f"{layer}.weight", encode_blocks(cw, qtype, rows), getattr(gguf.GGMLQuantizationType, qtype))  # type: ignore[arg-type]
         counts[qtype] = counts.get(qtype, 0) + 1

@@ -1,8 +1,8 @@
-"""RTN for every non-integer grid: FP8, MXFP4/MXFP8, NVFP4, NF4, ternary, BCQ (alternating fit) and bipolar-INT.
+"""RTN for every non-integer grid: FP8, MXFP4/MXFP8, NVFP4, NF4, ternary, BCQ (alternating fit), bipolar-INT, k-quants.
 
 Each format module owns its round-to-nearest encoder (the format's scale rule, then the nearest grid point):
 ``quantize_fp8``, ``quantize_mx``, ``quantize_nvfp4``, ``quantize_nf4``, ``quantize_ternary``, ``quantize_bcq``,
-``quantize_bipolar``. ``RTNGrid`` dispatches on the format type; :func:`rtn` is the factory behind the ``rtn`` method
+``quantize_bipolar``, ``quantize_kquant`` (llama.cpp Q4_K / Q6_K). ``RTNGrid`` dispatches on the format type; :func:`rtn` is the factory behind the ``rtn`` method
 name, so ``build_method("rtn", fmt)`` gives the integer :class:`~tensorslim.methods.rtn.RTN` for ``IntGroup`` and
 ``RTNGrid`` for the others. Data-free.
 """
@@ -20,6 +20,7 @@ from ..formats.bcq import BCQ, quantize_bcq
 from ..formats.bipolar import Bipolar, quantize_bipolar
 from ..formats.fp8 import FP8, quantize_fp8
 from ..formats.intgroup import IntGroup
+from ..formats.kquant import KQuant, quantize_kquant
 from ..formats.mx import MXFP, NVFP4, quantize_mx, quantize_nvfp4
 from ..formats.nf4 import NF4, quantize_nf4
 from ..formats.ternary import Ternary, quantize_ternary
@@ -35,6 +36,7 @@ _ENCODERS: dict[type[Format], Callable[[torch.Tensor, Any], CompressedWeight]] =
     Ternary: quantize_ternary,
     BCQ: quantize_bcq,
     Bipolar: quantize_bipolar,
+    KQuant: quantize_kquant,
 }
 
 
