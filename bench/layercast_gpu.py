@@ -26,8 +26,8 @@ from tensorslim.runtime.numerics import apply_numerics  # noqa: E402
 def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dev = torch.device("cuda")
-    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=int(os.environ.get("LAYERS", 30)), num_attention_heads=9,
                       num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
     torch.manual_seed(0)
     base = LlamaForCausalLM(cfg).eval()
@@ -36,15 +36,25 @@ def main() -> None:
     for mode in ("bf16", "layercast"):
         m = apply_numerics(copy.deepcopy(base), mode).to(dev)
         with torch.inference_mode():
+            # prefill: sequence 0 alone vs inside the batch of 8 (M = 256 vs 2048 rows per GEMM)
             alone = m(ids[:1], use_cache=False).logits.float()
             batched = m(ids, use_cache=False).logits[:1].float()
-        diff = float((alone - batched).abs().max())
-        rows.append({"mode": mode, "max_abs_diff": diff, "identical": diff == 0.0,
-                     "argmax_agree": float((alone.argmax(-1) == batched.argmax(-1)).float().mean())})
-    print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}")
-    print("| mode | max abs logit diff, batch 1 vs 8 | identical | argmax agreement |\n|---|---|---|---|")
+            # decode: one new token per sequence on top of a KV cache (M = 1 vs 8 rows: GEMV vs GEMM kernels)
+            step = ids[:, -1:]
+            out1 = m(ids[:1, :-1], use_cache=True)
+            d_alone = m(step[:1], past_key_values=out1.past_key_values, use_cache=True).logits.float()
+            out8 = m(ids[:, :-1], use_cache=True)
+            d_batch = m(step, past_key_values=out8.past_key_values, use_cache=True).logits[:1].float()
+        for phase, a, b in (("prefill 256 tokens", alone, batched), ("decode step", d_alone, d_batch)):
+            diff = float((a - b).abs().max())
+            rows.append({"mode": mode, "phase": phase, "max_abs_diff": diff, "identical": diff == 0.0,
+                         "argmax_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean())})
+    print(f"device: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'} torch {torch.__version__}")
+    print("| mode | phase | max abs logit diff, batch 1 vs 8 | identical | argmax agreement |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['max_abs_diff']:.3g} | {'yes' if r['identical'] else 'no'} | {r['argmax_agree']:.4f} |")
+        print(f"| {r['mode']} | {r['phase']} | {r['max_abs_diff']:.3g} | {'yes' if r['identical'] else 'no'} | "
+              f"{r['argmax_agree']:.4f} |")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "layercast_gpu.json").write_text(json.dumps(rows, indent=1))
 
