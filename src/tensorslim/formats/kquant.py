@@ -47,7 +47,7 @@ class KQuant(Format):
     def supports(self, shape: Shape) -> str | None:
         if shape[1] % QK_K:
             return (f"{shape[1]} inputs are not a multiple of {QK_K} (the {GGML_TYPE[self.kind]} super-block); "
-                    f"use q4_0-compatible int4:g32:sym or int4:g64, or ignore the layer")
+                    f"use int4:g32:sym (GGUF Q4_0) or int4:g64, or ignore the layer (--ignore)")
         return None
 
     def nbytes(self, shape: Shape) -> int:
