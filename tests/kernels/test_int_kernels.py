@@ -134,3 +134,28 @@ def test_int_mm_op_registration(ops, gen):
         y = torch.ops.tensorslim.int_mm(fx, *[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
                                              for a in args[1:]])
     assert y.shape == (2, N) and y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("group,sym", [(128, False), (None, True), (256, False)])
+def test_int4_mma_matches_reference(ops, group, sym, gen):
+    """The int4 tensor-core kernel (bit-trick operands, zero point folded out) incl. split-K and the Sum epilogue."""
+    w = quantize_rtn(torch.randn(N, K, generator=gen), IntGroup(bits=4, group_size=group, symmetric=sym))
+    for m, config in [(5, (16, 32, 128, 1, 4, 3)), (33, (32, 16, 128, 2, 4, 3))]:
+        x = torch.randn(m, K, generator=gen).to(torch.float16)
+        err = relative_error(run_poisoned(ops, w, x, "mma4", config), reference_fp32(w, x))
+        assert err <= TOL, f"g={group} sym={sym} m={m} {config}: {err:.2e} (seed {gen.seed_})"
+    extra = LowRankWeight.from_factors(LowRank(rank=8), torch.randn(N, 8, generator=gen) * 0.3,
+                                       torch.randn(8, K, generator=gen) * 0.3)
+    sw = SumWeight(format=parse_format(f"{w.format.spec()}+lowrank:r8"), shape=(N, K), base=w, extra=extra)
+    x = torch.randn(3, K, generator=gen).to(torch.float16)
+    err = relative_error(run_poisoned(ops, sw, x, "mma4", (16, 16, 128, 1, 4, 3)), reference_fp32(sw, x))
+    assert err <= TOL, f"sum: {err:.2e} (seed {gen.seed_})"
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (3, 64, True), (2, 32, False)])
+def test_gemv_tile_spans_groups(ops, bits, group, sym, gen):
+    w = quantize_rtn(torch.randn(N, K, generator=gen), IntGroup(bits=bits, group_size=group, symmetric=sym))
+    for m, config in [(1, (1, 32, 128, 1, 4, 3)), (2, (1, 16, 128, 2, 4, 3))]:
+        x = torch.randn(m, K, generator=gen).to(torch.bfloat16)
+        err = relative_error(run_poisoned(ops, w, x, "gemv", config), reference_fp32(w, x))
+        assert err <= TOL, f"bits={bits} g={group} m={m} {config}: {err:.2e} (seed {gen.seed_})"

@@ -2,8 +2,9 @@
 
 ``linear(cw, x, bias)`` is what ``CompressedWeight.linear`` calls for CUDA activations. Paths:
 - ``IntGroupWeight`` (1-6 and 8 bits, ``in % 32 == 0``, fp16/bf16 activations): "gemv" (1-16 rows, one row a
-  program, CUDA cores, optional split-K), "gemm" (tensor-core tiles, optional split-K) or "dequant" (dequantize to
-  the activation dtype, then cuBLAS; 64 rows or more);
+  program, CUDA cores, optional split-K), "mma4" (int4 with groups >= 128: tensor cores on bit-trick operands, any
+  batch), "gemm" (tensor-core tiles for the other widths, optional split-K) or "dequant" (dequantize to the
+  activation dtype, then cuBLAS; 64 rows or more);
 - ``TernaryWeight``: the same kernels (2-bit codes ``t + 1``, zero point 1; :func:`.layout.ternary_layout`);
 - ``SumWeight(IntGroupWeight | TernaryWeight, LowRankWeight)``: the same kernels with the low-rank term fused into
   their epilogue (``t = x V^T`` first, a ``[M, r]`` fp32 product, then one pass over ``y``);
@@ -165,24 +166,41 @@ def _split(k_tiles: int, programs: int, target: int) -> int:
     return s
 
 
+def _mma4_ok(lay: IntKernelLayout) -> bool:
+    """The int4 tensor-core kernel takes 4-bit codes in one plane with groups of >= 128 inputs (BK = 128)."""
+    return lay.bits == 4 and lay.qb is None and lay.group % 128 == 0 and lay.k % 128 == 0
+
+
 def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
     """Correct (path, config) choices for ``m`` rows, best guess first.
 
-    config = (BM, BN, BK, SPLIT_K, num_warps, num_stages); BM is unused by "gemv" (one row a program).
+    config = (BM, BN, BK, SPLIT_K, num_warps, num_stages); BM is unused by "gemv" (one row a program). The first
+    guesses come from the instruction counts of the sm_90a builds (docs/kernels.md), not from timings.
     """
     n, k, g = lay.n, lay.k, lay.group
     bks = [b for b in (128, 64, 32) if g % b == 0 and k % b == 0]
     target = 2 * sms
     out: list[Choice] = []
     if m <= 16:
-        for bn, bk, warps in ((256, 128, 4), (512, 64, 4), (128, 128, 4), (256, 128, 8), (512, 128, 4),
-                              (256, 64, 8), (128, 64, 4)):
-            bk = next((b for b in bks if b <= bk), bks[-1])
+        # gemv tiles may span whole groups (bk > g, bk % g == 0) or lie inside one (bk <= g, g % bk == 0)
+        for bn, bk, warps in ((128, 256, 8), (64, 256, 4), (128, 128, 4), (256, 128, 8), (128, 512, 8),
+                              (64, 512, 4)):
+            if not (k % bk == 0 and (bk % g == 0 or g % bk == 0)):
+                bk = next((b for b in bks if b <= bk), bks[-1])
             tiles = m * -(-n // bn)
-            c = ("gemv", (1, bn, bk, _split(k // bk, tiles, target), warps, 3))
-            if c not in out:
-                out.append(c)
-    if m >= 2:
+            for split in dict.fromkeys((_split(k // bk, tiles, target), 1)):
+                c = ("gemv", (1, bn, bk, split, warps, 3))
+                if c not in out:
+                    out.append(c)
+    if _mma4_ok(lay):
+        bm = min(max(16, _pow2(m)), 128)
+        for bn, warps, stages in ((128, 4, 4), (64, 4, 4), (256, 8, 3), (128, 8, 3)):
+            tiles = -(-m // bm) * -(-n // bn)
+            for split in dict.fromkeys((_split(k // 128, tiles, target), 1)):
+                c = ("mma4", (bm, bn, 128, split, warps, stages))
+                if c not in out:
+                    out.append(c)
+    if m >= 2 and not (_mma4_ok(lay) and m >= 16):
         bm = min(max(16, _pow2(m)), 128)
         for bn, bk, warps, stages in ((64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 5),
                                       (256, 64, 8, 3)):

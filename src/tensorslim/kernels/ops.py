@@ -2,7 +2,7 @@
 
 Ops (namespace ``tensorslim``):
 - ``int_mm(x2d, qa, qb?, scales, zeros?, t?, u?, meta, path, config, out_dtype)`` -> ``[M, N]``: integer-group
-  multiply from the kernel layout (:mod:`.layout`), ``path`` "gemv" or "gemm", optional fused low-rank term
+  multiply from the kernel layout (:mod:`.layout`), ``path`` "gemv", "gemm" or "mma4" (int4, groups >= 128), optional fused low-rank term
   ``t @ u^T`` (``t = x V^T`` in fp32, ``u [N, r]``);
 - ``int_dequant(qa, qb?, scales, zeros?, meta, out_dtype)`` -> dense ``W^T [K, N]`` (stored column order).
 ``meta = [k, bits, bits_a, bits_b, group, symmetric]``; ``config = [BM, BN, BK, SPLIT_K, num_warps, num_stages]``.
@@ -18,6 +18,7 @@ import triton
 
 from .layout import check_config
 from .triton.int_gemm import int_dequant_kernel, int_gemm_kernel
+from .triton.int4_mma import int4_mma_kernel
 from .triton.int_gemv import int_gemv_kernel
 
 Tensor = torch.Tensor
@@ -40,16 +41,21 @@ def launch_int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zero
     zt = zeros if zeros is not None else scales  # any pointer; unused when symmetric
     tt = t.contiguous() if has_lr else x
     uu = u.contiguous() if has_lr else x
-    common = (
+    common = [
         x, out, qa, qb if qb is not None else qa, scales, zt, tt, uu,
         m, n, k, r, k // split_k, group, split_k,
         x.stride(0), out.stride(0), tt.stride(0), uu.stride(0),
-    )
+    ]
     consts = dict(BITS=bits, BITS_A=bits_a, BITS_B=bits_b, SYMMETRIC=bool(symmetric),
                   HAS_LR=has_lr, BR=max(16, _next_pow2(r)), BM=bm, BN=bn, BK=bk,
                   num_warps=num_warps, num_stages=num_stages)
     if path == "gemv":
         int_gemv_kernel[(m, triton.cdiv(n, bn), split_k)](*common, **consts)
+    elif path == "mma4":
+        del common[3]  # no plane b
+        int4_mma_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](
+            *common, SYMMETRIC=bool(symmetric), HAS_LR=has_lr, BR=consts["BR"], BM=bm, BN=bn, BK=bk,
+            USE_ASM=x.device.type == "cuda", num_warps=num_warps, num_stages=num_stages)
     else:
         int_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](*common, **consts)
 

@@ -64,6 +64,33 @@ def load_group(s_ptr, z_ptr, g, offs_n, nmask, N, BITS: tl.constexpr, SYMMETRIC:
 
 
 @triton.jit
+def magic128(w, T: tl.constexpr, BITS: tl.constexpr, LO: tl.constexpr):
+    """Code ``T`` of the int32 words ``w`` as the fp32 value ``128 + q * 2^(p - 16)`` with no int->float conversion:
+    the word is shifted so the code lands at mantissa bit ``p`` (``LO <= p``, ``p + BITS <= 23``; codes that share a
+    shift are CSE'd) and masked into the bits of 128.0 (one ``lop3``). The caller scales the activation by
+    ``2^(16 - p)`` (:func:`magic128_pos`, exact) and subtracts ``128 * sum(scaled x)`` once per word row: the offset is
+    at most ``2^(23 - LO)`` times a code step, ~1e-5 relative after cancellation in fp32."""
+    S: tl.constexpr = (23 - LO) // BITS  # codes per shift
+    P: tl.constexpr = LO + (T % S) * BITS
+    SHIFT: tl.constexpr = LO - (T // S) * S * BITS
+    if SHIFT > 0:
+        v = w << SHIFT
+    elif SHIFT < 0:
+        v = w >> (-SHIFT)
+    else:
+        v = w
+    return ((v & (((1 << BITS) - 1) << P)) | 0x43000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def magic128_scale(T: tl.constexpr, BITS: tl.constexpr, LO: tl.constexpr):
+    """``2^(16 - p)`` for code ``T`` of :func:`magic128`."""
+    S: tl.constexpr = (23 - LO) // BITS
+    P: tl.constexpr = LO + (T % S) * BITS
+    return 1.0 * (1 << (16 - P)) if P <= 16 else 1.0 / (1 << (P - 16))
+
+
+@triton.jit
 def int_gemv_kernel(
     x_ptr, out_ptr, qa_ptr, qb_ptr, s_ptr, z_ptr, t_ptr, u_ptr,
     M, N, K, R, k_split, GROUP, SPLIT_K,
@@ -72,22 +99,66 @@ def int_gemv_kernel(
     HAS_LR: tl.constexpr, BR: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
+    """One activation row per program over a ``[BK/PA, BN]`` tile of words (2-D only: no layout changes in the
+    loop). For each code position ``t`` (unrolled) the codes come out of the words by :func:`magic128` and one FMA
+    with the (power-of-two scaled) activations ``x[k0 + j*PA + t]`` adds them into per-word-row partial sums; the
+    magic offset and the zero point are folded out (``sum x (q - z) = sum x q - z sum x``) and the group scale applied
+    once per word row, so a weight costs ~2.5 instructions (shift/2, lop3, fma). A tile may span several groups (``BK > GROUP``, per-row scales). Word rows are reduced
+    once, after the loop."""
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
+    PA: tl.constexpr = 32 // BITS_A
+    JA: tl.constexpr = BK // PA
+    LA: tl.constexpr = 12 if BITS_A >= 4 else 14  # lowest mantissa bit a code is moved to (magic128)
     offs_n = pid_n * BN + tl.arange(0, BN)
     nmask = offs_n < N
-    acc = tl.zeros((BN,), dtype=tl.float32)
-    koff = tile_k_offsets(BITS_A, BK)
+    ja = tl.arange(0, JA)
+    acc = tl.zeros((JA, BN), dtype=tl.float32)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     k_lo = pid_k * k_split
     for k0 in range(k_lo, k_lo + k_split, BK):
-        q = load_codes3(qa_ptr, qb_ptr, k0, offs_n, nmask, N, BITS_A, BITS_B, BK)
-        s, z = load_group(s_ptr, z_ptr, k0 // GROUP, offs_n, nmask, N, BITS, SYMMETRIC)
-        x = tl.load(x_row + k0 + koff).to(tl.float32)
-        part = tl.sum(tl.sum(x[:, :, None] * (q - z[None, None, :]).to(tl.float32), axis=0), axis=0)
-        acc += part * s
-    y = acc
+        wa = tl.load(qa_ptr + ((k0 // PA + ja).to(tl.int64) * N)[:, None] + offs_n[None, :], mask=nmask[None, :],
+                     other=0)
+        if BITS_B > 0:
+            PB: tl.constexpr = 32 // BITS_B
+            RB: tl.constexpr = PB // PA
+            LB: tl.constexpr = 14
+            wb = tl.load(qb_ptr + ((k0 // PB + ja // RB).to(tl.int64) * N)[:, None] + offs_n[None, :],
+                         mask=nmask[None, :], other=0)
+            wb = wb >> (((ja % RB) * (PA * BITS_B))[:, None])  # this row's PA codes at the bottom of the word
+        xp = x_row + k0 + ja * PA
+        part = tl.zeros((JA, BN), dtype=tl.float32)
+        sx = tl.zeros((JA,), dtype=tl.float32)
+        sc = tl.zeros((JA,), dtype=tl.float32)  # sum of the scaled activations: times 128 it is the magic offset
+        for t in tl.static_range(PA):
+            xt = tl.load(xp + t).to(tl.float32)
+            sx += xt
+            xa = xt * magic128_scale(t, BITS_A, LA)
+            sc += xa
+            part += xa[:, None] * magic128(wa, t, BITS_A, LA)
+            if BITS_B > 0:
+                xb = xt * ((1 << BITS_A) * magic128_scale(t, BITS_B, LB))
+                sc += xb
+                part += xb[:, None] * magic128(wb, t, BITS_B, LB)
+        part -= (sc * 128.0)[:, None]
+        if BK <= GROUP:  # the tile lies in one group
+            g = k0 // GROUP
+            s = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            if SYMMETRIC:
+                acc += (part - sx[:, None] * (1 << (BITS - 1))) * s[None, :]
+            else:
+                z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32)
+                acc += (part - sx[:, None] * z[None, :]) * s[None, :]
+        else:  # word row j lies in group (k0 + j*PA) // GROUP
+            gj = ((k0 + ja * PA) // GROUP).to(tl.int64) * N
+            s2 = tl.load(s_ptr + gj[:, None] + offs_n[None, :], mask=nmask[None, :], other=0.0).to(tl.float32)
+            if SYMMETRIC:
+                acc += (part - sx[:, None] * (1 << (BITS - 1))) * s2
+            else:
+                z2 = tl.load(z_ptr + gj[:, None] + offs_n[None, :], mask=nmask[None, :], other=0).to(tl.float32)
+                acc += (part - sx[:, None] * z2) * s2
+    y = tl.sum(acc, axis=0)
     if HAS_LR:
         if pid_k == 0:
             rs = tl.arange(0, BR)
