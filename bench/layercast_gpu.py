@@ -23,15 +23,12 @@ sys.path.insert(0, str(ROOT / "src"))
 from tensorslim.runtime.numerics import apply_numerics  # noqa: E402
 
 
-def main() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def compare(label: str, cfg, dev: torch.device) -> list[dict]:
+    from transformers import LlamaForCausalLM
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=int(os.environ.get("LAYERS", 30)), num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
     torch.manual_seed(0)
     base = LlamaForCausalLM(cfg).eval()
-    ids = torch.randint(0, 49152, (8, 256), device=dev)
+    ids = torch.randint(0, cfg.vocab_size, (8, 256), device=dev)
     rows = []
     for mode in ("bf16", "layercast"):
         m = apply_numerics(copy.deepcopy(base), mode).to(dev)
@@ -47,13 +44,31 @@ def main() -> None:
             d_batch = m(step, past_key_values=out8.past_key_values, use_cache=True).logits[:1].float()
         for phase, a, b in (("prefill 256 tokens", alone, batched), ("decode step", d_alone, d_batch)):
             diff = float((a - b).abs().max())
-            rows.append({"mode": mode, "phase": phase, "max_abs_diff": diff, "identical": diff == 0.0,
+            rows.append({"model": label, "mode": mode, "phase": phase, "max_abs_diff": diff, "identical": diff == 0.0,
                          "argmax_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean())})
+    return rows
+
+
+def main() -> None:
+    from transformers import LlamaConfig
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = {
+        "smollm2-135m shape (576 hidden, 30 layers)": dict(
+            hidden_size=576, intermediate_size=1536, num_hidden_layers=int(os.environ.get("LAYERS", 30)),
+            num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+        "llama-7b shape, 2 layers (4096 hidden)": dict(
+            hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
+            num_key_value_heads=32, vocab_size=32000),
+    }
+    rows = []
+    for label, kw in shapes.items():
+        rows += compare(label, LlamaConfig(max_position_embeddings=2048, **kw), dev)
     print(f"device: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'} torch {torch.__version__}")
-    print("| mode | phase | max abs logit diff, batch 1 vs 8 | identical | argmax agreement |")
-    print("|---|---|---|---|---|")
+    print("| model | mode | phase | max abs logit diff, batch 1 vs 8 | identical | argmax agreement |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['phase']} | {r['max_abs_diff']:.3g} | {'yes' if r['identical'] else 'no'} | "
+        print(f"| {r['model']} | {r['mode']} | {r['phase']} | {r['max_abs_diff']:.3g} | {'yes' if r['identical'] else 'no'} | "
               f"{r['argmax_agree']:.4f} |")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "layercast_gpu.json").write_text(json.dumps(rows, indent=1))

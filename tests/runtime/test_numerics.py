@@ -75,7 +75,22 @@ def test_layercast_is_fp32_compute_on_bf16_weights():
         assert torch.allclose(lc(ids).logits, ref(ids).logits, atol=1e-5)
         one = lc(ids[:1]).logits
         eight = lc(ids).logits[:1]
-        assert torch.allclose(one, eight, atol=1e-5)
+        assert torch.equal(one, eight)  # batch-invariant: bit-identical, not just close
+
+
+def test_invariant_linear_is_exact_and_row_independent():
+    from tensorslim.runtime.numerics import INVARIANT_ROWS, invariant_linear
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
+    w, b = torch.randn(48, 96, generator=gen), torch.randn(48, generator=gen)
+    x = torch.randn(3, INVARIANT_ROWS + 5, 96, generator=gen)
+    out = invariant_linear(x, w, b)
+    ref = (x.double() @ w.double().T + b.double()).float()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # a row's result does not depend on which or how many other rows share the call
+    assert torch.equal(invariant_linear(x[1:2, 3:4], w, b), out[1:2, 3:4])
+    assert torch.equal(invariant_linear(x[2:, :7], w, b), out[2:, :7])
+    assert torch.equal(invariant_linear(x[0, 10], w, b), out[0, 10])
 
 
 def test_lmul_model_and_bad_modes():
