@@ -3,6 +3,8 @@
 Run from the repo root on a CUDA machine (no install needed):
     python bench/kernels.py            # full: correctness sweep + timings (a few minutes on an H100)
     python bench/kernels.py --quick    # fewer shapes and batch sizes
+    python bench/kernels.py --issue    # issue 7's targets only: the four large shapes at batch 1/16/64/128,
+                                       # int3/int2/int8/ternary/Sum at batch 1 and 16 on 8192x28672
 Shapes are written ``in x out`` (``4096x14336`` is an up projection: K=4096 inputs, N=14336 outputs).
 Correctness: every path against ``x @ decode()^T`` in fp32 (bf16 activations, fp32 output, so the only difference is
 accumulation order), relative Frobenius error <= 1e-3, outputs poisoned with NaN before the kernel writes them.
@@ -147,6 +149,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="a minute: a few correctness checks, no timings")
+    ap.add_argument("--issue", action="store_true", help="issue 7's target shapes and batches only")
     args = ap.parse_args()
     from tensorslim.formats import SumWeight, parse_format
     from tensorslim.kernels import dispatch
@@ -167,6 +170,9 @@ def main() -> None:
         variants = ["int4:g128", "int4:g32:sym", "int3:g128", "int2:g64", "int8:pc:sym", "int4:g128:act", "ternary:g64"]
     if args.smoke:
         variants, shapes, batches = ["int4:g128", "int3:g64:sym", "ternary"], [(4096, 4096), (576, 1536)], [1, 16, 128]
+    if args.issue:
+        variants = ["int4:g128", "int4:g128:sym", "int3:g128", "int2:g128", "ternary"]
+        shapes, batches = SHAPES[1:5], [1, 3, 16, 33, 64, 128]
     k, n = 4096, 4096
     for spec in variants:
         _, cw = make_int(k, n, spec)
@@ -220,12 +226,12 @@ def main() -> None:
     # 3. speed: CUDA-graph replay over rotating weight copies (cold L2), plus eager do_bench for int4 (overhead)
     from tensorslim.formats import SumWeight as _Sum  # noqa: F401
 
-    speed_batches = [1, 16, 64] if args.quick else [1, 4, 16, 64, 128]
+    speed_batches = [1, 16, 64] if args.quick else [1, 16, 64, 128] if args.issue else [1, 4, 16, 64, 128]
     other_batches = {1, 16}
     rows = []
     for k, n in shapes:
         specs_here = ["int4:g128"]
-        if (k, n) == (8192, 28672) or not args.quick:
+        if (k, n) == (8192, 28672) or not (args.quick or args.issue):
             specs_here += ["int3:g128", "int2:g128", "int8:g128", "ternary:g128", "int4:g128+lowrank:r32"]
         weights: dict[str, list] = {}
         for spec in specs_here:

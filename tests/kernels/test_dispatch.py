@@ -43,3 +43,10 @@ def test_importing_formats_and_kernels_loads_neither_triton_nor_transformers():
             "print('triton' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
+
+
+def test_mma4_self_check_runs(ops):
+    """The dispatcher's one-time check of the int4 tensor-core kernel (here: its interpreter form) passes."""
+    from tensorslim.kernels import dispatch
+
+    assert dispatch.mma4_verified(torch.device("cpu"), torch.float16)

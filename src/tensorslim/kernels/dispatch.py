@@ -216,6 +216,60 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
     return out
 
 
+_MMA4_OK: dict[tuple, bool] = {}
+
+
+def mma4_verified(device: torch.device, dtype: torch.dtype) -> bool:
+    """Once per (device, dtype): does the int4 tensor-core kernel (inline PTX on the GPU, which the CPU interpreter
+    cannot run) match ``x @ decode()^T`` in fp32 on a small problem with a poisoned output? If not, the dispatcher
+    never picks it (logged), so a miscompiled bit trick costs speed, never results."""
+    key = (str(device), dtype)
+    ok = _MMA4_OK.get(key)
+    if ok is None:
+        from ..formats import IntGroup, quantize_rtn
+        from .reference import reference_fp32, relative_error
+
+        ops = _ops()
+        g = torch.Generator(device=device).manual_seed(0)
+        ok = ops is not None
+        for sym in (False, True):
+            if not ok:
+                break
+            w = quantize_rtn(torch.randn(96, 512, device=device, generator=g), IntGroup(bits=4, group_size=128,
+                                                                                         symmetric=sym))
+            lay = layout(w)
+            x = torch.randn(5, 512, device=device, generator=g).to(dtype)
+            out = torch.full((5, 96), float("nan"), device=device)
+            meta = [lay.k, lay.bits, lay.bits_a, lay.bits_b, lay.group, int(lay.symmetric)]
+            try:
+                ops.launch_int_mm(x, lay.qa, lay.qb, lay.scales, lay.zeros, None, None, meta, "mma4",
+                                  [16, 64, 128, 1, 4, 3], out)
+                err = relative_error(out, reference_fp32(w, x))
+            except Exception as e:  # compiler or launch failure
+                log.warning("int4 tensor-core kernel unavailable on %s: %s", device, e)
+                err = float("inf")
+            ok = err <= 1e-3
+            if not ok:
+                log.warning("int4 tensor-core kernel failed its self-check on %s (%s, rel err %.2e); not used",
+                            device, dtype, err)
+        _MMA4_OK[key] = ok
+    return ok
+
+
+def usable_candidates(lay: IntKernelLayout, m: int, x2d: torch.Tensor, sms: int = 132) -> list[Choice]:
+    """:func:`candidates` less "mma4" where its self-check failed (inside a CUDA-graph capture, where the check
+    cannot run, "mma4" stays only if it already passed)."""
+    cands = candidates(lay, m, sms)
+    if x2d.device.type == "cuda" and any(c[0] == "mma4" for c in cands):
+        if torch.cuda.is_current_stream_capturing():
+            ok = _MMA4_OK.get((str(x2d.device), x2d.dtype), False)
+        else:
+            ok = mma4_verified(x2d.device, x2d.dtype)
+        if not ok:
+            cands = [c for c in cands if c[0] != "mma4"] or [("dequant", ())]
+    return cands
+
+
 def tuned_choice(lay: IntKernelLayout, x2d: torch.Tensor, rank: int | None) -> Choice:
     m = x2d.shape[0]
     bucket = _pow2(m)
@@ -226,7 +280,7 @@ def tuned_choice(lay: IntKernelLayout, x2d: torch.Tensor, rank: int | None) -> C
     hit = _TUNED.get(key)
     if hit is None:
         if torch.cuda.is_current_stream_capturing():  # cannot time inside a capture: a safe default, not remembered
-            return candidates(lay, bucket)[0]
+            return usable_candidates(lay, bucket, x2d)[0]
         hit = tune(lay, bucket, x2d.dtype, rank, x2d.device)
         _TUNED[key] = hit
     return hit
@@ -268,7 +322,7 @@ def tune(lay: IntKernelLayout, m: int, dtype: torch.dtype, rank: int | None = No
     if rank is not None:
         lr = (torch.randn(m, rank, device=device), torch.randn(lay.n, rank, device=device, dtype=torch.float16))
     best: tuple[float, Choice] | None = None
-    for c in candidates(lay, m, sms):
+    for c in usable_candidates(lay, m, x, sms):
         try:
             ms = _time_graph(lambda: run_choice(c, lay, x, lr, dtype))
         except Exception as e:  # a config the compiler rejects (e.g. shared memory) is skipped, not fatal
