@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--calib-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="calibration forwards / Gram products (the CLI's --calib-dtype)")
     ap.add_argument("--methods", default="gptq,rtn,hqq")
     ap.add_argument("--json", default="runs/gptq_speed.json")
     args = ap.parse_args()
@@ -57,7 +59,8 @@ def main() -> None:
             model, _ = ts.load_model(args.model)
         method = build_method(name, fmt)
         t0 = time.perf_counter()
-        res = ts.compress(model, method, data if method.requires else None, progress=False)
+        opts = {"calib_dtype": args.calib_dtype} if method.requires else {}
+        res = ts.compress(model, method, data if method.requires else None, progress=False, **opts)
         secs = time.perf_counter() - t0
         solve = sum(r.seconds for r in res.layers)
         rows.append({"method": name, "format": fmt.spec(), "layers": len(res.layers), "seconds": secs,
@@ -65,6 +68,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         del model
     print(f"\nSmolLM2-135M, {args.samples}x{args.seq_len} calibration tokens, torch threads {torch.get_num_threads()}, "
+          f"calibration dtype {args.calib_dtype}, "
           f"2-core CPU (this dev machine); fp32 model {fp32_gib:.2f} GiB, RSS after load {rss_loaded:.2f} GiB, "
           f"tokenizing calibration text {t_tok:.1f} s\n")
     print("| method | format | layers | total s (incl. calibration) | solve s | peak RSS GiB | RSS / fp32 model |")
