@@ -39,6 +39,9 @@ def parse_quant_args(default_json: str, *, sym: bool = False) -> tuple[argparse.
     ap.add_argument("--reference-cache", default=None,
                     help="folder for the base model's logits (reused across runs; default: in memory only)")
     ap.add_argument("--opt", action="append", default=[], help="method.key=value")
+    ap.add_argument("--compensate", default="none",
+                    help="comma-separated second stages per row, e.g. none,eora:r16,eora:r32 (quant_table.py)")
+    ap.add_argument("--calib-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json", default=default_json)
     args = ap.parse_args()
     if args.threads:

@@ -23,15 +23,35 @@ from pathlib import Path
 from quant_args import ROOT, parse_quant_args  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
+def run_row(ts, args, base, tok, tokens, data, reference, spec, name, opts, comp) -> dict:
+    from tensorslim.formats import parse_format
+    from tensorslim.methods import build_method
+    from tensorslim.methods.eora import parse_compensate
+
+    model, _ = ts.load_model(args.model)
+    method = build_method(name, parse_format(spec), **opts.get(name, {}))
+    compensate = None if comp == "none" else parse_compensate(comp)
+    needs_data = bool(method.requires) or compensate is not None
+    t0 = time.perf_counter()
+    res = ts.compress(model, method, data if needs_data else None, compensate=compensate, progress=False,
+                      **({"calib_dtype": args.calib_dtype} if needs_data else {}))
+    secs = time.perf_counter() - t0
+    rep = ts.evaluate(model, tok, tokens, baseline=None if args.no_kl else reference, max_tokens=None)
+    row = {
+        "method": name if comp == "none" else f"{name} + {comp}", "format": spec, "options": opts.get(name, {}),
+        "perplexity": rep.perplexity, "kl_mean": rep.kl_mean, "kl_p99": rep.kl_p99, "top1": rep.top1_agreement,
+        "bits_per_weight": res.bits_per_weight, "compress_seconds": secs, "eval_seconds": rep.seconds,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
 def main() -> None:
     args, opts = parse_quant_args("runs/quant_table.json", sym=True)
 
     import tensorslim.api as ts
     from tensorslim.eval.text import read_text, tokenize_text
-    from tensorslim.formats import parse_format
-    from tensorslim.methods import build_method
-
-
     from tensorslim.eval import CachedBaseline
 
     base, tok = ts.load_model(args.model)
@@ -44,21 +64,8 @@ def main() -> None:
         for group in args.group.split(","):
             spec = f"int{bits}:" + ("pc" if group == "pc" else f"g{group}") + (":sym" if args.sym else "")
             for name in args.methods.split(","):
-                model, _ = ts.load_model(args.model)
-                method = build_method(name, parse_format(spec), **opts.get(name, {}))
-                t0 = time.perf_counter()
-                res = ts.compress(model, method, data if method.requires else None, progress=False)
-                secs = time.perf_counter() - t0
-                rep = ts.evaluate(model, tok, tokens, baseline=None if args.no_kl else reference, max_tokens=None)
-                row = {
-                    "method": name, "format": spec, "options": opts.get(name, {}),
-                    "perplexity": rep.perplexity, "kl_mean": rep.kl_mean, "top1": rep.top1_agreement,
-                    "bits_per_weight": res.bits_per_weight, "compress_seconds": secs,
-                    "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                }
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
-                del model
+                for comp in args.compensate.split(","):
+                    rows.append(run_row(ts, args, base, tok, tokens, data, reference, spec, name, opts, comp))
     print(f"\nSmolLM2-135M, calib {args.samples}x{args.seq_len} of {Path(args.calib).name}, eval first "
           f"{args.eval_tokens} tokens of {Path(args.eval_text).name}, 2-core CPU (this dev machine)\n")
     print("| format | method | ppl | KL | top-1 | bits/weight | compress s |")
