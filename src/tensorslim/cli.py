@@ -47,7 +47,7 @@ def compress(
     no_eval: Annotated[bool, typer.Option("--no-eval", help="skip the quality report")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the report as JSON")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write a tensorslim checkpoint folder")] = None,
-    rotate: Annotated[Optional[str], typer.Option(help="rotate the model first (function-preserving): hadamard or random")] = None,
+    rotate: Annotated[Optional[str], typer.Option(help="transform the model first (function-preserving): hadamard, random, or flatquant (learned, fitted for --act on the calibration text)")] = None,
     act: Annotated[Optional[str], typer.Option(help="quantize activations at run time: int8, int4 or fp8")] = None,
     kv: Annotated[Optional[str], typer.Option(help="quantize the KV cache at run time: int8, int4, bfp4")] = None,
     numerics: Annotated[Optional[str], typer.Option(help="numerics mode: layercast, bf16 or lmul:m3")] = None,
@@ -122,7 +122,9 @@ def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, i
             fresh = capture_block_inputs(model, get_adapter(model), data, batch_size=batch_size, device=device)
             runner_opts.update(start_block=start, initial_inputs=progress.initial_inputs(fresh))
             console.print(f"resuming at block {start}")
-    if modes["rotate"]:
+    if modes["rotate"] == "flatquant":
+        _apply_flatquant(model, fmt, modes["act"], data, seed, batch_size)
+    elif modes["rotate"]:
         from .models import get_adapter
         from .transforms.hadamard import apply_rotation
 
@@ -197,6 +199,23 @@ def _apply_model_transform(model, method_name: str, fraction: float, data, batch
     seconds = time.perf_counter() - t0
     bpw, model_bpw = model_size(model, get_adapter(model))
     return CompressionResult(layers=(), seconds=seconds, bits_per_weight=bpw, model_bits_per_weight=model_bpw)
+
+
+def _apply_flatquant(model, fmt, act: str | None, data, seed: int, batch_size: int) -> None:
+    """FlatQuant transforms fitted for the weight grid of ``fmt`` (integer formats; int4:g64 otherwise) and ``act``."""
+    from .errors import ConfigError
+    from .formats.intgroup import IntGroup
+    from .models import get_adapter
+    from .transforms.flatquant import FlatQuantConfig, apply_flatquant
+
+    if act not in ("int4", "int8"):
+        raise ConfigError(f"--rotate flatquant fits its transforms for 4- or 8-bit activations: give --act int4 or "
+                          f"--act int8 (got --act {act})")
+    bits, group = (fmt.bits, fmt.group_size) if isinstance(fmt, IntGroup) else (4, 64)
+    config = FlatQuantConfig(act_bits=int(act[3:]), act_clip=1.0, weight_bits=max(bits, 2), weight_group=group, seed=seed)
+    t0 = time.perf_counter()
+    apply_flatquant(model, get_adapter(model), data, config, batch_size=batch_size)
+    console.print(f"FlatQuant transforms fitted in {time.perf_counter() - t0:.1f} s")
 
 
 def _apply_runtime_modes(model, modes: dict) -> None:
