@@ -20,9 +20,14 @@ def _val(s: str):
         return s
 
 
-def parse_quant_args(default_json: str, *, sym: bool = False) -> tuple[argparse.Namespace, dict[str, dict]]:
-    """Parse the common flags; returns the arguments and the per-method options from ``--opt method.key=value``."""
+def parse_quant_args(default_json: str, *, sym: bool = False,
+                     extra=None) -> tuple[argparse.Namespace, dict[str, dict]]:  # noqa: ANN001 - parser hook
+    """Parse the common flags; returns the arguments and the per-method options from ``--opt method.key=value``.
+
+    ``extra(parser)`` may add script-specific flags."""
     ap = argparse.ArgumentParser()
+    if extra is not None:
+        extra(ap)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--methods", default="rtn,rtn-imatrix,hqq,gptq,quantease,quantease-outliers")
     ap.add_argument("--bits", default="4,3")

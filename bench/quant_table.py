@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from quant_args import ROOT, parse_quant_args  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
@@ -47,25 +46,21 @@ def run_row(ts, args, base, tok, tokens, data, reference, spec, name, opts, comp
     return row
 
 
-def main() -> None:
-    args, opts = parse_quant_args("runs/quant_table.json", sym=True)
-
+def setup(args):
+    """Load the base model once; tokens, calibration data and the cached base-model logits shared by all rows."""
     import tensorslim.api as ts
-    from tensorslim.eval.text import read_text, tokenize_text
     from tensorslim.eval import CachedBaseline
+    from tensorslim.eval.text import read_text, tokenize_text
 
     base, tok = ts.load_model(args.model)
     # the base model's logits are computed once and reused for every row's KL / top-1 (bit-identical)
     reference = CachedBaseline(base, directory=args.reference_cache)
     tokens = tokenize_text(tok, read_text(args.eval_text), args.eval_tokens)
     data = ts.calibration_data(tok, args.calib, samples=args.samples, seq_len=args.seq_len, seed=0)
-    rows = []
-    for bits in [int(b) for b in args.bits.split(",")]:
-        for group in args.group.split(","):
-            spec = f"int{bits}:" + ("pc" if group == "pc" else f"g{group}") + (":sym" if args.sym else "")
-            for name in args.methods.split(","):
-                for comp in args.compensate.split(","):
-                    rows.append(run_row(ts, args, base, tok, tokens, data, reference, spec, name, opts, comp))
+    return ts, base, tok, tokens, data, reference
+
+
+def report(args, rows: list[dict]) -> None:
     print(f"\nSmolLM2-135M, calib {args.samples}x{args.seq_len} of {Path(args.calib).name}, eval first "
           f"{args.eval_tokens} tokens of {Path(args.eval_text).name}, 2-core CPU (this dev machine)\n")
     print("| format | method | ppl | KL | top-1 | bits/weight | compress s |")
@@ -78,6 +73,19 @@ def main() -> None:
     out = ROOT / args.json
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+
+def main() -> None:
+    args, opts = parse_quant_args("runs/quant_table.json", sym=True)
+    ts, base, tok, tokens, data, reference = setup(args)
+    rows = []
+    for bits in [int(b) for b in args.bits.split(",")]:
+        for group in args.group.split(","):
+            spec = f"int{bits}:" + ("pc" if group == "pc" else f"g{group}") + (":sym" if args.sym else "")
+            for name in args.methods.split(","):
+                for comp in args.compensate.split(","):
+                    rows.append(run_row(ts, args, base, tok, tokens, data, reference, spec, name, opts, comp))
+                    report(args, rows)  # rewritten after every row, so a stopped run keeps what it measured
 
 
 if __name__ == "__main__":
