@@ -4,9 +4,9 @@
 
 Protocol: wiki.test.raw (CRLF -> LF) tokenized whole, the first ``--tokens`` tokens, windows of 2048, fp32;
 perplexity, KL(base || model) and top-1 agreement against the base model. Every row runs in this one process: the
-base model is loaded once and its log-probabilities are computed once per window and kept on disk
-(``--cache-dir``, float32, one file per window: 16 x 400 MB at 32,768 tokens would not fit in the shared machine's
-memory), then every row is scored window by window against them. Weights of every block linear are RTN-quantized
+base model is loaded once, its logits are computed once per window and kept on disk (the lead's
+:class:`~tensorslim.eval.CachedBaseline` folder ``--reference-cache``, shared with bench/quant_table.py; not kept in
+memory: 16 x 403 MB), and every row is scored by :func:`~tensorslim.eval.evaluate_lm` (the standard protocol). Weights of every block linear are RTN-quantized
 directly (data-free; the head and embeddings stay dense). FlatQuant rows fit their transforms on ``--calib-samples``
 x ``--calib-len`` tokens of wikitext-2 valid (inputs captured once from the base model, shared by both rows).
 Prints a markdown table; the JSON is rewritten after every row, and ``--resume`` skips rows already in it.
@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from tensorslim.calib.data import calibration_data
+from tensorslim.eval import CachedBaseline, evaluate_lm
 from tensorslim.eval.text import read_text, tokenize_text
 from tensorslim.formats import CompressedLinear, parse_format
 from tensorslim.methods import build_method
@@ -86,44 +85,25 @@ def quantize_weights(model, adapter, spec: str) -> float:
     return bits / n
 
 
-def _windows(tokens: torch.Tensor) -> list[tuple[int, int]]:
-    return [(s, min(s + WINDOW, tokens.numel())) for s in range(0, tokens.numel() - 1, WINDOW)]
+class DiskBaseline(CachedBaseline):
+    """The lead's :class:`CachedBaseline` reading and writing its safetensors folder, without the in-memory copy
+    (16 windows x 403 MB would stay resident for the whole run on a shared 23 GB machine)."""
+
+    def __init__(self, model, *, directory) -> None:  # noqa: ANN001
+        super().__init__(model, directory=directory)
+        self._memo = _Forgetful()
 
 
-@torch.inference_mode()
-def window_logprobs(model, tokens: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
-    ids = tokens[span[0]:span[1]].unsqueeze(0)
-    return torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1].float(), -1)
+class _Forgetful(dict):
+    def __setitem__(self, key, value) -> None:  # noqa: ANN001
+        pass
 
 
-def base_cache(base, tokens: torch.Tensor, folder: Path) -> list[Path]:
-    """The base model's log-probs of every window, computed once (reused across runs with the same tokens)."""
-    key = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16]
-    folder = folder / key
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k, span in enumerate(_windows(tokens)):
-        path = folder / f"window{k:03d}.pt"
-        if not path.exists():
-            tmp = path.with_suffix(".tmp")
-            torch.save(window_logprobs(base, tokens, span), tmp)
-            tmp.rename(path)
-        paths.append(path)
-    return paths
-
-
-def score(model, tokens: torch.Tensor, base_paths: list[Path]) -> dict:
-    """ppl, mean KL(base || model) (per token in float32, mean in float64) and top-1 agreement, window by window."""
-    nll, kl, top1, n = 0.0, 0.0, 0, 0
-    for span, path in zip(_windows(tokens), base_paths):
-        a = window_logprobs(model, tokens, span)
-        b = torch.load(path)
-        tgt = tokens[span[0] + 1:span[1]]
-        nll += float(-a.gather(1, tgt[:, None]).double().sum())
-        kl += float((b.exp() * (b - a)).sum(-1).double().sum())
-        top1 += int((a.argmax(-1) == b.argmax(-1)).sum())
-        n += tgt.numel()
-    return {"ppl": math.exp(nll / n), "kl": kl / n, "top1": top1 / n, "tokens": n}
+def score(model, tokens: torch.Tensor, reference) -> dict:  # noqa: ANN001
+    """The standard protocol (:func:`tensorslim.eval.evaluate_lm`: windows of 2048, float32 log-softmax)."""
+    r = evaluate_lm(model, tokens, baseline=reference, window=WINDOW)
+    return {"ppl": r.perplexity, "kl": r.kl_mean, "kl_p99": r.kl_p99, "top1": r.top1_agreement,
+            "tokens": r.tokens_evaluated}
 
 
 def build(base, name: str, fq_inputs, fq_config: FlatQuantConfig) -> tuple[torch.nn.Module, float, dict]:
@@ -158,7 +138,8 @@ def main() -> None:
     ap.add_argument("--json", default="runs/formats.json")
     ap.add_argument("--resume", action="store_true", help="skip rows already in --json")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--cache-dir", default="/tmp/ts-formats-base-logprobs")
+    ap.add_argument("--reference-cache", default="runs/ref_smollm2_wiki32k",
+                    help="folder of the base model's cached logits (shared with bench/quant_table.py)")
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--fq-steps", type=int, default=FlatQuantConfig.steps)
@@ -173,11 +154,11 @@ def main() -> None:
     base.eval()
     tokens = tokenize_text(tok, read_text(str(TEXT)), max_tokens=args.tokens)
     t0 = time.time()
-    paths = base_cache(base, tokens, Path(args.cache_dir))
-    print(f"base log-probs: {len(paths)} windows ({time.time() - t0:.0f} s)", flush=True)
+    reference = DiskBaseline(base, directory=args.reference_cache)
     if "base" not in results:
-        results["base"] = {**score(base, tokens, paths), "bpw": 32.0, "seconds": time.time() - t0}
-    print(f"base ppl {results['base']['ppl']:.3f}", flush=True)
+        results["base"] = {**score(base, tokens, reference), "bpw": 32.0, "seconds": time.time() - t0}
+    print(f"base ppl {results['base']['ppl']:.3f} ({time.time() - t0:.0f} s; cached base windows read: "
+          f"{reference.hits}, computed: {reference.misses})", flush=True)
     rows = [r for r in (args.only or DEFAULT_ROWS) if r not in results]
     fq_config = FlatQuantConfig(steps=args.fq_steps, tokens=args.fq_tokens)
     fq_inputs = None
@@ -190,7 +171,7 @@ def main() -> None:
     for name in rows:
         t1 = time.time()
         model, bpw, info = build(base, name, fq_inputs, fq_config)
-        r = score(model, tokens, paths)
+        r = score(model, tokens, reference)
         results[name] = {**r, "bpw": bpw, "seconds": time.time() - t1, **info}
         print(f"{name}: ppl {r['ppl']:.3f} kl {r['kl']:.4f} top1 {r['top1']:.4f} bpw {bpw:.3f} "
               f"({results[name]['seconds']:.0f} s) {info or ''}", flush=True)
@@ -201,10 +182,10 @@ def main() -> None:
     out.write_text(json.dumps({**results, "protocol": {"tokens": args.tokens, "window": WINDOW, "threads": args.threads,
                                                        "calib": f"{args.calib_samples}x{args.calib_len}",
                                                        "flatquant": vars(fq_config)}}, indent=1))
-    print("\n| config | weight bits/w | ppl | KL vs base | top-1 agreement |\n|---|---|---|---|---|")
+    print("\n| config | weight bits/w | ppl | KL vs base | KL p99 | top-1 agreement |\n|---|---|---|---|---|---|")
     for name, r in results.items():
         if isinstance(r, dict) and "ppl" in r:
-            print(f"| {name} | {r['bpw']:.3f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.4f} |")
+            print(f"| {name} | {r['bpw']:.3f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['kl_p99']:.3f} | {r['top1']:.4f} |")
 
 
 if __name__ == "__main__":
