@@ -27,6 +27,19 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+_CACHE_HELP = ("folder that keeps the base model's logits (about 400 MB per 2,048-token window) so later runs on the "
+               "same text skip the base model's forward; keyed by the token ids and a fingerprint of the base weights")
+
+
+def _cached(base, directory):  # noqa: ANN001, ANN202
+    """The base model, or a :class:`CachedBaseline` over it when a cache folder is given."""
+    if base is None or directory is None:
+        return base
+    from .eval import CachedBaseline
+
+    return CachedBaseline(base, directory=directory)
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -55,6 +68,7 @@ def compress(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     batch_size: Annotated[int, typer.Option(help="calibration batch size")] = 8,
     calib_dtype: Annotated[str, typer.Option(help="float32 (exact statistics) or bfloat16 (~3x faster calibration on CPUs with bf16 units)")] = "float32",
+    baseline_cache: Annotated[Optional[Path], typer.Option(help=_CACHE_HELP)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Compress MODEL with METHOD into FORMAT, then report what it cost in quality (perplexity, KL, top-1)."""
@@ -62,13 +76,13 @@ def compress(
     try:
         _compress(model, method, format, calib, samples, seq_len, seed, ignore or [], compensate, eval_text,
                   max_tokens, no_eval, json_out, output, device, batch_size, calib_dtype, resume,
-                  {"rotate": rotate, "act": act, "kv": kv, "numerics": numerics})
+                  {"rotate": rotate, "act": act, "kv": kv, "numerics": numerics}, baseline_cache)
     except TensorslimError as e:
         _fail(e)
 
 
 def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, ignore, compensate_spec, eval_text,
-              max_tokens, no_eval, json_out, output, device, batch_size, calib_dtype, resume, modes) -> None:
+              max_tokens, no_eval, json_out, output, device, batch_size, calib_dtype, resume, modes, baseline_cache=None) -> None:
     from . import api
     from .calib.data import calibration_data, sample_from_model
     from .eval.report import Report, render
@@ -143,6 +157,7 @@ def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, i
         report = Report(perplexity=None, kl_mean=None, kl_p99=None, top1_agreement=None, bits_per_weight=result.bits_per_weight,
                         tokens_evaluated=None, seconds=time.perf_counter() - t_start, layers=result.layer_reports(), extra=extra)
     else:
+        base = _cached(base, baseline_cache)
         with console.status("evaluating against the base model"):
             if eval_text is not None:
                 report = api.evaluate(model, tok, eval_text, baseline=base, max_tokens=max_tokens, layers=result.layer_reports(), extra=extra)
@@ -286,6 +301,7 @@ def eval_cmd(
     window: Annotated[int, typer.Option(help="window length (non-overlapping)")] = 2048,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the report as JSON")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    baseline_cache: Annotated[Optional[Path], typer.Option(help=_CACHE_HELP)] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Perplexity of MODEL on TEXT (standard protocol), and KL / top-1 agreement against --baseline."""
@@ -296,7 +312,7 @@ def eval_cmd(
 
         with console.status(f"loading {model}"):
             m, tok = api.load_model(model, device=device)
-            base = api.load_model(baseline, device=device)[0] if baseline else None
+            base = _cached(api.load_model(baseline, device=device)[0] if baseline else None, baseline_cache)
         with console.status("evaluating"):
             report = api.evaluate(m, tok, text, baseline=base, max_tokens=max_tokens, window=window)
         report = _with(report, model=model)

@@ -37,12 +37,15 @@ def test_compress_save_eval_export(tiny_llm_dir, tmp_path, request):
     assert (out / "tensorslim.json").exists()
     # the checkpoint evaluates to the same perplexity as the in-memory model did
     rep2 = tmp_path / "r2.json"
-    r = runner.invoke(app, ["eval", str(out), "--text", str(test), "--max-tokens", "300", "--baseline", str(tiny_llm_dir),
-                            "--json", str(rep2)])
-    assert r.exit_code == 0, r.output
-    report2 = json.loads(rep2.read_text())
-    assert report2["perplexity"] == pytest.approx(report["perplexity"], rel=1e-6)
-    assert report2["kl_mean"] == pytest.approx(report["kl_mean"], rel=1e-5, abs=1e-9)
+    cache = tmp_path / "base-logits"
+    for _ in range(2):  # the second run reads the base model's logits from the cache folder: same numbers
+        r = runner.invoke(app, ["eval", str(out), "--text", str(test), "--max-tokens", "300", "--baseline",
+                                str(tiny_llm_dir), "--json", str(rep2), "--baseline-cache", str(cache)])
+        assert r.exit_code == 0, r.output
+        report2 = json.loads(rep2.read_text())
+        assert report2["perplexity"] == pytest.approx(report["perplexity"], rel=1e-6)
+        assert report2["kl_mean"] == pytest.approx(report["kl_mean"], rel=1e-5, abs=1e-9)
+    assert len(list(cache.glob("logits-*.safetensors"))) == 1
     r = runner.invoke(app, ["export", str(out), "--to", "hf", "-o", str(tmp_path / "hf")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "hf" / "config.json").exists()
