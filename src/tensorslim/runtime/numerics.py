@@ -18,7 +18,7 @@ to ``m`` mantissa bits (RNE, fp32 exponent range). Its relative error does not v
 Fast emulation in a matmul: ``lmul(x, y) = P(x) P(y) F[i(x), j(y)]`` with ``P`` the signed power of two and ``F`` the
 ``2^m x 2^m`` table of mantissa results, so ``sum_k lmul(x_k, w_k) = sum_i A_i B_i^T`` with ``A_i = P(x) [i(x) = i]``
 and ``B_i = P(w) F[i, j(w)]``: ``2^m`` ordinary fp32 matmuls of exactly representable terms (8 for ``lmul:m3``).
-Limits: linear layers only (attention's ``Q K^T`` and ``A V`` products are not emulated); fp32 accumulation.
+Attention's ``Q K^T`` and ``P V`` products go through the same emulation (:mod:`.lmul_attention`); fp32 accumulation.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def lmul(x: torch.Tensor, y: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def lmul_matmul(x: torch.Tensor, w: torch.Tensor, m: int) -> torch.Tensor:
-    """``x @ w^T`` with every scalar product an L-Mul (``2^m`` fp32 matmuls)."""
+    """``x @ w^T`` (over the last two dims, batched) with every scalar product an L-Mul (``2^m`` fp32 matmuls)."""
     px, i = _split(round_mantissa(x, m), m)
     pw, j = _split(round_mantissa(w, m), m)
     table = lmul_table(m).float().to(x.device)
@@ -113,7 +113,7 @@ def lmul_matmul(x: torch.Tensor, w: torch.Tensor, m: int) -> torch.Tensor:
     for k in range(1 << m):
         a = torch.where(i == k, px, torch.zeros_like(px))
         b = pw * table[k][j]
-        y = a @ b.T
+        y = a @ b.transpose(-1, -2)
         out = y if out is None else out + y
     return out
 
@@ -140,9 +140,10 @@ _LMUL = re.compile(r"^lmul:m(\d+)$")
 
 
 @torch.no_grad()
-def apply_numerics(model: nn.Module, kind: str, adapter=None) -> nn.Module:  # noqa: ANN001 - a ModelAdapter
+def apply_numerics(model: nn.Module, kind: str, adapter=None, *, attention: bool = True) -> nn.Module:  # noqa: ANN001
     """``layercast``: bf16 storage, fp32 compute. ``bf16``: plain bf16 (for comparison). ``lmul:m<k>``: L-Mul in the
-    block linears (``adapter`` given) or in every linear but the head. In place; returns ``model``."""
+    block linears (``adapter`` given) or in every linear but the head, and (``attention``) in the attention products.
+    In place; returns ``model``."""
     # parameters are converted one by one: transformers refuses model.to(dtype) / .float() on GGUF-loaded models
     if kind == "bf16":
         for p in model.parameters():
@@ -167,6 +168,10 @@ def apply_numerics(model: nn.Module, kind: str, adapter=None) -> nn.Module:  # n
             pred = lambda name, mod: isinstance(mod, nn.Linear) and not name.endswith(head)  # noqa: E731
         _replace(model, pred, lambda mod: LMulLinear(mod, bits))
         logger.info("L-Mul with %d-bit mantissas in the linear layers", bits)
+        if attention:
+            from .lmul_attention import apply_lmul_attention
+
+            apply_lmul_attention(model, bits)
         return model
     raise ConfigError(f"unknown numerics mode {kind!r}; use layercast, bf16 or lmul:m<bits> (e.g. lmul:m3)")
 
