@@ -27,6 +27,7 @@ import torch
 from tensorslim.api import model_size
 from tensorslim.calib.data import calibration_data
 from tensorslim.calib.runner import run_compression
+from tensorslim.eval.cache import CachedBaseline
 from tensorslim.eval.lm import evaluate_lm
 from tensorslim.eval.text import read_text, tokenize_text
 from tensorslim.formats import CompressedLinear, IntGroup, LowRank, LowRankWeight
@@ -38,6 +39,7 @@ from tensorslim.models import get_adapter, load_model
 
 EVAL = "/work/shared/data/wikitext-2-raw/wiki.test.raw"
 CALIB = "/work/shared/data/wikitext-2/valid.txt"
+LABELS = {"uniform": "uniform", "welore": "WeLore", "energy": "energy", "error": "error-greedy"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,6 +53,15 @@ class Recorder(Compensator):
     def apply(self, w, compressed, stats, *, layer="<layer>"):
         self.store[layer] = (w.clone(), compressed, stats)
         return compressed
+
+
+class DiskBaseline(CachedBaseline):
+    """The base logits from disk, one window at a time (the in-memory memo would hold 6.4 GB at 32,768 tokens)."""
+
+    def forward(self, input_ids, use_cache=False, **kwargs):
+        out = super().forward(input_ids, use_cache=use_cache, **kwargs)
+        self._memo.clear()
+        return out
 
 
 def swap(model, name, cw):
@@ -95,10 +106,14 @@ def main() -> None:
     ap.add_argument("--parts", default="eora,lowrank")
     ap.add_argument("--targets", default="0.2,0.4")
     ap.add_argument("--eora-ranks", default="16,32,64")
+    ap.add_argument("--rules", default="uniform,welore,error", help="allocation rules of the low-rank rows")
+    ap.add_argument("--factors", default="svd,svd-whitened", help="factor kinds of the low-rank rows")
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-seq", type=int, default=512)
     ap.add_argument("--json", default="runs/lowrank_table.json")
+    ap.add_argument("--reference-cache", default="runs/ref_logits_smollm2",
+                    help="folder of the base model's logits per window (keyed by model fingerprint and token ids)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     base, tok = load_model("smollm2-135m")
@@ -106,6 +121,7 @@ def main() -> None:
     names = adapter.linear_names(base)
     eval_ids = tokenize_text(tok, read_text(EVAL), args.eval_tokens)
     calib = calibration_data(tok, CALIB, samples=args.calib_samples, seq_len=args.calib_seq, seed=0)
+    cached = DiskBaseline(base, directory=args.reference_cache)
     rows: list[dict] = []
     meta = {"eval_tokens": int(eval_ids.numel()), "calib": f"{args.calib_samples}x{args.calib_seq}",
             "machine": "2-core CPU (this dev machine)"}
@@ -114,7 +130,7 @@ def main() -> None:
 
     def record(label, model, extra=None):
         t0 = time.perf_counter()
-        ev = evaluate_lm(model, eval_ids, baseline=base)
+        ev = evaluate_lm(model, eval_ids, baseline=cached)
         row = {"label": label, "perplexity": ev.perplexity, "kl_mean": ev.kl_mean, "top1": ev.top1_agreement,
                "bits_per_weight": model_size(model, adapter)[0], "param_reduction": stored_fraction(model, names),
                "eval_s": time.perf_counter() - t0, **(extra or {})}
@@ -140,9 +156,14 @@ def main() -> None:
         sv = {n: plain[n][1] for n in names}
         print(f"grams {t_gram:.0f}s, 2x{len(names)} SVDs {t_svd:.0f}s", flush=True)
         for target in (float(x) for x in args.targets.split(",")):
-            for rule in ("uniform", "welore"):
-                ranks = allocate_ranks(weights, target, rule, spectra=sv)
+            for rule in args.rules.split(","):
                 for kind, fac in (("svd", plain), ("svd-whitened", white)):
+                    if kind not in args.factors.split(","):
+                        continue
+                    # rule "error" is data-aware only on whitened spectra (svd-whitened-global); on W's spectra it
+                    # is a data-free greedy on relative Frobenius error
+                    spec = {n: fac[n][1] for n in names} if rule == "error" else sv
+                    ranks = allocate_ranks(weights, target, rule, spectra=spec)
                     model = copy.deepcopy(base)
                     for n, k in ranks.items():
                         if k is None:
@@ -150,7 +171,7 @@ def main() -> None:
                         u, s, vh = fac[n]
                         root = s[:k].sqrt()
                         swap(model, n, LowRankWeight.from_factors(LowRank(rank=k), u[:, :k] * root, root[:, None] * vh[:k]))
-                    label = f"{kind} {'uniform' if rule == 'uniform' else 'WeLore'} ranks, target {target:.0%}"
+                    label = f"{kind} {LABELS[rule]} ranks, target {target:.0%}"
                     record(label, model, {"rule": rule, "target": target, "factor": kind,
                                           "dense_layers": sum(1 for k in ranks.values() if k is None)})
                     del model

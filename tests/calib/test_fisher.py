@@ -68,3 +68,47 @@ def test_prepare_assign_resolves_welore_and_fwsvd(tiny):
         assert m.fisher_weights.shape == (model.get_submodule(n).weight.shape[1],)
     with pytest.raises(CalibrationError):
         prepare_assign(model, adapter, {names[0]: fw}, None)
+
+
+def test_dense_grams_match_a_float64_reference_and_share_inputs(tiny):
+    from tensorslim.calib.fisher import dense_grams
+
+    model, adapter = tiny
+    names = adapter.linear_names(model)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 999, ())))
+    batches = torch.randint(0, 128, (5, 16), generator=g)
+    got = dense_grams(model, batches, names, batch_size=2)
+    ref = {n: 0.0 for n in names}
+
+    def hook(n):
+        def f(_m, inp, _o):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+            ref[n] = ref[n] + x.T @ x
+        return f
+    hs = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    with torch.inference_mode():
+        model(input_ids=batches)
+    for h in hs:
+        h.remove()
+    for n in names:
+        want = ref[n] / batches.numel()
+        assert torch.allclose(got[n].double(), want, rtol=1e-4, atol=1e-6 * float(want.abs().max())), n
+    q, k = next(n for n in names if n.endswith("q_proj")), next(n for n in names if n.endswith("k_proj"))
+    assert torch.equal(got[q], got[k])  # one accumulator for linears reading the same tensor
+
+
+def test_prepare_assign_resolves_the_global_whitened_allocation(tiny):
+    from tensorslim.calib.fisher import dense_grams
+    from tensorslim.methods.welore import GlobalWhitenedSVD, allocate_ranks, whitened_spectra
+
+    model, adapter = tiny
+    names = adapter.linear_names(model)
+    batches = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(int(torch.randint(0, 999, ()))))
+    method = build_method("svd-whitened-global", parse_format("lowrank:0.4"))
+    assert isinstance(method, GlobalWhitenedSVD)
+    with pytest.raises(CalibrationError):
+        prepare_assign(model, adapter, {n: method for n in names}, None)
+    out = prepare_assign(model, adapter, {n: method for n in names}, batches)
+    weights = {n: model.get_submodule(n).weight.detach().float() for n in names}
+    want = allocate_ranks(weights, 0.4, "error", spectra=whitened_spectra(weights, dense_grams(model, batches, names)))
+    assert {n: (None if m is None else m.format.rank) for n, m in out.items()} == want

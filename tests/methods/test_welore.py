@@ -100,3 +100,81 @@ def test_method_resolve_and_apply():
     some = next(n for n, v in mw.items() if v is not None and ws[n].shape[1] == 32)
     cw = mw[some].apply(ws[some], LayerStats(n_tokens=100, gram=x.T @ x), layer=some)
     assert cw.format.rank == allocate_ranks(ws, 0.3, "energy")[some]
+
+
+def _norm_tail(spectra, ranks):
+    tot = 0.0
+    for n, k in ranks.items():
+        if k is not None:
+            e = spectra[n].double().square()
+            tot += float(e[k:].sum() / e.sum())
+    return tot
+
+
+def test_error_rule_is_near_the_brute_force_optimum_and_beats_the_others():
+    import itertools
+
+    g = _seed()
+    shapes = [(12, 8), (8, 8), (16, 8)]
+    ws, spectra = {}, {}
+    for j, (o, i) in enumerate(shapes):
+        decay = 0.2 + 1.5 * torch.rand((), generator=g)  # very different spectra per matrix
+        s = torch.exp(-decay * torch.arange(min(o, i), dtype=torch.float64)) * (1 + 10 * torch.rand((), generator=g))
+        u, _ = torch.linalg.qr(torch.randn(o, o, generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(i, i, generator=g, dtype=torch.float64))
+        ws[f"m{j}"] = (u[:, :len(s)] * s) @ v[:, :len(s)].T
+        spectra[f"m{j}"] = s
+    target = 0.3
+    got = allocate_ranks(ws, target, "error", spectra=spectra)
+    assert _reduction(ws, got) >= target - 1e-12
+    for n, k in got.items():
+        if k is not None:
+            o, i = ws[n].shape
+            assert k * (o + i) < o * i
+    # brute force over every (rank below break-even or dense) choice meeting the budget
+    options = []
+    for n, w in ws.items():
+        o, i = w.shape
+        options.append([(n, k) for k in range(1, min(o, i) + 1) if k * (o + i) < o * i] + [(n, None)])
+    best = min(_norm_tail(spectra, dict(c)) for c in itertools.product(*options) if _reduction(ws, dict(c)) >= target)
+    mine = _norm_tail(spectra, got)
+    assert mine <= best + max(float(s.square().max() / s.square().sum()) for s in spectra.values()) * 0.5 + 1e-12
+    assert allocate_ranks(ws, target, "error", spectra=spectra) == got  # deterministic
+
+
+@pytest.mark.parametrize("target", [0.2, 0.4])
+def test_error_rule_beats_uniform_and_welore_on_its_objective(target):
+    ws = _weights(_seed())
+    sv = singular_values(ws)
+    mine = allocate_ranks(ws, target, "error", spectra=sv)
+    assert _reduction(ws, mine) >= target
+    for rule in ("uniform", "welore"):
+        other = allocate_ranks(ws, target, rule, spectra=sv)
+        assert _reduction(ws, other) >= target - 0.02
+        assert _norm_tail(sv, mine) <= _norm_tail(sv, other) + 1e-12
+
+
+def test_global_whitened_method_needs_grams_and_uses_whitened_spectra():
+    from tensorslim.methods.welore import GlobalWhitenedSVD, whitened_spectra
+
+    g = _seed()
+    ws = _weights(g)
+    m = build_method("svd-whitened-global", parse_format("lowrank:0.3"))
+    with pytest.raises(ConfigError, match="X\\^T X"):
+        m.resolve(ws)
+    grams = {}
+    for n, w in ws.items():
+        x = torch.randn(400, w.shape[1], generator=g, dtype=torch.float64)
+        if n == "flat0":  # inputs confined to 3 directions: a flat matrix is then rank 3 where it matters
+            x = torch.randn(400, 3, generator=g, dtype=torch.float64) @ torch.randn(3, w.shape[1], generator=g,
+                                                                                    dtype=torch.float64) + 1e-4 * x
+        grams[n] = (x.T @ x / 400).float()
+    table = m.resolve(ws, grams=grams)
+    want = allocate_ranks(ws, 0.3, "error", spectra=whitened_spectra(ws, grams))
+    assert {n: (None if v is None else v.format.rank) for n, v in table.items()} == want
+    assert want["flat0"] is not None and want["flat0"] <= 4  # data-aware: cut to the 3 directions the data uses
+    assert allocate_ranks(ws, 0.3, "error")["flat0"] is None  # data-free: a flat spectrum stays dense
+    some = next(n for n, v in table.items() if v is not None)
+    assert isinstance(table[some], GlobalWhitenedSVD)
+    cw = table[some].apply(ws[some], LayerStats(n_tokens=1, gram=grams[some].double()), layer=some)
+    assert cw.format.rank == want[some]

@@ -11,7 +11,8 @@ The model's ``requires_grad`` flags and ``.grad`` fields are restored/cleared af
 :func:`prepare_assign` is the one pre-pass the runner calls before its block loop, on the still-dense model:
 methods with ``resolve(weights)`` (global rank allocation: ``welore``) become per-layer fixed-rank copies (or
 ``None`` = keep dense), and methods with ``with_fisher`` (``fwsvd``) get their layer's Fisher. Other methods pass
-through unchanged.
+through unchanged. Methods whose ``resolve`` needs activations (``resolve_needs_grams``: ``svd-whitened-global``)
+get ``grams`` from :func:`dense_grams`, one forward pass of the dense model with hooks on the named linears.
 """
 
 from __future__ import annotations
@@ -78,7 +79,12 @@ def prepare_assign(
     for names in groups.values():
         method = assign[names[0]]
         weights = {n: model.get_submodule(n).weight.detach().float() for n in names}
-        out.update(method.resolve(weights))  # type: ignore[union-attr]
+        if getattr(method, "resolve_needs_grams", False):
+            if batches is None:
+                raise CalibrationError(f"{method.name} allocates ranks from activations; give calibration text (--calib FILE)")  # type: ignore[union-attr]
+            out.update(method.resolve(weights, grams=dense_grams(model, batches, names, device=device)))  # type: ignore[union-attr]
+        else:
+            out.update(method.resolve(weights))  # type: ignore[union-attr]
     by_axis: dict[str, list[str]] = {}
     for n, m in out.items():
         if m is not None and hasattr(m, "with_fisher") and getattr(m, "fisher_weights", None) is None:
@@ -91,3 +97,62 @@ def prepare_assign(
         for n in names:
             out[n] = out[n].with_fisher(fisher[n])  # type: ignore[union-attr]
     return out
+
+
+class _Done(Exception):
+    pass
+
+
+@torch.inference_mode()
+def dense_grams(
+    model: nn.Module,
+    batches: torch.Tensor,
+    names: Iterable[str],
+    *,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """``X^T X / N`` (float32, CPU) of the inputs of each named linear, from one forward of the dense model.
+
+    Linears that read the same tensor (q/k/v, gate/up) share one accumulator, so memory is one ``[in, in]`` matrix per
+    distinct input. Token ids only (no padding mask): the runner's calibration convention.
+    """
+    names = list(dict.fromkeys(names))
+    fired: set[str] = set()
+    sums: dict[str, torch.Tensor] = {}
+    alias: dict[str, str] = {}
+    last: list = [None, None]  # the previous hooked input and its owner (held, so its memory cannot be reused)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    def hook(n: str):
+        def f(_m, inp, _o):
+            x = inp[0]
+            fired.add(n)
+            if x is last[0] and last[1] != n:
+                alias[n] = last[1]
+            else:
+                last[0], last[1] = x, n
+                rows = x.detach().reshape(-1, x.shape[-1]).float()
+                sums[n] = sums[n] + rows.T @ rows if n in sums else rows.T @ rows
+            if len(fired) == len(names):
+                raise _Done  # every named linear has its input: skip the rest (an LM head's logits are large)
+        return f
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    count = 0
+    try:
+        for chunk in batches.split(batch_size):
+            fired.clear()
+            try:
+                model(input_ids=chunk.to(device))
+            except _Done:
+                pass
+            count += chunk.numel()
+    finally:
+        last[0] = None
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in sums and n not in alias]
+    if missing:
+        raise CalibrationError(f"no calibration tokens reached {missing[:3]}")
+    return {n: (sums[alias.get(n, n)] / count).cpu() for n in names}

@@ -21,11 +21,11 @@ from .sparsegpt import SparseGPT
 from .mfac import MFAC
 from .structured import KPSVD, MonarchProjection
 from .svd import FWSVD, SVD, WhitenedSVD
-from .welore import WeLore, WeLoreWhitened
+from .welore import GlobalWhitenedSVD, WeLore, WeLoreWhitened
 
 MethodFactory = Callable[..., Method]
 
-_METHODS: dict[str, MethodFactory] = {"rtn": rtn, "gptq": GPTQ, "finequant": FineQuant, "hqq": HQQ, "rtn-imatrix": RTNImatrix, "quantease": QuantEase, "quantease-outliers": QuantEaseOutliers, "svd": SVD, "svd-whitened": WhitenedSVD, "fwsvd": FWSVD, "welore": WeLore, "welore-whitened": WeLoreWhitened, "kpsvd": KPSVD, "monarch": MonarchProjection, "magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT, "mfac": MFAC}
+_METHODS: dict[str, MethodFactory] = {"rtn": rtn, "gptq": GPTQ, "finequant": FineQuant, "hqq": HQQ, "rtn-imatrix": RTNImatrix, "quantease": QuantEase, "quantease-outliers": QuantEaseOutliers, "svd": SVD, "svd-whitened": WhitenedSVD, "fwsvd": FWSVD, "welore": WeLore, "welore-whitened": WeLoreWhitened, "svd-whitened-global": GlobalWhitenedSVD, "kpsvd": KPSVD, "monarch": MonarchProjection, "magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT, "mfac": MFAC}
 
 
 def register_method(name: str, factory: MethodFactory) -> None:

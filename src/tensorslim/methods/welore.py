@@ -10,6 +10,15 @@ issue's budget and the comparison at equal parameter count need).
 Energy rule: one global energy fraction ``e``; each matrix keeps the smallest ``k`` with
 ``sum_{i<k} s_i^2 >= e * sum s_i^2`` (dense if that does not save parameters); ``e`` found by bisection.
 Uniform rule (LoRD-style baseline): every matrix loses the same fraction, ``k = floor((1 - f) out in / (out + in))``.
+Error rule (``"error"``, data-aware when given whitened spectra): the i-th squared singular value of ``W L``
+(``L L^T = X^T X / N``) is exactly what the activation-weighted error ``||X (W - W')^T||^2 / N`` grows by when that
+rank is dropped, at a saving of ``out + in`` parameters. Normalized per matrix by ``||W L||_F^2 = sum s^2`` (the
+relative error, so matrices of different output scale are comparable), each rank is an item of value
+``s_i^2 / sum s^2 / (out + in)``; one global threshold keeps the items above it (a greedy fill, optimal for the
+relaxed knapsack). Dense is an option with error 0 and cost ``out * in``: a matrix stays dense when its kept rank
+reaches the break-even ``out*in/(out+in)``, or when its normalized tail error exceeds the threshold times the
+parameters the factorization would save (the Lagrangian choice). Method ``svd-whitened-global`` runs this rule on
+the whitened spectra of a dense-model Gram pass (:func:`tensorslim.calib.fisher.prepare_assign`).
 
 Methods ``welore`` (plain SVD factors) and ``welore-whitened`` (activation-whitened SVD factors, needs GRAM) take
 ``lowrank:<fraction>`` and an optional ``rule``. Allocation is global, so the runner calls ``method.resolve(weights)``
@@ -21,6 +30,7 @@ Limit: one SVD per matrix (float32 ``svdvals``); a target no allocation reaches 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import ClassVar, Literal
 
@@ -31,10 +41,11 @@ from ..formats.base import CompressedWeight, check_weight
 from ..formats.lowrank import LowRank, uniform_rank
 from ..stats import LayerStats
 from .base import Method
+from .lowrank import whitening
 from .svd import SVD, WhitenedSVD
 
-Rule = Literal["welore", "energy", "uniform"]
-RULES = ("welore", "energy", "uniform")
+Rule = Literal["welore", "energy", "uniform", "error"]
+RULES = ("welore", "energy", "uniform", "error")
 
 
 def singular_values(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -82,6 +93,8 @@ def allocate_ranks(
     if rule == "uniform":
         return {n: uniform_rank(s, target_reduction) for n, s in shapes.items()}
     sv = dict(spectra) if spectra is not None else singular_values(weights)
+    if rule == "error":
+        return _allocate_error(sv, shapes, target_reduction)
 
     if rule == "welore":
         norm = {}
@@ -124,6 +137,54 @@ def allocate_ranks(
     return best
 
 
+def _allocate_error(sv: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int, int]], target: float) -> dict[str, int | None]:
+    """The ``error`` rule (module note): one threshold on normalized squared singular values per parameter."""
+    dens, tails = {}, {}
+    for n, s in sv.items():
+        e = s.double().square()
+        e = e / e.sum().clamp(min=1e-300)
+        dens[n] = (e / sum(shapes[n])).flip(0)  # ascending
+        tails[n] = torch.cat([e.flip(0).cumsum(0).flip(0), e.new_zeros(1)])  # tails[k] = sum_{i >= k} e_i
+
+    def ranks_at(t: float) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for n, d in dens.items():
+            o, i = shapes[n]
+            k = max(1, len(d) - int(torch.searchsorted(d, torch.tensor(t, dtype=d.dtype), right=True)))
+            saves = o * i - k * (o + i)
+            out[n] = k if saves > 0 and float(tails[n][k]) <= t * saves else None
+        return out
+
+    total = sum(o * i for o, i in shapes.values())
+    budget = (1.0 - target) * total
+    best = ranks_at(math.inf)
+    if sum(stored_params(shapes[n], k) for n, k in best.items()) > budget:
+        raise ConfigError(f"rule 'error' cannot remove {target:.0%} of the parameters of these matrices "
+                          f"(at most {_reduction(shapes, best):.1%}); lower the target")
+    lo, hi = -40.0, 10.0  # log10 of the threshold: stored parameters shrink as it grows
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        ranks = ranks_at(10.0 ** mid)
+        if sum(stored_params(shapes[n], k) for n, k in ranks.items()) <= budget:
+            best, hi = ranks, mid
+        else:
+            lo = mid
+    # fill the slack the threshold leaves: the next ranks by value per parameter while they fit
+    slack = budget - sum(stored_params(shapes[n], k) for n, k in best.items())
+    while True:
+        pick, val = None, -1.0
+        for n, k in best.items():
+            o, i = shapes[n]
+            if k is not None and (k + 1) * (o + i) < o * i and o + i <= slack:
+                v = float(dens[n][len(dens[n]) - 1 - k])  # e_k / (out + in), dens is ascending
+                if v > val:
+                    pick, val = n, v
+        if pick is None:
+            return best
+        best[pick] = int(best[pick]) + 1  # type: ignore[arg-type]
+        slack -= sum(shapes[pick])
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WeLore(SVD):
     """``welore``: global WeLore (or ``rule``) allocation, plain SVD factors."""
@@ -160,3 +221,41 @@ class WeLoreWhitened(WeLore, WhitenedSVD):
     """``welore-whitened``: WeLore ranks (data-free), activation-whitened SVD factors (needs GRAM)."""
 
     name: ClassVar[str] = "welore-whitened"
+
+
+def whitened_spectra(weights: Mapping[str, torch.Tensor], grams: Mapping[str, torch.Tensor],
+                     damp: float = 0.0) -> dict[str, torch.Tensor]:
+    """Singular values of ``W L`` (``L L^T`` = each layer's ``X^T X / N``), the data-aware statistic of rule ``error``."""
+    out = {}
+    for n, w in weights.items():
+        check_weight(w, n)
+        wh = whitening(grams[n], damp=damp, layer=n)
+        out[n] = torch.linalg.svdvals(wh.right(w.detach().double()).float())
+    return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GlobalWhitenedSVD(WeLoreWhitened):
+    """``svd-whitened-global``: rule ``error`` on whitened spectra (data-aware ranks), whitened SVD factors.
+
+    ``resolve`` needs ``grams`` (name -> ``X^T X / N`` of the *dense* model), which
+    :func:`tensorslim.calib.fisher.prepare_assign` collects in one forward pass before the runner's block loop.
+    """
+
+    name: ClassVar[str] = "svd-whitened-global"
+    rule: Rule = "error"
+    resolve_needs_grams: ClassVar[bool] = True
+
+    def resolve(self, weights: Mapping[str, torch.Tensor],
+                grams: Mapping[str, torch.Tensor] | None = None) -> dict[str, Method | None]:
+        fmt = self.format
+        assert isinstance(fmt, LowRank)
+        if fmt.rank is not None:
+            return {n: self for n in weights}
+        if grams is None or set(weights) - set(grams):
+            raise ConfigError(f"{self.name} allocates ranks from the layers' X^T X: call it through "
+                              "tensorslim.calib.fisher.prepare_assign with calibration data (or pass grams=)")
+        sv = whitened_spectra(weights, grams, float(self.damp))
+        ranks = allocate_ranks(weights, float(fmt.reduction), self.rule, spectra=sv)  # type: ignore[arg-type]
+        return {n: None if k is None else dataclasses.replace(self, format=LowRank(rank=k, dtype=fmt.dtype))
+                for n, k in ranks.items()}
