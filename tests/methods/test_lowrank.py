@@ -150,3 +150,17 @@ def test_fwsvd_uniform_fisher_equals_svd_and_weighted_optimality(axis):
     with pytest.raises(CalibrationError):
         FWSVD(format=LowRank(rank=5)).apply(w.float(), LayerStats())
     assert "fisher_weights" not in m.to_dict()
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (32, 32)])
+def test_gram_eigh_factors_equal_float64_svd_truncation(shape):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    w = torch.randn(*shape, generator=g) * torch.logspace(0, -3, shape[1])  # decaying columns: a real spectrum
+    x = torch.randn(200, shape[1], generator=g) * torch.rand(shape[1], generator=g)
+    wh = whitening(x.T @ x / 200)
+    for r in (1, min(shape) // 2, min(shape)):
+        u, v = weighted_lowrank(w, r, whiten=wh)  # default: eigh of the smaller float64 Gram
+        u64, v64 = weighted_lowrank(w, r, whiten=wh, svd_dtype=torch.float64)
+        a, b = u.double() @ v.double(), u64.double() @ v64.double()
+        assert float((a - b).norm() / b.norm()) < 1e-5
+        assert torch.allclose(u.norm(dim=0), u64.norm(dim=0), rtol=1e-4)  # same balanced split, U_r S_r^1/2
