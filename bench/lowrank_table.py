@@ -111,11 +111,12 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-seq", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="runs/lowrank_table.json")
     ap.add_argument("--reference-cache", default="runs/ref_logits_smollm2",
                     help="folder of the base model's logits per window (keyed by model fingerprint and token ids)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     base, tok = load_model("smollm2-135m")
     adapter = get_adapter(base)
     names = adapter.linear_names(base)
@@ -147,22 +148,22 @@ def main() -> None:
         t0 = time.perf_counter()
         plain, white = {}, {}
         for n, w in weights.items():
-            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            u, s, vh = torch.linalg.svd(w, full_matrices=False) if "svd" in args.factors.split(",") else (None, None, None)
             plain[n] = (u, s, vh)
             wh = whitening(grams[n] / (args.calib_samples * args.calib_seq), layer=n)
             u2, s2, vh2 = torch.linalg.svd(wh.right(w.double()).float(), full_matrices=False)
             white[n] = (u2, s2, wh.unright(vh2.double()).float())
         t_svd = time.perf_counter() - t0
-        sv = {n: plain[n][1] for n in names}
+        sv = singular_values(weights) if plain[names[0]][1] is None else {n: plain[n][1] for n in names}
         print(f"grams {t_gram:.0f}s, 2x{len(names)} SVDs {t_svd:.0f}s", flush=True)
         for target in (float(x) for x in args.targets.split(",")):
             for rule in args.rules.split(","):
                 for kind, fac in (("svd", plain), ("svd-whitened", white)):
                     if kind not in args.factors.split(","):
                         continue
-                    # rule "error" is data-aware only on whitened spectra (svd-whitened-global); on W's spectra it
-                    # is a data-free greedy on relative Frobenius error
-                    spec = {n: fac[n][1] for n in names} if rule == "error" else sv
+                    # rules "error" and "energy" are data-aware on whitened spectra (whitened factors); on W's spectra
+                    # (plain factors) they are data-free
+                    spec = {n: fac[n][1] for n in names} if rule in ("error", "energy") else sv
                     ranks = allocate_ranks(weights, target, rule, spectra=spec)
                     model = copy.deepcopy(base)
                     for n, k in ranks.items():
