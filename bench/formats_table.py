@@ -6,8 +6,8 @@ Protocol: wiki.test.raw (CRLF -> LF) tokenized whole, the first ``--tokens`` tok
 perplexity, KL(base || model) and top-1 agreement against the base model. Every row runs in this one process: the
 base model is loaded once, its logits are computed once per window and kept on disk (the lead's
 :class:`~tensorslim.eval.CachedBaseline` folder ``--reference-cache``, shared with bench/quant_table.py; not kept in
-memory: 16 x 403 MB), and every row is scored by :func:`~tensorslim.eval.evaluate_lm` (the standard protocol). Weights of every block linear are RTN-quantized
-directly (data-free; the head and embeddings stay dense). FlatQuant rows fit their transforms on ``--calib-samples``
+memory: 16 x 403 MB), and every row is scored by :func:`~tensorslim.eval.evaluate_lm` (the standard protocol).
+Weights of every block linear are RTN-quantized directly (data-free; the head and embeddings stay dense). FlatQuant rows fit their transforms on ``--calib-samples``
 x ``--calib-len`` tokens of wikitext-2 valid (inputs captured once from the base model, shared by both rows).
 Prints a markdown table; the JSON is rewritten after every row, and ``--resume`` skips rows already in it.
 """

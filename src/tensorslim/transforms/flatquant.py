@@ -8,8 +8,9 @@ Every linear group gets a learnable invertible affine transform of its input, ``
 
 Fitting (per group, on the full-precision model's inputs, like FlatQuant's FP targets): minimize
 ``||X W^T - Qa((X * c) P) Qw(W diag(1/c) P^-T)^T||^2 / ||X W^T||^2`` with straight-through rounding, Adam and a cosine
-schedule, over random batches of calibration tokens and of output rows (the loss is a sum over both). ``Qw`` is the weight grid the model will get
-(asymmetric min-max int, groups along the input, as :class:`~tensorslim.formats.IntGroup`), ``Qa`` per-token
+schedule, over random batches of calibration tokens and of output rows (the loss is a sum over both). ``Qw`` is
+the weight grid the model will get (asymmetric min-max int, groups along the input, as
+:class:`~tensorslim.formats.IntGroup`), ``Qa`` per-token
 symmetric int (as :func:`~tensorslim.runtime.actquant.quantize_per_token`). ``P1, P2`` start from the better (lower
 calibration loss) of the identity and a randomized Hadamard (random orthogonal where no Hadamard order exists);
 ``c`` starts at 1. If training ends above the starting loss, the start is kept. The inverse is computed in float64
