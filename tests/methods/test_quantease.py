@@ -76,14 +76,16 @@ from tensorslim.formats.outliers import SparseOutliers  # noqa: E402
 from tensorslim.methods.quantease_outliers import QuantEaseOutliers, quantease_outliers_quantize  # noqa: E402
 
 
+@pytest.mark.parametrize("grid", ["minmax", "imatrix"])
 @pytest.mark.parametrize("heavy", [True, False])
-def test_outliers_never_worse_than_plain_and_trace_monotone(heavy):
+def test_outliers_never_worse_than_plain_and_trace_monotone(heavy, grid):
     w, h = _setup(out=12, inp=128)
     if heavy:
         w[torch.rand(w.shape) < 0.02] *= 12
     fmt, ofmt = IntGroup(bits=3, group_size=32), SparseOutliers(fraction=0.02)
-    plain, ptrace = quantease_quantize(w, h, fmt, iters=6)
-    sw, trace = quantease_outliers_quantize(w, h, fmt, ofmt, iters=6, outlier_iters=4)
+    # the comparison is with plain QuantEase on the same grid rule (the methods' default is "imatrix")
+    plain, ptrace = quantease_quantize(w, h, fmt, iters=6, grid=grid)
+    sw, trace = quantease_outliers_quantize(w, h, fmt, ofmt, iters=6, outlier_iters=4, grid=grid)
     f = layer_objective(w, sw.decode(), h)
     assert f <= layer_objective(w, plain.decode(), h) * (1 + 1e-5)
     assert f < layer_objective(w, plain.decode(), h)  # outliers do help

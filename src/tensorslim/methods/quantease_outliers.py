@@ -13,7 +13,9 @@ values exactly, ``s_T = (E H)_T H_TT^{-1}`` (a batched k x k solve per row); rou
 Start (SpQR-like): a support ``T0`` of the largest ``|W|`` per row; the grid is the min-max grid of ``W`` with ``T0``
 masked out (narrower groups, the main gain of outliers); ``Q`` comes from the GPTQ loop on that static grid in
 act-order with the ``T0`` entries kept unquantized (zero error, so nothing is spread from them).
-Guarantee: plain QuantEase (same ``iters``) is also run; if it ends lower, ``S`` is fitted on top of it with the same
+Grids: ``grid="imatrix"`` (the method's default, like GPTQ and QuantEase) clips each group's range to minimize the
+``diag(H)``-weighted error of the masked weights; ``"minmax"`` is the reference's grid.
+Guarantee: plain QuantEase (same ``iters`` and grid) is also run; if it ends lower, ``S`` is fitted on top of it with the same
 monotone steps. So the result is never worse than QuantEase without outliers on the same ``H``.
 Stored: ``SumWeight(IntGroupWeight, SparseOutliersWeight)``, format ``Sum(IntGroup, SparseOutliers)``.
 """
@@ -89,7 +91,7 @@ def _decode(grid: Grid, codes: torch.Tensor) -> torch.Tensor:
 
 def quantease_outliers_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: IntGroup, ofmt: SparseOutliers, *,
                                 iters: int = 20, outlier_iters: int = 10, damp: float = 0.01,
-                                layer: str = "<layer>") -> tuple[SumWeight, list[float]]:
+                                grid: str = "minmax", layer: str = "<layer>") -> tuple[SumWeight, list[float]]:
     """Returns the ``Sum`` weight and the objective trace of the returned candidate."""
     check_hessian(hessian, w.shape[1], layer)
     if fmt.act_order:
@@ -98,7 +100,7 @@ def quantease_outliers_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: Int
     k = ofmt.per_row(inp)
     w = w.float()
     h = hessian.float()
-    plain, plain_trace = quantease_quantize(w, h, fmt, iters=iters, damp=damp, layer=layer)
+    plain, plain_trace = quantease_quantize(w, h, fmt, iters=iters, damp=damp, grid=grid, layer=layer)
     if k == 0:
         return _pack(fmt, ofmt, plain, torch.zeros(out, 0, dtype=torch.long), torch.zeros_like(w)), plain_trace
     order = act_order_perm(h)
@@ -109,7 +111,15 @@ def quantease_outliers_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: Int
     t0 = torch.topk(wz.abs(), k, dim=1).indices
     keep = torch.zeros(out, inp, dtype=torch.bool).scatter_(1, t0, True)
     g = fmt.group(inp)
-    grids = fit_scale_zero(torch.where(keep, torch.zeros_like(wz), wz).reshape(out, inp // g, g), fmt)
+    masked = torch.where(keep, torch.zeros_like(wz), wz).reshape(out, inp // g, g)
+    if grid == "imatrix":  # clipped grids minimizing the diag(H)-weighted error, as the methods without outliers use
+        from .rtn_imatrix import weighted_grid
+
+        imp = h.diagonal().clamp(min=0)
+        imp = imp + 1e-6 * float(imp.mean()) + 1e-30
+        grids = weighted_grid(masked, imp.reshape(inp // g, g), fmt)
+    else:
+        grids = fit_scale_zero(masked, fmt)
     proj = GroupProjector(fmt, out, inp, order=order, static=grids, device=w.device, keep=keep[:, order].T.contiguous())
     res = obs_solve(w, h, proj, damp=damp, order=order, layer=layer, sync=math.gcd(16, g))
     inv = torch.empty_like(order)
@@ -155,9 +165,12 @@ class QuantEaseOutliers(Method):
     iters: int = 20
     outlier_iters: int = 10
     damp: float = 0.01
+    grid: str = "imatrix"  # as GPTQ / QuantEase: clipped diag(H)-weighted grids ("minmax": the reference's)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.grid not in ("minmax", "imatrix"):
+            raise ConfigError(f"QuantEaseOutliers.grid must be 'minmax' or 'imatrix', got {self.grid!r}")
         base, _ = self.parts()  # validates
         if base.act_order:
             raise ConfigError("quantease-outliers uses static groups in natural order; drop ':act' from the format")
@@ -177,5 +190,6 @@ class QuantEaseOutliers(Method):
         base, extra = self.parts()
         Sum(base=base, extra=extra).check(tuple(w.shape), layer)
         cw, _ = quantease_outliers_quantize(w, stats.hessian(self.name, layer), base, extra, iters=self.iters,
-                                            outlier_iters=self.outlier_iters, damp=self.damp, layer=layer)
+                                            outlier_iters=self.outlier_iters, damp=self.damp, grid=self.grid,
+                                            layer=layer)
         return cw
