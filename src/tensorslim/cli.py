@@ -96,7 +96,12 @@ def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, i
         raise ConfigError("--resume continues a run that writes a checkpoint: give the same -o DIR as before")
     model_transform = method_name in _MODEL_TRANSFORMS
     if model_transform:
-        fraction = _fraction(method_name, fmt_spec)
+        fraction, transform_opts = _transform_spec(method_name, fmt_spec)
+        if output is not None and method_name != "slicegpt":
+            from .errors import ConfigError
+
+            raise ConfigError(f"--method {method_name} sparsifies activations at run time; there is no compressed "
+                              "checkpoint to write (drop -o)")
         method = None
         fmt = None
     else:
@@ -122,7 +127,8 @@ def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, i
             sampled_eval = sampled[n:] if want_eval else None
             calib_label = f"sampled from the base model ({n} x {seq_len} tokens, seed {seed})"
     console.print(f"calibration text: {calib_label}")
-    fingerprint = {"model": model_src, "method": method.to_dict(), "compensate": compensate_spec, "ignore": list(ignore),
+    method_desc = method.to_dict() if method is not None else {"name": method_name, "format": fmt_spec}
+    fingerprint = {"model": model_src, "method": method_desc, "compensate": compensate_spec, "ignore": list(ignore),
                    "data_sha256": _sha256(data), "calib_dtype": calib_dtype, "batch_size": batch_size}
     progress = _progress(model, output, fingerprint, resume) if output is not None else None
     runner_opts = {}
@@ -144,7 +150,7 @@ def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, i
 
         apply_rotation(model, get_adapter(model), modes["rotate"], seed)
     if model_transform:
-        result = _apply_model_transform(model, method_name, fraction, data, batch_size)
+        result = _apply_model_transform(model, method_name, fraction, data, batch_size, transform_opts)
         console.print(f"{method_name} {fmt_spec} applied in {result.seconds:.1f} s")
     else:
         result = api.compress(model, method, data, ignore=ignore, compensate=comp, device=device, batch_size=batch_size,
@@ -171,7 +177,13 @@ def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, i
     report = _with(report, model=model_src, method=described + (f" ({mode_desc})" if mode_desc else ""),
                    format=fmt_spec if fmt is None else fmt.spec(), seconds=time.perf_counter() - t_start)
     if output is not None:
-        _save(model, tok, output, model_src, report)
+        if method_name == "slicegpt":  # a smaller dense model of its own shape: save_pretrained + config entry
+            from .transforms.slicegpt import save_sliced
+
+            save_sliced(model, output, tokenizer=tok)
+            console.print(f"sliced model written to {output} (tensorslim eval / load_model read it back)")
+        else:
+            _save(model, tok, output, model_src, report)
         progress.clear()
     console.print(render(report))
     if json_out is not None:
@@ -183,21 +195,31 @@ def _compress(model_src, method_name, fmt_spec, calib, samples, seq_len, seed, i
 _MODEL_TRANSFORMS = {"slicegpt": "slice", "wina": "act", "teal": "act"}
 
 
-def _fraction(method_name: str, fmt_spec: str) -> float:
+_TRANSFORM_OPTIONS = {"slice": {"global": ("basis", "global"), "block": ("basis", "block")},
+                      "act": {"greedy": ("allocation", "greedy"), "uniform": ("allocation", "uniform"),
+                              "topk": ("mode", "topk"), "threshold": ("mode", "threshold")}}
+
+
+def _transform_spec(method_name: str, fmt_spec: str) -> tuple[float, dict]:
+    """``slice:0.2[:global|:block]``, ``act:0.4[:uniform|:greedy][:topk|:threshold]`` -> (fraction, options)."""
     from .errors import ConfigError
 
     prefix = _MODEL_TRANSFORMS[method_name]
-    head, _, value = fmt_spec.partition(":")
+    head, _, rest = fmt_spec.partition(":")
+    value, *words = rest.split(":")
     try:
         f = float(value)
     except ValueError:
         f = -1.0
-    if head != prefix or not 0.0 <= f < 1.0:
-        raise ConfigError(f"--method {method_name} takes --format {prefix}:<fraction in [0, 1)>, e.g. {prefix}:0.2; got {fmt_spec!r}")
-    return f
+    allowed = _TRANSFORM_OPTIONS[prefix]
+    bad = [w for w in words if w not in allowed]
+    if head != prefix or not 0.0 <= f < 1.0 or bad:
+        raise ConfigError(f"--method {method_name} takes --format {prefix}:<fraction in [0, 1)>"
+                          f"[{''.join(':' + w for w in allowed)}] (options optional), e.g. {prefix}:0.2; got {fmt_spec!r}")
+    return f, dict(allowed[w] for w in words)
 
 
-def _apply_model_transform(model, method_name: str, fraction: float, data, batch_size: int):
+def _apply_model_transform(model, method_name: str, fraction: float, data, batch_size: int, opts: dict):
     from .api import CompressionResult, model_size
     from .models import get_adapter
 
@@ -206,31 +228,14 @@ def _apply_model_transform(model, method_name: str, fraction: float, data, batch
     if method_name == "slicegpt":
         from .transforms.slicegpt import apply_slicegpt
 
-        apply_slicegpt(model, adapter, data, fraction)
+        apply_slicegpt(model, adapter, data, fraction, batch_size=batch_size, **opts)
     else:
         from .runtime.wina import apply_activation_sparsity
 
-        apply_activation_sparsity(model, adapter, data, fraction, kind=method_name)
+        apply_activation_sparsity(model, adapter, data, fraction, kind=method_name, batch_size=batch_size, **opts)
     seconds = time.perf_counter() - t0
     bpw, model_bpw = model_size(model, get_adapter(model))
     return CompressionResult(layers=(), seconds=seconds, bits_per_weight=bpw, model_bits_per_weight=model_bpw)
-
-
-def _apply_flatquant(model, fmt, act: str | None, data, seed: int, batch_size: int) -> None:
-    """FlatQuant transforms fitted for the weight grid of ``fmt`` (integer formats; int4:g64 otherwise) and ``act``."""
-    from .errors import ConfigError
-    from .formats.intgroup import IntGroup
-    from .models import get_adapter
-    from .transforms.flatquant import FlatQuantConfig, apply_flatquant
-
-    if act not in ("int4", "int8"):
-        raise ConfigError(f"--rotate flatquant fits its transforms for 4- or 8-bit activations: give --act int4 or "
-                          f"--act int8 (got --act {act})")
-    bits, group = (fmt.bits, fmt.group_size) if isinstance(fmt, IntGroup) else (4, 64)
-    config = FlatQuantConfig(act_bits=int(act[3:]), act_clip=1.0, weight_bits=max(bits, 2), weight_group=group, seed=seed)
-    t0 = time.perf_counter()
-    apply_flatquant(model, get_adapter(model), data, config, batch_size=batch_size)
-    console.print(f"FlatQuant transforms fitted in {time.perf_counter() - t0:.1f} s")
 
 
 def _apply_runtime_modes(model, modes: dict) -> None:

@@ -161,6 +161,10 @@ def _load_path(path: Path, *, dtype: torch.dtype, device: torch.device) -> tuple
         if (path / _NATIVE_MANIFEST).is_file():
             return _load_native(path, device=device)
         if (path / "config.json").is_file():
+            from ..transforms.slicegpt import is_sliced_folder
+
+            if is_sliced_folder(path):  # SliceGPT output: shortcut blocks / head projection the HF class lacks
+                return _load_sliced_folder(path, dtype=dtype)
             return _load_hf_folder(path, dtype=dtype)
         raise ModelSourceError(
             f"{path} is a folder without config.json (a Hugging Face model folder) or {_NATIVE_MANIFEST} "
@@ -217,6 +221,15 @@ def _load_hf_folder(folder: Path, *, dtype: torch.dtype) -> tuple[nn.Module, Tok
         logger.warning("%s has no tokenizer files (%s); returning tokenizer=None", folder, ", ".join(_TOKENIZER_FILES))
         tokenizer = None
     return model, tokenizer
+
+
+def _load_sliced_folder(folder: Path, *, dtype: torch.dtype) -> tuple[nn.Module, Tokenizer | None]:
+    from ..transforms.slicegpt import load_sliced
+
+    model = load_sliced(folder, dtype=dtype)
+    tok_dir = folder / "tokenizer"  # save_sliced keeps it apart from the sliced config.json
+    has_tok = any((tok_dir / f).is_file() for f in _TOKENIZER_FILES)
+    return model, (_load_tokenizer(str(tok_dir), what=str(tok_dir)) if has_tok else None)
 
 
 def _load_hub(repo_id: str, *, dtype: torch.dtype) -> tuple[nn.Module, Tokenizer]:
