@@ -16,8 +16,8 @@ SUITES: dict[str, list[tuple[str, str]]] = {
     "unstructured": [("magnitude", "sparse:0.5"), ("wanda", "sparse:0.5"), ("sparsegpt", "sparse:0.5")],
     "nm": [("magnitude", "sparse:2:4"), ("wanda", "sparse:2:4"), ("sparsegpt", "sparse:2:4")],
     "joint": [("wanda", "sparse:2:4+int4:g64"), ("sparsegpt", "sparse:2:4+int4:g64")],
-    "gqsa": [("sparsegpt", "groupsparse:0.5+int4:g64"), ("sparsegpt", "groupsparse:0.25+int4:g64"),
-             ("wanda", "groupsparse:0.5+int4:g64")],
+    "gqsa": [("sparsegpt", "groupsparse:0.5+int4:g64")],
+    "gqsa-more": [("sparsegpt", "groupsparse:0.25+int4:g64"), ("wanda", "groupsparse:0.5+int4:g64")],
 }
 SUITES["all"] = SUITES["unstructured"] + SUITES["nm"] + SUITES["joint"] + SUITES["gqsa"]
 
