@@ -40,6 +40,23 @@ def _cached(base, directory):  # noqa: ANN001, ANN202
     return CachedBaseline(base, directory=directory)
 
 
+def _apply_flatquant(model, fmt, act: str | None, data, seed: int, batch_size: int) -> None:
+    """FlatQuant transforms fitted for the weight grid of ``fmt`` (integer formats; int4:g64 otherwise) and ``act``."""
+    from .errors import ConfigError
+    from .formats.intgroup import IntGroup
+    from .models import get_adapter
+    from .transforms.flatquant import FlatQuantConfig, apply_flatquant
+
+    if act not in ("int4", "int8"):
+        raise ConfigError(f"--rotate flatquant fits its transforms for 4- or 8-bit activations: give --act int4 or "
+                          f"--act int8 (got --act {act})")
+    bits, group = (fmt.bits, fmt.group_size) if isinstance(fmt, IntGroup) else (4, 64)
+    config = FlatQuantConfig(act_bits=int(act[3:]), act_clip=1.0, weight_bits=max(bits, 2), weight_group=group, seed=seed)
+    t0 = time.perf_counter()
+    apply_flatquant(model, get_adapter(model), data, config, batch_size=batch_size)
+    console.print(f"FlatQuant transforms fitted in {time.perf_counter() - t0:.1f} s")
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
