@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .int_gemm import store_tile
+
 _ASM_BF16 = tl.constexpr("""
 {
 .reg .b32 t1, t2, t3, u0, u1, u2, u3;
@@ -103,17 +105,5 @@ def int4_mma_kernel(
         else:
             zc = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32) + C
         acc += (part - sx[:, None] * zc[None, :]) * s[None, :]
-    if HAS_LR:
-        if pid_k == 0:
-            rs = tl.arange(0, BR)
-            t = tl.load(t_ptr + ms[:, None] * stride_tm + rs[None, :], mask=mmask[:, None] & (rs[None, :] < R),
-                        other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + offs_n[None, :].to(tl.int64) * stride_un + rs[:, None],
-                        mask=nmask[None, :] & (rs[:, None] < R), other=0.0).to(tl.float32)
-            acc += tl.dot(t, u, input_precision="ieee")
-    optr = out_ptr + ms[:, None] * stride_om + offs_n[None, :]
-    omask = mmask[:, None] & nmask[None, :]
-    if SPLIT_K == 1:
-        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.atomic_add(optr, acc, mask=omask)
+    store_tile(acc, pid_k, t_ptr, u_ptr, out_ptr, ms, offs_n, mmask, nmask, stride_tm, stride_un, stride_om, R,
+               HAS_LR, BR, SPLIT_K)

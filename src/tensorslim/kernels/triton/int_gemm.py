@@ -22,6 +22,27 @@ from .int_gemv import load_codes3, load_group, tile_k_offsets
 
 
 @triton.jit
+def store_tile(acc, pid_k, t_ptr, u_ptr, out_ptr, ms, offs_n, mmask, nmask, stride_tm, stride_un, stride_om, R,
+               HAS_LR: tl.constexpr, BR: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Epilogue shared by the tiled GEMM kernels: add the low-rank term ``(x V^T) U^T`` once (split 0), then store
+    (or atomically add, under split-K) the ``[BM, BN]`` tile."""
+    if HAS_LR:
+        if pid_k == 0:
+            rs = tl.arange(0, BR)
+            t = tl.load(t_ptr + ms[:, None] * stride_tm + rs[None, :], mask=mmask[:, None] & (rs[None, :] < R),
+                        other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + offs_n[None, :].to(tl.int64) * stride_un + rs[:, None],
+                        mask=nmask[None, :] & (rs[:, None] < R), other=0.0).to(tl.float32)
+            acc += tl.dot(t, u, input_precision="ieee")
+    optr = out_ptr + ms[:, None] * stride_om + offs_n[None, :]
+    omask = mmask[:, None] & nmask[None, :]
+    if SPLIT_K == 1:
+        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.atomic_add(optr, acc, mask=omask)
+
+
+@triton.jit
 def int_gemm_kernel(
     x_ptr, out_ptr, qa_ptr, qb_ptr, s_ptr, z_ptr, t_ptr, u_ptr,
     M, N, K, R, k_split, GROUP, SPLIT_K,
@@ -47,20 +68,8 @@ def int_gemm_kernel(
         x = tl.load(x_rows + (k0 + koff)[None, :], mask=mmask[:, None], other=0.0)
         w = (q - z[None, :]).to(x_ptr.dtype.element_ty)  # [BK, BN], integers: exact in fp16/bf16
         acc += tl.dot(x, w) * s[None, :]
-    if HAS_LR:
-        if pid_k == 0:
-            rs = tl.arange(0, BR)
-            t = tl.load(t_ptr + ms[:, None] * stride_tm + rs[None, :], mask=mmask[:, None] & (rs[None, :] < R),
-                        other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + offs_n[None, :].to(tl.int64) * stride_un + rs[:, None],
-                        mask=nmask[None, :] & (rs[:, None] < R), other=0.0).to(tl.float32)
-            acc += tl.dot(t, u, input_precision="ieee")
-    optr = out_ptr + ms[:, None] * stride_om + offs_n[None, :]
-    omask = mmask[:, None] & nmask[None, :]
-    if SPLIT_K == 1:
-        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.atomic_add(optr, acc, mask=omask)
+    store_tile(acc, pid_k, t_ptr, u_ptr, out_ptr, ms, offs_n, mmask, nmask, stride_tm, stride_un, stride_om, R,
+               HAS_LR, BR, SPLIT_K)
 
 
 @triton.jit
