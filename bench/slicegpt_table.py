@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--timing-threads", type=int, default=2)
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--untied", action="store_true", help="fold the final norm into an untied head (+vocab x d')")
     ap.add_argument("--reference-cache", default=None, help="directory for the base model's logits (CachedBaseline)")
     ap.add_argument("--json", default="runs/slicegpt_table.json")
     ap.add_argument("--threads", type=int, default=2)
@@ -88,10 +89,10 @@ def main() -> None:
     for basis, frac in runs:
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
-        apply_slicegpt(model, get_adapter(model), calib, frac, basis=basis)
+        apply_slicegpt(model, get_adapter(model), calib, frac, basis=basis, keep_tied=not args.untied)
         secs = time.perf_counter() - t0
         ev = evaluate_lm(model, eval_ids, baseline=baseline)
-        row = {"label": f"slicegpt slice:{frac:g}:{basis}", "basis": basis, "fraction": frac,
+        row = {"label": f"slicegpt slice:{frac:g}:{basis}" + (" untied" if args.untied else ""), "basis": basis, "fraction": frac,
                "perplexity": ev.perplexity, "kl_mean": ev.kl_mean, "top1": ev.top1_agreement, "params": n_params(model),
                "hidden": model.config.hidden_size, "transform_s": secs,
                "tied_head": bool(model.lm_head.weight is model.model.embed_tokens.weight)}

@@ -95,6 +95,21 @@ def test_shared_mask_is_optimal_for_the_stacked_group() -> None:
     assert err(mod.mask(x).double()) == pytest.approx(best, rel=1e-9)
 
 
+def test_topk_is_exact_with_ties() -> None:
+    """Tied scores (zeros, repeated values) still drop exactly floor(s*in) per token, the smallest ones."""
+    lin = nn.Linear(16, 3)
+    m = ActSparseLinear(lin, 0.5)
+    g = torch.Generator().manual_seed(_seed())
+    x = torch.randn(5, 16, generator=g)
+    x[0, :10] = 0.0  # ten zeros, eight to drop
+    x[1] = torch.tensor([1.0, -1.0] * 8)  # all scores equal
+    keep = m.mask(x)
+    assert bool((keep.sum(-1) == 8).all())
+    s = x.abs()
+    for r in range(5):
+        assert float(s[r][~keep[r]].max()) <= float(s[r][keep[r]].min())
+
+
 def test_dense_prefix_and_realized_sparsity() -> None:
     lin = nn.Linear(40, 7)
     m = ActSparseLinear(lin, 0.5, dense_prefix=0.1)
@@ -203,3 +218,18 @@ def test_bad_inputs() -> None:
     gemma = tiny_model("gemma3")
     with pytest.raises(UnsupportedModelError):
         apply_activation_sparsity(gemma, None, None, 0.4, kind="wina", transform=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transform", ["k-gate", "stacked"])
+def test_smollm2_wina_transform_is_invariant(transform: str) -> None:
+    """The rotated SmolLM2 (fold + per-boundary SVD bases + shortcut blocks) at 0% sparsity gives the original logits."""
+    from tensorslim.models import load_model
+
+    model, _ = load_model("smollm2-135m")
+    ids = torch.randint(100, 10_000, (1, 64), generator=torch.Generator().manual_seed(_seed()))
+    with torch.no_grad():
+        ref = model(ids).logits
+        apply_activation_sparsity(model, None, None, 0.0, kind="wina", transform=transform)
+        out = model(ids).logits
+    assert _rel(out, ref) < 1e-3

@@ -99,8 +99,14 @@ class ActSparseLinear(nn.Module):
             drop = int(self.sparsity * x.shape[-1] + 1e-9)
             if drop == 0:
                 return torch.ones_like(s, dtype=torch.bool)
-            idx = torch.topk(s, drop, dim=-1, largest=False).indices
-            keep = torch.ones_like(s, dtype=torch.bool).scatter_(-1, idx, False)
+            # the drop-th smallest score per token (kthvalue is ~2x cheaper than topk on CPU); rows where ties at
+            # that value would drop more than `drop` (rare with float scores) are redone exactly with topk
+            keep = s > torch.kthvalue(s, drop, dim=-1, keepdim=True).values
+            bad = (keep.shape[-1] - keep.sum(-1)) != drop
+            if bool(bad.any()):
+                rows = s[bad]
+                idx = torch.topk(rows, drop, dim=-1, largest=False).indices
+                keep[bad] = torch.ones_like(rows, dtype=torch.bool).scatter_(-1, idx, False)
         if self.dense_prefix > 0 and x.ndim >= 3:
             n = x.shape[-2]
             keep[..., : n - int((1.0 - self.dense_prefix) * n), :] = True
