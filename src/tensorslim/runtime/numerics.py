@@ -2,7 +2,7 @@
 
 LayerCast ("Give Me FP32 or Give Me Death?", Yuan et al. 2025): weights are *stored* in bf16 and every computation
 runs in fp32 (each linear upcasts its weight on the fly). The model is as small as a bf16 model but its arithmetic is
-fp32, and its GEMMs run in fixed-size row chunks so results do not depend on the batch size (:func:`invariant_linear`). Here every ``nn.Linear`` becomes
+fp32, and its GEMMs, norms and attention are batch-invariant (:mod:`.invariant`). Here every ``nn.Linear`` becomes
 a :class:`LayerCastLinear` holding a bf16 weight; the remaining parameters (embeddings, norms) are rounded to bf16
 values and kept as fp32 tensors (they are small and their ops are elementwise or lookups).
 
@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .invariant import INVARIANT_ROWS, invariant_linear, make_batch_invariant
 
-__all__ = ["LMulLinear", "LayerCastLinear", "apply_numerics", "invariant_linear", "lmul", "lmul_matmul", "round_mantissa"]
+__all__ = ["INVARIANT_ROWS", "LMulLinear", "LayerCastLinear", "apply_numerics", "invariant_linear", "lmul", "lmul_matmul", "round_mantissa"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,27 +49,6 @@ class LayerCastLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return invariant_linear(x.float(), self.weight.float(), self.bias)
-
-
-# Rows per GEMM call in LayerCast: every call has exactly this many rows (the last chunk zero-padded), so the BLAS
-# library always picks the same kernel and a row's result never depends on how many other rows (batch size,
-# sequence length) share the call. fp32 GEMMs are *not* batch-invariant on their own: on an H100, cuBLAS gave a
-# sequence different fp32 logits alone and inside a batch of 8 (max abs diff 3.8e-6), see docs/results/formats.md.
-INVARIANT_ROWS = 64
-
-
-def invariant_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ w.T + bias`` computed in fixed-size row chunks (see ``INVARIANT_ROWS``): batch-invariant results."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    flat = x.reshape(-1, k)
-    n = flat.shape[0]
-    padded = -(-n // INVARIANT_ROWS) * INVARIANT_ROWS
-    if padded != n:
-        flat = torch.cat([flat, flat.new_zeros(padded - n, k)])
-    out = torch.cat([flat[i:i + INVARIANT_ROWS] @ w.T for i in range(0, padded, INVARIANT_ROWS)])[:n]
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*lead, w.shape[0])
 
 
 def _offset_bits(m: int) -> int:
@@ -153,7 +133,8 @@ def apply_numerics(model: nn.Module, kind: str, adapter=None, *, attention: bool
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16).float()
         _replace(model, lambda name, mod: isinstance(mod, nn.Linear), LayerCastLinear)
-        logger.info("LayerCast: bf16 weights, fp32 compute")
+        make_batch_invariant(model)
+        logger.info("LayerCast: bf16 weights, fp32 compute, batch-invariant GEMMs, norms and attention")
         return model
     m = _LMUL.match(kind)
     if m:
