@@ -3,6 +3,7 @@
 Run from the repo root on a CUDA machine (no install, no download):
     python bench/decode.py                 # batches 1, 4, 16; 64 new tokens after a 16-token prompt
     python bench/decode.py --layers 8      # a shallower model (quick check; tokens/s scale ~1/layers)
+    python bench/decode.py --fuse          # q/k/v and gate/up as one linear each, for bf16 and compressed alike
 The shapes come from a ``transformers.LlamaConfig`` (Llama-2-7B: 32 layers, 4096 hidden, 11008 MLP, 32 heads,
 32000 vocab) with random weights (std 0.02) on the GPU. The decoder is a minimal gpt-fast-style Llama (RMSNorm,
 RoPE, static KV cache, SDPA) whose linears are plain ``nn.Linear`` (bf16) or ``CompressedLinear`` (every linear of
@@ -46,16 +47,24 @@ class Block(nn.Module):
     def forward(self, x, pos, cos, sin, mask, kc, vc):
         b = x.shape[0]
         a = rms(x, self.ln1)
-        q = self.q_proj(a).view(b, 1, self.nh, self.hd).transpose(1, 2)
-        k = self.k_proj(a).view(b, 1, self.nkv, self.hd).transpose(1, 2)
-        v = self.v_proj(a).view(b, 1, self.nkv, self.hd).transpose(1, 2)
+        if hasattr(self, "qkv_proj"):  # fused (see fuse()): one GEMV for q, k, v and one for gate, up
+            q, k, v = self.qkv_proj(a).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        else:
+            q, k, v = self.q_proj(a), self.k_proj(a), self.v_proj(a)
+        q = q.reshape(b, 1, self.nh, self.hd).transpose(1, 2)
+        k = k.reshape(b, 1, self.nkv, self.hd).transpose(1, 2)
+        v = v.reshape(b, 1, self.nkv, self.hd).transpose(1, 2)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         kc.index_copy_(2, pos, k)
         vc.index_copy_(2, pos, v)
         o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=self.nkv != self.nh)
         x = x + self.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
         a = rms(x, self.ln2)
-        return x + self.down_proj(F.silu(self.gate_proj(a)) * self.up_proj(a))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(a).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(a), self.up_proj(a)
+        return x + self.down_proj(F.silu(gate) * up)
 
 
 def rms(x, w, eps: float = 1e-5):
@@ -117,6 +126,20 @@ class RefLinear(nn.Module):
 
 
 NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fuse(dense: dict) -> dict:
+    """q/k/v and gate/up weights concatenated along the outputs. Integer groups run along the inputs, so RTN of the
+    concatenation gives exactly the codes and scales of the separate matrices (same model, fewer, larger GEMVs)."""
+    out = {}
+    for (i, name), w in dense.items():
+        for fused, parts in FUSED.items():
+            if name == parts[0]:
+                out[(i, fused)] = torch.cat([dense[(i, p)] for p in parts])
+        if not any(name in parts for parts in FUSED.values()):
+            out[(i, name)] = w
+    return out
 
 
 def compress(model: Llama, dense: dict, spec: str, ref: bool = False) -> None:
@@ -124,7 +147,7 @@ def compress(model: Llama, dense: dict, spec: str, ref: bool = False) -> None:
 
     fmt = parse_format(spec)
     for i, blk in enumerate(model.blocks):
-        for name in NAMES:
+        for name in sorted({n for (j, n) in dense if j == i}):
             w = dense[(i, name)]
             if spec.startswith("ternary"):
                 from tensorslim.formats.ternary import quantize_ternary
@@ -137,7 +160,10 @@ def compress(model: Llama, dense: dict, spec: str, ref: bool = False) -> None:
 
 def restore(model: Llama, dense: dict) -> None:
     for i, blk in enumerate(model.blocks):
-        for name in NAMES:
+        for name in NAMES + tuple(FUSED):
+            if hasattr(blk, name):
+                delattr(blk, name)
+        for name in sorted({n for (j, n) in dense if j == i}):
             lin = nn.Linear(1, 1, bias=False)
             lin.weight = nn.Parameter(dense[(i, name)], requires_grad=False)
             setattr(blk, name, lin)
@@ -200,6 +226,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--formats", default="int4:g128,int3:g128,int2:g128,ternary:g128")
+    ap.add_argument("--fuse", action="store_true", help="q/k/v and gate/up as one linear each (bf16 and compressed)")
     args = ap.parse_args()
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
@@ -213,6 +240,9 @@ def main() -> None:
             p.data.normal_(0, 0.02)
     model.eval()
     dense = {(i, n): getattr(b, n).weight.data for i, b in enumerate(model.blocks) for n in NAMES}
+    if args.fuse:
+        dense = fuse(dense)
+        restore(model, dense)
     batches = [int(b) for b in args.batches.split(",")]
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}; torch {torch.__version__}; {args.layers} layers; built in {time.time() - t_start:.0f}s")
@@ -239,7 +269,8 @@ def main() -> None:
         restore(model, dense)
         torch.cuda.empty_cache()
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["format"] == "bf16"}
-    print(f"\n{dev}, Llama-2-7B shapes ({args.layers} layers), random weights, greedy, CUDA graph per step\n")
+    fused = ", q/k/v and gate/up fused" if args.fuse else ""
+    print(f"\n{dev}, Llama-2-7B shapes ({args.layers} layers{fused}), random weights, greedy, CUDA graph per step\n")
     print("| format | batch | tokens/s | ms/step | vs bf16 | greedy prefix equal to reference path (of 24) | "
           "teacher-forced top-1 equal (of 24) |")
     print("|---|---|---|---|---|---|---|")
@@ -252,7 +283,7 @@ def main() -> None:
     out_dir = os.environ.get("OUT") or "runs"
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "decode.json"), "w") as f:
-        json.dump({"device": dev, "layers": args.layers, "rows": rows}, f, indent=1)
+        json.dump({"device": dev, "layers": args.layers, "fused": args.fuse, "rows": rows}, f, indent=1)
     assert math.isfinite(sum(r["tokens_per_s"] for r in rows))
 
 

@@ -200,7 +200,7 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
                 c = ("mma4", (bm, bn, 128, split, warps, stages))
                 if c not in out:
                     out.append(c)
-    if m >= 2 and not (_mma4_ok(lay) and m >= 16):
+    if m >= 2:  # also for int4 >= 16 rows: on the H100 gemm beat mma4 there (48 vs 58 us, 4096x14336, m=16)
         bm = min(max(16, _pow2(m)), 128)
         for bn, bk, warps, stages in ((64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 5),
                                       (256, 64, 8, 3)):
