@@ -150,6 +150,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="a minute: a few correctness checks, no timings")
     ap.add_argument("--issue", action="store_true", help="issue 7's target shapes and batches only")
+    ap.add_argument("--no-sweep", action="store_true",
+                    help="skip step 1 (every variant through every candidate on 4096x4096); the tuned choices are "
+                         "still checked on every shape and batch")
     args = ap.parse_args()
     from tensorslim.formats import SumWeight, parse_format
     from tensorslim.kernels import dispatch
@@ -174,7 +177,7 @@ def main() -> None:
         variants = ["int4:g128", "int4:g128:sym", "int3:g128", "int2:g128", "ternary"]
         shapes, batches = SHAPES[1:5], [1, 3, 16, 33, 64, 128]
     k, n = 4096, 4096
-    for spec in variants:
+    for spec in [] if args.no_sweep else variants:
         _, cw = make_int(k, n, spec)
         lay = dispatch.layout(cw)
         for m in (1, 7, 64) if not args.quick else (1, 7, 33, 128):
@@ -194,7 +197,7 @@ def main() -> None:
     _, base = make_int(k, n, "int4:g128")
     sw = SumWeight(format=parse_format("int4:g128+lowrank:r32"), shape=(n, k), base=base,
                    extra=make_lowrank(k, n, 32))
-    for m in (1, 7, 33):
+    for m in () if args.no_sweep else (1, 7, 33):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         for c in dispatch.candidates(dispatch.layout(base), dispatch._pow2(m)):
             err = check_choice(sw, x, c)
