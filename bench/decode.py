@@ -4,6 +4,7 @@ Run from the repo root on a CUDA machine (no install, no download):
     python bench/decode.py                 # batches 1, 4, 16; 64 new tokens after a 16-token prompt
     python bench/decode.py --layers 8      # a shallower model (quick check; tokens/s scale ~1/layers)
     python bench/decode.py --fuse          # q/k/v and gate/up as one linear each, for bf16 and compressed alike
+    python bench/decode.py --fuse --compile --batches 1   # the step through torch.compile (compile ~1 min/variant)
 The shapes come from a ``transformers.LlamaConfig`` (Llama-2-7B: 32 layers, 4096 hidden, 11008 MLP, 32 heads,
 32000 vocab) with random weights (std 0.02) on the GPU. The decoder is a minimal gpt-fast-style Llama (RMSNorm,
 RoPE, static KV cache, SDPA) whose linears are plain ``nn.Linear`` (bf16) or ``CompressedLinear`` (every linear of
@@ -185,8 +186,18 @@ def generate_eager(model: Llama, prompt: torch.Tensor, n_new: int, forced: torch
 
 
 @torch.no_grad()
-def generate_graph(model: Llama, prompt: torch.Tensor, n_new: int) -> tuple[torch.Tensor, float]:
-    """Greedy decoding with the step in a CUDA graph; returns tokens and seconds for the ``n_new`` decode steps."""
+def generate_graph(model: Llama, prompt: torch.Tensor, n_new: int, compile_step: bool = False
+                   ) -> tuple[torch.Tensor, float]:
+    """Greedy decoding with the step in a CUDA graph; returns tokens and seconds for the ``n_new`` decode steps.
+    ``compile_step``: the step goes through ``torch.compile`` first (Inductor fuses the norms, RoPE, residual adds;
+    our kernels enter the graph as ``torch.library`` custom ops), after one eager step has tuned every kernel."""
+    step = model.step
+    if compile_step:
+        with torch.no_grad():
+            model.step(torch.zeros(prompt.shape[0], 1, dtype=torch.long, device=prompt.device),
+                       torch.zeros(1, dtype=torch.long, device=prompt.device), model.caches(prompt.shape[0]))
+        torch._dynamo.reset()
+        step = torch.compile(model.step, dynamic=False)
     b = prompt.shape[0]
     caches = model.caches(b)
     tok = torch.zeros(b, 1, dtype=torch.long, device=prompt.device)
@@ -195,11 +206,11 @@ def generate_graph(model: Llama, prompt: torch.Tensor, n_new: int) -> tuple[torc
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up: compiles and tunes every kernel outside the capture
         for _ in range(2):
-            model.step(tok, pos, caches)
+            step(tok, pos, caches)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = model.step(tok, pos, caches)
+        out = step(tok, pos, caches)
     for c in caches:
         c[0].zero_(), c[1].zero_()
     for p in range(prompt.shape[1]):  # prefill token by token through the same graph
@@ -227,6 +238,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--formats", default="int4:g128,int3:g128,int2:g128,ternary:g128")
     ap.add_argument("--fuse", action="store_true", help="q/k/v and gate/up as one linear each (bf16 and compressed)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (bf16 and compressed)")
     args = ap.parse_args()
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
@@ -259,7 +271,9 @@ def main() -> None:
             check = (int((ref_toks == got).long().cumprod(1).sum()),  # free-running: equal before the first difference
                      int((ref_toks == forced).sum()))  # teacher-forced: same next token at each of the 24 positions
         for b in batches:
-            toks, sec = generate_graph(model, prompts[b], args.new)
+            t_c = time.time()
+            toks, sec = generate_graph(model, prompts[b], args.new, compile_step=args.compile)
+            print(f"{spec} batch {b}: {time.time() - t_c:.0f}s incl. compile/tune", flush=True)
             tps = b * (args.new - 1) / sec
             row = {"format": spec, "batch": b, "tokens_per_s": tps, "ms_per_step": 1e3 * sec / (args.new - 1),
                    "greedy_equal_prefix_of_24": None if check is None else check[0],
@@ -269,7 +283,7 @@ def main() -> None:
         restore(model, dense)
         torch.cuda.empty_cache()
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["format"] == "bf16"}
-    fused = ", q/k/v and gate/up fused" if args.fuse else ""
+    fused = (", q/k/v and gate/up fused" if args.fuse else "") + (", torch.compile" if args.compile else "")
     print(f"\n{dev}, Llama-2-7B shapes ({args.layers} layers{fused}), random weights, greedy, CUDA graph per step\n")
     print("| format | batch | tokens/s | ms/step | vs bf16 | greedy prefix equal to reference path (of 24) | "
           "teacher-forced top-1 equal (of 24) |")
@@ -283,7 +297,7 @@ def main() -> None:
     out_dir = os.environ.get("OUT") or "runs"
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "decode.json"), "w") as f:
-        json.dump({"device": dev, "layers": args.layers, "fused": args.fuse, "rows": rows}, f, indent=1)
+        json.dump({"device": dev, "layers": args.layers, "fused": args.fuse, "compiled": args.compile, "rows": rows}, f, indent=1)
     assert math.isfinite(sum(r["tokens_per_s"] for r in rows))
 
 
