@@ -18,6 +18,8 @@ SUITES: dict[str, list[tuple[str, str]]] = {
     "joint": [("wanda", "sparse:2:4+int4:g64"), ("sparsegpt", "sparse:2:4+int4:g64")],
     "gqsa": [("sparsegpt", "groupsparse:0.5+int4:g64")],
     "gqsa-more": [("sparsegpt", "groupsparse:0.25+int4:g64"), ("wanda", "groupsparse:0.5+int4:g64")],
+    # equal bits per weight: GQSA 50% + int4 (2.31) vs 2:4 + int2 (2.29); 2:4 + int4 (3.32) vs GQSA 28% + int4 (3.30)
+    "gqsa-bpw": [("sparsegpt", "sparse:2:4+int2:g64"), ("sparsegpt", "groupsparse:0.28+int4:g64")],
 }
 SUITES["all"] = SUITES["unstructured"] + SUITES["nm"] + SUITES["joint"] + SUITES["gqsa"]
 
