@@ -8,6 +8,8 @@
 - ``TernaryWeight``: the same kernels (2-bit codes ``t + 1``, zero point 1; :func:`.layout.ternary_layout`);
 - ``SumWeight(IntGroupWeight | TernaryWeight, LowRankWeight)``: the same kernels with the low-rank term fused into
   their epilogue (``t = x V^T`` first, a ``[M, r]`` fp32 product, then one pass over ``y``);
+- ``FP8Weight``, ``MXFPWeight``, ``NVFP4Weight``, ``BCQWeight`` and 2:4 ``SparseWeight`` with an inner int4:
+  :mod:`.dispatch_ext` (its own kernels, candidates and memo);
 - anything else, CPU tensors, fp32 activations or a missing Triton: :func:`.reference.reference_linear`.
 
 Which path and tile config run is *measured*, not guessed: the first call for a (shape, format, batch bucket, dtype,
@@ -81,8 +83,10 @@ def kernel_reason(cw: CompressedWeight, x: torch.Tensor | None = None) -> str | 
     if x is not None and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return "activations are not on a CUDA device"
     base = _int_part(cw)
-    if base is None:
-        return f"no kernel for {type(cw).__name__} ({cw.format.spec()})"
+    if base is None:  # float, binary-coded and 2:4 sparse formats: :mod:`.dispatch_ext`
+        from .dispatch_ext import ext_reason
+
+        return ext_reason(cw)
     reason = int_layout_reason(base) if isinstance(base, IntGroupWeight) else ternary_layout_reason(base)
     if reason is None and _ops() is None:
         reason = "triton is not installed"
@@ -111,6 +115,10 @@ def kernel_linear(cw: CompressedWeight, x: torch.Tensor, bias: torch.Tensor | No
                   choice: Choice | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Run the kernel path (``choice`` forces a path/config; tests and benchmarks use it). No reference fallback."""
     base = _int_part(cw)
+    if base is None:
+        from .dispatch_ext import ext_linear
+
+        return ext_linear(cw, x, bias, choice=choice, out_dtype=out_dtype)
     assert base is not None, kernel_reason(cw, x)
     lay = layout(base)
     x2d = x.reshape(-1, x.shape[-1])

@@ -1,0 +1,166 @@
+"""Dispatch for the float (FP8, MXFP4/MXFP8, NVFP4), binary-coded (BCQ) and 2:4 sparse + int4 kernels.
+
+:mod:`.dispatch` hands every weight that is not integer-like here. Paths, chosen per (layout, batch bucket, dtype,
+device) by timing the candidates in CUDA-graph replays (:func:`.dispatch._time_graph`, median), remembered in
+``_TUNED``:
+- float formats: "gemv" (1-16 rows), "gemm" (tensor cores, >= 2 rows), "reference" (>= 64 rows: decode to the
+  activation dtype, then cuBLAS; rounds the weights to bf16 as a bf16 model would);
+- BCQ: "lut" (LUT-GEMM, 1-16 rows), "gemm" (sign planes on tensor cores, any rows), "reference" (>= 64 rows);
+- 2:4 + int4: "gemv" (1-16 rows), "gemm" (any rows >= 2), "reference" (>= 64 rows).
+Every candidate is a correct path, so the memo changes speed, never results. Layouts (:mod:`.layout_ext`) are
+memoized per weight object (weak keys).
+
+FP8 activations (``torch._scaled_mm``) are never chosen here: they quantize the activations, so they change results
+beyond accumulation order and would have to be an explicit opt-in format (not built; see docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from functools import lru_cache
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from ..formats.base import CompressedWeight
+from .dispatch import Choice, _pow2, _splits, _time_graph
+from .layout_ext import BCQKernelLayout, FloatKernelLayout, Sparse24KernelLayout, ext_layout, ext_layout_reason
+from .reference import reference_linear
+
+log = logging.getLogger(__name__)
+
+_LAYOUTS: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
+_TUNED: dict[tuple, Choice] = {}
+
+
+@lru_cache(maxsize=1)
+def _ops() -> ModuleType | None:
+    try:
+        from . import ops_ext
+    except ImportError as e:
+        log.info("Triton kernels unavailable (%s); using reference multiplies", e)
+        return None
+    return ops_ext
+
+
+def ext_reason(cw: CompressedWeight) -> str | None:
+    reason = ext_layout_reason(cw)
+    if reason is None and _ops() is None:
+        reason = "triton is not installed"
+    return reason
+
+
+def layout(cw: CompressedWeight):
+    lay = _LAYOUTS.get(cw)
+    if lay is None:
+        lay = ext_layout(cw)
+        _LAYOUTS[cw] = lay
+    return lay
+
+
+def _bks(k: int, ok) -> list[int]:
+    return [b for b in (256, 128, 64, 32, 16) if k % b == 0 and ok(b)]
+
+
+def candidates(cw: CompressedWeight, lay, m: int, dtype: torch.dtype, sms: int = 132) -> list[Choice]:
+    """Correct (path, config) choices for ``m`` rows, best guess first; config = (BM, BN, BK, SPLIT_K, warps,
+    stages)."""
+    from .ops_ext import float_bk_ok
+
+    n, k = lay.n, lay.k
+    out: list[Choice] = []
+    bm = min(max(16, _pow2(m)), 128)
+    if isinstance(lay, FloatKernelLayout):
+        one, one_ok = "gemv", (lambda b: b >= 32 and float_bk_ok("gemv", lay.meta(), b, dtype))
+        many_ok = (lambda b: float_bk_ok("gemm", lay.meta(), b, dtype))
+    elif isinstance(lay, BCQKernelLayout):
+        one, one_ok = "lut", (lambda b: b >= 32)
+        many_ok = (lambda b: b >= 32 and lay.group % b == 0)
+    else:
+        assert isinstance(lay, Sparse24KernelLayout)
+        one, one_ok = "gemv", (lambda b: b >= 32 and lay.group % b == 0)
+        many_ok = one_ok
+    one_bks, many_bks = _bks(k, one_ok), _bks(k, many_ok)
+    if m <= 16 and one_bks:
+        for bn, bk, warps in ((128, 256, 8), (64, 256, 4), (128, 128, 4), (64, 128, 4)):
+            bk = next((b for b in one_bks if b <= bk), one_bks[-1])
+            for split in _splits(k // bk, m * -(-n // bn), sms)[:2]:
+                c = (one, (1, bn, bk, split, warps, 3))
+                if c not in out:
+                    out.append(c)
+    if (m >= 2 or isinstance(lay, BCQKernelLayout)) and many_bks:
+        for bn, bk, warps, stages in ((64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4)):
+            bk = next((b for b in many_bks if b <= bk), many_bks[-1])
+            tiles = -(-m // bm) * -(-n // bn)
+            for split in _splits(k // bk, tiles, sms)[:2]:
+                c = ("gemm", (bm, bn, bk, split, warps, stages))
+                if c not in out:
+                    out.append(c)
+    if m >= 64 or not out:
+        out.append(("reference", ()))
+    return out
+
+
+def run_choice(choice: Choice, cw: CompressedWeight, lay, x2d: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    path, config = choice
+    if path == "reference":
+        return reference_linear(cw, x2d).to(out_dtype)
+    ops = _ops()
+    assert ops is not None
+    cfg = list(config)
+    if isinstance(lay, FloatKernelLayout):
+        return ops.float_mm(x2d, lay.q, lay.scales, lay.global_scale, lay.meta(), path, cfg, out_dtype)
+    if isinstance(lay, BCQKernelLayout):
+        return ops.bcq_mm(x2d, lay.planes, lay.alphas, lay.offsets, lay.meta(), path, cfg, out_dtype)
+    inner = lay.inner
+    return ops.sparse24_mm(x2d, inner.qa, lay.idx, inner.scales, inner.zeros, lay.meta(), path, cfg, out_dtype)
+
+
+def ext_linear(cw: CompressedWeight, x: torch.Tensor, bias: torch.Tensor | None = None, *,
+               choice: Choice | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The kernel path for a float/BCQ/2:4 weight (``choice`` forces a path; tests and benchmarks use it)."""
+    assert ext_reason(cw) is None, ext_reason(cw)
+    lay = layout(cw)
+    x2d = x.reshape(-1, x.shape[-1])
+    out_dtype = out_dtype or x.dtype
+    if choice is None:
+        choice = tuned_choice(cw, lay, x2d)
+    y = run_choice(choice, cw, lay, x2d, out_dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], lay.n)
+
+
+def tuned_choice(cw: CompressedWeight, lay, x2d: torch.Tensor) -> Choice:
+    bucket = _pow2(x2d.shape[0])
+    if x2d.device.type != "cuda":  # the interpreter: no timing, first candidate
+        return candidates(cw, lay, bucket, x2d.dtype)[0]
+    key = lay.key() + (bucket, x2d.dtype, x2d.device)
+    hit = _TUNED.get(key)
+    if hit is None:
+        if torch.cuda.is_current_stream_capturing():
+            return candidates(cw, lay, bucket, x2d.dtype)[0]
+        hit = tune(cw, lay, bucket, x2d.dtype, x2d.device)
+        _TUNED[key] = hit
+    return hit
+
+
+def tune(cw: CompressedWeight, lay, m: int, dtype: torch.dtype, device: torch.device | str = "cuda") -> Choice:
+    """Time every candidate for ``m`` rows (median of CUDA-graph replays) and return the fastest."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    x = torch.randn(m, lay.k, device=device, dtype=dtype)
+    best: tuple[float, Choice] | None = None
+    for c in candidates(cw, lay, m, dtype, sms):
+        try:
+            ms = _time_graph(lambda: run_choice(c, cw, lay, x, dtype))
+        except Exception as e:  # a config the compiler rejects is skipped, not fatal
+            log.debug("candidate %s failed: %s", c, e)
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, c)
+    if best is None:
+        return ("reference", ())
+    log.debug("tuned %s m=%d: %s (%.1f us)", lay.key(), m, best[1], best[0] * 1e3)
+    return best[1]

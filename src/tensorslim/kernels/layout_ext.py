@@ -1,0 +1,180 @@
+"""Kernel-side layouts of the float, binary-coded and 2:4-sparse formats (one-time views or repacks, never a change
+to what is stored; :mod:`.dispatch_ext` memoizes them per weight object).
+
+All follow the integer kernels' transposed word layout (:mod:`.layout`): int32 words ``[K*b/32, N]`` with lanes along
+the outputs, so a ``[BK/P, BN]`` tile is one coalesced load.
+
+- :class:`FloatKernelLayout` (``FP8Weight``, ``MXFPWeight``, ``NVFP4Weight``): the stored element rows (E2M1 two a
+  byte, low nibble first, or one FP8 byte) viewed as int32 and transposed; scales transposed to ``[n_groups, N]``
+  in their stored encoding (fp32, E8M0 uint8, E4M3 uint8) so the kernel reads 8 bits a block, not 32.
+- :class:`BCQKernelLayout` (``BCQWeight``): each sign plane ``[out, in/8]`` bytes viewed as int32 (bit ``b`` of word
+  ``j`` = input ``32j + b``) and transposed: ``planes [q, K/32, N]``; alphas ``[q, n_groups, N]``, offsets
+  ``[n_groups, N]`` (stored dtype).
+- :class:`Sparse24KernelLayout` (``SparseWeight`` 2:4 with an inner int4 ``IntGroup``): the inner weight's integer
+  layout (compact ``[K/2]`` codes: :func:`.layout.int_layout`) plus 2-bit position metadata: for every run of 4
+  inputs a nibble ``i0 | i1 << 2`` (the two kept positions, ``i0 < i1``; the compact values are stored in that
+  order), 8 nibbles a word, ``[K/32, N]`` int32 (the bits of the mask, in the form the kernel wants).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..formats.base import CompressedWeight
+from ..formats.packing import pack_codes
+from .layout import IntKernelLayout, int_layout, int_layout_reason
+
+ELEMS = {"e2m1": 0, "e4m3": 1, "e5m2": 2}
+SCALE_FLOAT, SCALE_E8M0, SCALE_E4M3 = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class FloatKernelLayout:
+    n: int
+    k: int
+    elem: int  # ELEMS
+    scale_mode: int  # SCALE_*
+    group: int
+    q: torch.Tensor  # int32 [K*b/32, N]
+    scales: torch.Tensor  # [n_groups, N]: fp32, or uint8 codes
+    global_scale: torch.Tensor | None  # fp32 [1] (NVFP4)
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.elem == 0 else 8
+
+    def meta(self) -> list[int]:
+        return [self.k, self.elem, self.scale_mode, self.group]
+
+    def key(self) -> tuple:
+        return ("float", self.n, self.k, self.elem, self.scale_mode, self.group)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class BCQKernelLayout:
+    n: int
+    k: int
+    q: int  # planes
+    group: int
+    planes: torch.Tensor  # int32 [q, K/32, N]
+    alphas: torch.Tensor  # [q, n_groups, N]
+    offsets: torch.Tensor  # [n_groups, N]
+
+    def meta(self) -> list[int]:
+        return [self.k, self.q, self.group]
+
+    def key(self) -> tuple:
+        return ("bcq", self.n, self.k, self.q, self.group)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Sparse24KernelLayout:
+    n: int
+    k: int  # original inputs
+    inner: IntKernelLayout  # compact [N, K/2] int4 codes
+    idx: torch.Tensor  # int32 [K/32, N]: nibble i0 | i1 << 2 per run of 4 inputs
+
+    @property
+    def group(self) -> int:
+        """The scale group in *original* inputs (twice the compact group)."""
+        return 2 * self.inner.group
+
+    def meta(self) -> list[int]:
+        return [self.k, self.group, int(self.inner.symmetric)]
+
+    def key(self) -> tuple:
+        return ("sp24", self.n, self.k, self.group, self.inner.symmetric)
+
+
+def _types() -> dict[str, type]:
+    from ..formats.bcq import BCQWeight
+    from ..formats.fp8 import FP8Weight
+    from ..formats.mx import MXFPWeight, NVFP4Weight
+    from ..formats.sparse import SparseWeight
+
+    return {"fp8": FP8Weight, "mx": MXFPWeight, "nvfp4": NVFP4Weight, "bcq": BCQWeight, "sparse": SparseWeight}
+
+
+def ext_layout_reason(cw: CompressedWeight) -> str | None:
+    """``None`` if one of the float/BCQ/2:4 kernels can run ``cw``, else why not."""
+    t = _types()
+    out, inp = cw.shape
+    name = f"{type(cw).__name__} ({cw.format.spec()})"
+    if isinstance(cw, (t["fp8"], t["mx"], t["nvfp4"])):
+        fmt = cw.format
+        g = fmt.group(inp) if isinstance(cw, t["fp8"]) else fmt.block_size
+        if inp % 32:
+            return f"{name}: in_features {inp} is not a multiple of 32"
+        if g % 16:
+            return f"{name}: block {g} is not a multiple of 16"
+        return None
+    if isinstance(cw, t["bcq"]):
+        g = cw.format.group(inp)
+        if inp % 32 or g % 32:
+            return f"{name}: in_features {inp} and group {g} must be multiples of 32"
+        return None
+    if isinstance(cw, t["sparse"]):
+        from ..formats.intgroup import IntGroupWeight
+
+        fmt = cw.format
+        if not (fmt.n == 2 and fmt.m == 4 and isinstance(cw.inner, IntGroupWeight) and cw.inner.format.bits == 4):
+            return f"no kernel for {name}: only 2:4 with an inner int4 IntGroup has one"
+        if inp % 32:
+            return f"{name}: in_features {inp} is not a multiple of 32"
+        reason = int_layout_reason(cw.inner)
+        if reason is None and cw.inner.format.group(inp // 2) % 16:
+            reason = "the compact group must be a multiple of 16"
+        return None if reason is None else f"{name}: {reason}"
+    return f"no kernel for {name}"
+
+
+def _words_t(codes: torch.Tensor) -> torch.Tensor:
+    """Stored ``[out, bytes]`` rows -> ``int32 [bytes/4, out]`` (little-endian words, transposed)."""
+    return codes.contiguous().view(torch.uint8).view(torch.int32).t().contiguous()
+
+
+def float_layout(cw: CompressedWeight) -> FloatKernelLayout:
+    t = _types()
+    out, inp = cw.shape
+    if isinstance(cw, t["fp8"]):
+        return FloatKernelLayout(n=out, k=inp, elem=ELEMS[cw.format.kind], scale_mode=SCALE_FLOAT,
+                                 group=cw.format.group(inp), q=_words_t(cw.codes),
+                                 scales=cw.scales.float().t().contiguous(), global_scale=None)
+    if isinstance(cw, t["mx"]):
+        return FloatKernelLayout(n=out, k=inp, elem=ELEMS[cw.format.element], scale_mode=SCALE_E8M0,
+                                 group=cw.format.block_size, q=_words_t(cw.codes),
+                                 scales=cw.scales.view(torch.uint8).t().contiguous(), global_scale=None)
+    assert isinstance(cw, t["nvfp4"])
+    return FloatKernelLayout(n=out, k=inp, elem=0, scale_mode=SCALE_E4M3, group=cw.format.block_size,
+                             q=_words_t(cw.codes), scales=cw.scales.view(torch.uint8).t().contiguous(),
+                             global_scale=cw.global_scale.float().reshape(1).contiguous())
+
+
+def bcq_layout(cw: CompressedWeight) -> BCQKernelLayout:
+    out, inp = cw.shape
+    q = cw.format.bits
+    planes = cw.planes.contiguous().reshape(q, out, inp // 8).view(torch.int32)  # [q, out, K/32]
+    return BCQKernelLayout(n=out, k=inp, q=q, group=cw.format.group(inp),
+                           planes=planes.permute(0, 2, 1).contiguous(),
+                           alphas=cw.alphas.permute(2, 1, 0).contiguous(), offsets=cw.offsets.t().contiguous())
+
+
+def sparse24_layout(cw: CompressedWeight) -> Sparse24KernelLayout:
+    out, inp = cw.shape
+    m = cw.dense_mask().reshape(out, inp // 4, 4)
+    pos = torch.arange(4, device=m.device)
+    i0 = torch.where(m, pos, 4).amin(-1)
+    i1 = torch.where(m, pos, -1).amax(-1)
+    nib = pack_codes((i0 | (i1 << 2)).long(), 4)  # [out, K/8] bytes, low nibble first
+    return Sparse24KernelLayout(n=out, k=inp, inner=int_layout(cw.inner), idx=_words_t(nib))
+
+
+def ext_layout(cw: CompressedWeight):
+    t = _types()
+    if isinstance(cw, t["bcq"]):
+        return bcq_layout(cw)
+    if isinstance(cw, t["sparse"]):
+        return sparse24_layout(cw)
+    return float_layout(cw)

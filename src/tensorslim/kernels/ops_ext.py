@@ -1,0 +1,162 @@
+"""``torch.library`` custom ops for the float (FP8/MX/NVFP4), binary-coded (BCQ) and 2:4 sparse + int4 kernels,
+with fake implementations for ``torch.compile``. Same conventions as :mod:`.ops`:
+``config = [BM, BN, BK, SPLIT_K, num_warps, num_stages]`` (BM unused by the one-row paths); ``SPLIT_K > 1`` writes
+into a zeroed fp32 buffer with atomics. ``launch_*`` write into a caller's buffer (tests poison it with NaN).
+
+- ``tensorslim::float_mm(x, q, scales, global_scale?, meta=[k, elem, scale_mode, group], path, config, out_dtype)``,
+  path "gemv" | "gemm";
+- ``tensorslim::bcq_mm(x, planes, alphas, offsets, meta=[k, q, group], path, config, out_dtype)``, path "lut" |
+  "gemm";
+- ``tensorslim::sparse24_mm(x, qa, idx, scales, zeros?, meta=[k, group, symmetric], path, config, out_dtype)``,
+  path "gemv" | "gemm".
+Importing this module imports Triton (the dispatcher does so lazily, on the first CUDA call).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .triton.bcq_mm import bcq_gemm_kernel, bcq_lut_gemv_kernel, bcq_lut_kernel
+from .triton.float_mm import float_gemm_kernel, float_gemv_kernel
+from .triton.sparse24_mm import sparse24_gemm_kernel, sparse24_gemv_kernel
+
+Tensor = torch.Tensor
+
+
+def _check(path: str, paths: tuple[str, ...], k: int, config: list[int], m: int) -> None:
+    bm, bn, bk, split_k, _, _ = config
+    assert path in paths, path
+    assert bk >= 16 and bk & (bk - 1) == 0 and k % bk == 0, (k, bk)
+    assert bn >= 16 and bn & (bn - 1) == 0, bn
+    assert split_k >= 1 and (k // bk) % split_k == 0, (k, bk, split_k)
+    assert path in ("gemv", "lut") or (bm >= 16 and bm & (bm - 1) == 0), bm
+
+
+def pre_scale(elem: int, scale_mode: int, dtype: torch.dtype) -> bool:
+    """May the float GEMM multiply block scales into the tile before the dot (exact in ``dtype``)?"""
+    if scale_mode == 2:  # E2M1 x E4M3: <= 6 significant bits, within fp16's normal range
+        return True
+    return scale_mode == 1 and dtype == torch.bfloat16  # x 2^e: exact where the exponent range is fp32's
+
+
+def float_bk_ok(path: str, meta: list[int], bk: int, dtype: torch.dtype) -> bool:
+    k, elem, scale_mode, group = meta
+    if path == "gemm" and not pre_scale(elem, scale_mode, dtype):
+        return group % bk == 0  # the tile lies inside one group
+    return bk % group == 0 or group % bk == 0
+
+
+def launch_float_mm(x: Tensor, q: Tensor, scales: Tensor, gs: Tensor | None, meta: list[int], path: str,
+                    config: list[int], out: Tensor) -> None:
+    k, elem, scale_mode, group = meta
+    bm, bn, bk, split_k, warps, stages = config
+    m, n = x.shape[0], q.shape[1]
+    _check(path, ("gemv", "gemm"), k, config, m)
+    assert float_bk_ok(path, meta, bk, x.dtype), (meta, bk)
+    assert split_k == 1 or out.dtype == torch.float32
+    args = [x, out, q, scales, gs if gs is not None else scales, m, n, k, k // split_k, group, x.stride(0),
+            out.stride(0)]
+    if path == "gemv":
+        float_gemv_kernel[(m, triton.cdiv(n, bn), split_k)](*args, ELEM=elem, SCALE=scale_mode, SPLIT_K=split_k,
+                                                             BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    else:
+        float_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](
+            *args, ELEM=elem, SCALE=scale_mode, SPLIT_K=split_k, PRE_SCALE=pre_scale(elem, scale_mode, x.dtype),
+            BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+
+
+def _out(x: Tensor, n: int, config: list[int], out_dtype: torch.dtype) -> Tensor:
+    if config[3] > 1:
+        return torch.zeros((x.shape[0], n), dtype=torch.float32, device=x.device)
+    return torch.empty((x.shape[0], n), dtype=out_dtype, device=x.device)
+
+
+@torch.library.custom_op("tensorslim::float_mm", mutates_args=())
+def float_mm(x: Tensor, q: Tensor, scales: Tensor, global_scale: Tensor | None, meta: list[int], path: str,
+             config: list[int], out_dtype: torch.dtype) -> Tensor:
+    x = x.contiguous()
+    out = _out(x, q.shape[1], config, out_dtype)
+    launch_float_mm(x, q, scales, global_scale, meta, path, config, out)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+@float_mm.register_fake
+def _float_mm_fake(x, q, scales, global_scale, meta, path, config, out_dtype):
+    return x.new_empty((x.shape[0], q.shape[1]), dtype=out_dtype)
+
+
+def bcq_lut(x: Tensor) -> Tensor:
+    """The LUT-GEMM tables ``[M, K/8, 256]`` fp32 of the activations ``x [M, K]``."""
+    m, k = x.shape
+    lut = torch.empty((m, k // 8, 256), dtype=torch.float32, device=x.device)
+    bb = 16
+    bcq_lut_kernel[(m, triton.cdiv(k // 8, bb))](x, lut, k, x.stride(0), BB=bb, num_warps=4)
+    return lut
+
+
+def launch_bcq_mm(x: Tensor, planes: Tensor, alphas: Tensor, offsets: Tensor, meta: list[int], path: str,
+                  config: list[int], out: Tensor) -> None:
+    k, nq, group = meta
+    bm, bn, bk, split_k, warps, stages = config
+    m, n = x.shape[0], planes.shape[2]
+    _check(path, ("lut", "gemm"), k, config, m)
+    assert bk % 32 == 0 and (path == "lut" or group % bk == 0), (path, group, bk)
+    assert split_k == 1 or out.dtype == torch.float32
+    ng = k // group
+    if path == "lut":
+        lut = bcq_lut(x)
+        bcq_lut_gemv_kernel[(m, triton.cdiv(n, bn), split_k)](
+            lut, out, planes, alphas, offsets, m, n, k, k // split_k, group, ng, out.stride(0),
+            Q=nq, SPLIT_K=split_k, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    else:
+        bcq_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](
+            x, out, planes, alphas, offsets, m, n, k, k // split_k, group, ng, x.stride(0), out.stride(0),
+            Q=nq, SPLIT_K=split_k, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+
+
+@torch.library.custom_op("tensorslim::bcq_mm", mutates_args=())
+def bcq_mm(x: Tensor, planes: Tensor, alphas: Tensor, offsets: Tensor, meta: list[int], path: str,
+           config: list[int], out_dtype: torch.dtype) -> Tensor:
+    x = x.contiguous()
+    out = _out(x, planes.shape[2], config, out_dtype)
+    launch_bcq_mm(x, planes, alphas, offsets, meta, path, config, out)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+@bcq_mm.register_fake
+def _bcq_mm_fake(x, planes, alphas, offsets, meta, path, config, out_dtype):
+    return x.new_empty((x.shape[0], planes.shape[2]), dtype=out_dtype)
+
+
+def launch_sparse24_mm(x: Tensor, qa: Tensor, idx: Tensor, scales: Tensor, zeros: Tensor | None, meta: list[int],
+                       path: str, config: list[int], out: Tensor) -> None:
+    k, group, symmetric = meta
+    bm, bn, bk, split_k, warps, stages = config
+    m, n = x.shape[0], qa.shape[1]
+    _check(path, ("gemv", "gemm"), k, config, m)
+    assert bk >= 32 and group % bk == 0, (group, bk)
+    assert split_k == 1 or out.dtype == torch.float32
+    args = [x, out, qa, idx, scales, zeros if zeros is not None else scales, m, n, k, k // split_k, group,
+            x.stride(0), out.stride(0)]
+    if path == "gemv":
+        sparse24_gemv_kernel[(m, triton.cdiv(n, bn), split_k)](
+            *args, SYMMETRIC=bool(symmetric), SPLIT_K=split_k, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    else:
+        sparse24_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](
+            *args, SYMMETRIC=bool(symmetric), SPLIT_K=split_k, BM=bm, BN=bn, BK=bk, num_warps=warps,
+            num_stages=stages)
+
+
+@torch.library.custom_op("tensorslim::sparse24_mm", mutates_args=())
+def sparse24_mm(x: Tensor, qa: Tensor, idx: Tensor, scales: Tensor, zeros: Tensor | None, meta: list[int],
+                path: str, config: list[int], out_dtype: torch.dtype) -> Tensor:
+    x = x.contiguous()
+    out = _out(x, qa.shape[1], config, out_dtype)
+    launch_sparse24_mm(x, qa, idx, scales, zeros, meta, path, config, out)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+@sparse24_mm.register_fake
+def _sparse24_mm_fake(x, qa, idx, scales, zeros, meta, path, config, out_dtype):
+    return x.new_empty((x.shape[0], qa.shape[1]), dtype=out_dtype)
