@@ -84,14 +84,14 @@ def candidates(cw: CompressedWeight, lay, m: int, dtype: torch.dtype, sms: int =
         many_ok = one_ok
     one_bks, many_bks = _bks(k, one_ok), _bks(k, many_ok)
     if m <= 16 and one_bks:
-        for bn, bk, warps in ((128, 256, 8), (64, 256, 4), (128, 128, 4), (64, 128, 4)):
+        for bn, bk, warps in ((128, 256, 8), (64, 128, 4)):  # few configs: each is a compile on first use
             bk = next((b for b in one_bks if b <= bk), one_bks[-1])
             for split in _splits(k // bk, m * -(-n // bn), sms)[:2]:
                 c = (one, (1, bn, bk, split, warps, 3))
                 if c not in out:
                     out.append(c)
     if (m >= 2 or isinstance(lay, BCQKernelLayout)) and many_bks:
-        for bn, bk, warps, stages in ((64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4)):
+        for bn, bk, warps, stages in ((64, 128, 4, 4), (128, 64, 4, 4)):
             bk = next((b for b in many_bks if b <= bk), many_bks[-1])
             tiles = -(-m // bm) * -(-n // bn)
             for split in _splits(k // bk, tiles, sms)[:2]:
