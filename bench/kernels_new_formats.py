@@ -5,7 +5,8 @@
    16, against ``x @ decode()^T`` in fp32, relative Frobenius error <= 1e-3 (the "reference" path,
    bf16 weights, is bounded by 4e-3 like the int "dequant" path).
 2. Speed at batch 1 and 16 on 4096x14336, 14336x4096, 8192x28672, 28672x8192: CUDA-graph replay over rotating
-   weight copies (weights from HBM), median, against cuBLAS bf16 in the same run.
+   weight copies (weights from HBM), median, against cuBLAS bf16 in the same run; plus the opt-in FP8 x FP8
+   ``torch._scaled_mm`` path (activations quantized per row: its error is reported, not held to 1e-3).
 Weights: random (0.02 std); BCQ is the exact binary-coded form of int3 g128 RTN (the ALS fit is too slow for a 7B
 layer), 2:4 keeps the 2 largest of every 4 (magnitude) and stores them as int4 g128.
 """
@@ -129,6 +130,17 @@ def run(bench_graph, n_copies) -> None:
             for spec, cws in weights.items():
                 row[f"{spec}_path"] = dispatch_ext.tuned_choice(cws[0], dispatch_ext.layout(cws[0]), x)
                 row[f"{spec}_us"] = bench_graph([lambda c=c: dispatch.kernel_linear(c, x) for c in cws])
+            try:  # opt-in FP8 x FP8 (activations quantized per row): its own column, never dispatched
+                from tensorslim.kernels.reference import reference_fp32, relative_error
+                from tensorslim.kernels.scaled_mm import fp8_scaled_mm_linear
+
+                fp8 = weights["fp8:e4m3"]
+                row["scaled_mm_rel_err"] = relative_error(fp8_scaled_mm_linear(fp8[0], x).float(),
+                                                          reference_fp32(fp8[0], x))
+                row["scaled_mm_us"] = bench_graph([lambda c=c: fp8_scaled_mm_linear(c, x) for c in fp8])
+            except Exception as e:  # API differences between torch versions: report, don't fail
+                print(f"_scaled_mm unavailable: {type(e).__name__}: {str(e)[:200]}")
+                row["scaled_mm_us"] = float("nan")
             rows.append(row)
             print(json.dumps(row, default=str))
         del weights, dense
@@ -136,11 +148,13 @@ def run(bench_graph, n_copies) -> None:
     results["speed"] = rows
     print(f"\n{dev}: microseconds per call, CUDA-graph replay over rotating weight copies, median "
           "(speedup vs cuBLAS bf16); tuned path below each\n")
-    print("| shape (in x out) | batch | bf16 | " + " | ".join(SPECS) + " |")
-    print("|---|---|---|" + "---|" * len(SPECS))
+    print("| shape (in x out) | batch | bf16 | " + " | ".join(SPECS) + " | fp8 _scaled_mm (x in FP8; rel err) |")
+    print("|---|---|---|" + "---|" * len(SPECS) + "---|")
     for r in rows:
         cells = [f"{r[f'{s}_us']:.1f} ({r['bf16_us'] / r[f'{s}_us']:.2f}x) {r[f'{s}_path'][0]} "
                  f"{list(r[f'{s}_path'][1])}" for s in SPECS]
+        t = r["scaled_mm_us"]
+        cells.append(f"{t:.1f} ({r['bf16_us'] / t:.2f}x; {r.get('scaled_mm_rel_err', float('nan')):.1e})")
         print(f"| {r['shape']} | {r['m']} | {r['bf16_us']:.1f} | " + " | ".join(cells) + " |")
     print(f"\nfailures: {n_fail}; worst relative error {worst:.2e}; total {time.time() - t0:.0f}s")
     out_dir = os.environ.get("OUT") or "runs"
