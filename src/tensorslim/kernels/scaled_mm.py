@@ -2,7 +2,7 @@
 
 Unlike every other kernel here this is *not* a weight-only path: it quantizes the activations too (per row,
 ``s_x = max|x_row| / 448``, E4M3 round-to-nearest, saturating), so its result differs from ``x @ decode()^T`` by
-the activation rounding (~2-3% relative per element, far above the kernels' 1e-3 contract). The dispatcher never
+the activation rounding (a few percent relative, far above the kernels' 1e-3 contract). The dispatcher never
 picks it; call :func:`fp8_scaled_mm_linear` yourself (or time it with ``bench/kernels.py --new-formats``).
 
 ``y = (x_q s_x) (W_q s_w)^T = s_x s_w^T * (x_q W_q^T)``: ``_scaled_mm`` with row-wise scales ``scale_a [M, 1]`` and
