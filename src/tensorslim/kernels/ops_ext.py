@@ -61,11 +61,11 @@ def launch_float_mm(x: Tensor, q: Tensor, scales: Tensor, gs: Tensor | None, met
     args = [x, out, q, scales, gs if gs is not None else scales, m, n, k, k // split_k, group, x.stride(0),
             out.stride(0)]
     if path == "gemv":
-        float_gemv_kernel[(m, triton.cdiv(n, bn), split_k)](*args, ELEM=elem, SCALE=scale_mode, SPLIT_K=split_k,
+        float_gemv_kernel[(m, triton.cdiv(n, bn), split_k)](*args, ELEM=elem, SCALE=scale_mode, ATOMIC=split_k > 1,
                                                              BN=bn, BK=bk, num_warps=warps, num_stages=stages)
     else:
         float_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](
-            *args, ELEM=elem, SCALE=scale_mode, SPLIT_K=split_k, PRE_SCALE=pre,
+            *args, ELEM=elem, SCALE=scale_mode, ATOMIC=split_k > 1, PRE_SCALE=pre,
             BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
 
 
@@ -111,11 +111,11 @@ def launch_bcq_mm(x: Tensor, planes: Tensor, alphas: Tensor, offsets: Tensor, me
         lut = bcq_lut(x)
         bcq_lut_gemv_kernel[(m, triton.cdiv(n, bn), split_k)](
             lut, out, planes, alphas, offsets, m, n, k, k // split_k, group, ng, out.stride(0),
-            Q=nq, SPLIT_K=split_k, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+            Q=nq, ATOMIC=split_k > 1, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
     else:
         bcq_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](
             x, out, planes, alphas, offsets, m, n, k, k // split_k, group, ng, x.stride(0), out.stride(0),
-            Q=nq, SPLIT_K=split_k, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+            Q=nq, ATOMIC=split_k > 1, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
 
 
 @torch.library.custom_op("tensorslim::bcq_mm", mutates_args=())
@@ -144,10 +144,10 @@ def launch_sparse24_mm(x: Tensor, qa: Tensor, idx: Tensor, scales: Tensor, zeros
             x.stride(0), out.stride(0)]
     if path == "gemv":
         sparse24_gemv_kernel[(m, triton.cdiv(n, bn), split_k)](
-            *args, SYMMETRIC=bool(symmetric), SPLIT_K=split_k, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+            *args, SYMMETRIC=bool(symmetric), ATOMIC=split_k > 1, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
     else:
         sparse24_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](
-            *args, SYMMETRIC=bool(symmetric), SPLIT_K=split_k, BM=bm, BN=bn, BK=bk, num_warps=warps,
+            *args, SYMMETRIC=bool(symmetric), ATOMIC=split_k > 1, BM=bm, BN=bn, BK=bk, num_warps=warps,
             num_stages=stages)
 
 

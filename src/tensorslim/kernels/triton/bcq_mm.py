@@ -48,7 +48,7 @@ def bcq_lut_gemv_kernel(
     lut_ptr, out_ptr, p_ptr, a_ptr, o_ptr,
     M, N, K, k_split, GROUP, NG,
     stride_om,
-    Q: tl.constexpr, SPLIT_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    Q: tl.constexpr, ATOMIC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -82,7 +82,7 @@ def bcq_lut_gemv_kernel(
         acc += part
     y = tl.sum(acc, axis=0)
     optr = out_ptr + m.to(tl.int64) * stride_om + offs_n
-    if SPLIT_K == 1:
+    if not ATOMIC:
         tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=nmask)
     else:
         tl.atomic_add(optr, y, mask=nmask)
@@ -93,7 +93,7 @@ def bcq_gemm_kernel(
     x_ptr, out_ptr, p_ptr, a_ptr, o_ptr,
     M, N, K, k_split, GROUP, NG,
     stride_xm, stride_om,
-    Q: tl.constexpr, SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    Q: tl.constexpr, ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -124,7 +124,7 @@ def bcq_gemm_kernel(
             acc += tl.dot(x, sg) * a[None, :]
     optr = out_ptr + ms[:, None] * stride_om + offs_n[None, :]
     omask = mmask[:, None] & nmask[None, :]
-    if SPLIT_K == 1:
+    if not ATOMIC:
         tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
     else:
         tl.atomic_add(optr, acc, mask=omask)

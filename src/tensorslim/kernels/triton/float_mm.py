@@ -22,7 +22,8 @@ GEMM (tensor cores): the ``[BK, BN]`` tile of true element values (exact in bf16
 with fp32 accumulation. ``PRE_SCALE``: the block scales are multiplied into the tile before the dot, used only where
 the product is exact in the activation dtype (E2M1 x E4M3: <= 6 significant bits, in fp16 range; E2M1/E4M3 x 2^e in
 bf16), so tiles may span several small blocks (NVFP4's 16); otherwise the tile lies in one group and the partial
-product is scaled in fp32 after the dot. ``SPLIT_K > 1`` adds partial sums atomically into a zeroed fp32 output.
+product is scaled in fp32 after the dot. ``ATOMIC`` (split-K: ``k_split < K``) adds partial sums atomically into a
+zeroed fp32 output; the split factor itself is a runtime argument, so it costs no extra compile.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def float_gemv_kernel(
     x_ptr, out_ptr, q_ptr, s_ptr, gs_ptr,
     M, N, K, k_split, GROUP,
     stride_xm, stride_om,
-    ELEM: tl.constexpr, SCALE: tl.constexpr, SPLIT_K: tl.constexpr,
+    ELEM: tl.constexpr, SCALE: tl.constexpr, ATOMIC: tl.constexpr,
     BN: tl.constexpr, BK: tl.constexpr,
 ):
     m = tl.program_id(0)
@@ -102,7 +103,7 @@ def float_gemv_kernel(
     if SCALE == 2:
         y = y / tl.load(gs_ptr)
     optr = out_ptr + m.to(tl.int64) * stride_om + offs_n
-    if SPLIT_K == 1:
+    if not ATOMIC:
         tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=nmask)
     else:
         tl.atomic_add(optr, y, mask=nmask)
@@ -113,7 +114,7 @@ def float_gemm_kernel(
     x_ptr, out_ptr, q_ptr, s_ptr, gs_ptr,
     M, N, K, k_split, GROUP,
     stride_xm, stride_om,
-    ELEM: tl.constexpr, SCALE: tl.constexpr, SPLIT_K: tl.constexpr, PRE_SCALE: tl.constexpr,
+    ELEM: tl.constexpr, SCALE: tl.constexpr, ATOMIC: tl.constexpr, PRE_SCALE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -149,7 +150,7 @@ def float_gemm_kernel(
         acc = acc / tl.load(gs_ptr)
     optr = out_ptr + ms[:, None] * stride_om + offs_n[None, :]
     omask = mmask[:, None] & nmask[None, :]
-    if SPLIT_K == 1:
+    if not ATOMIC:
         tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
     else:
         tl.atomic_add(optr, acc, mask=omask)

@@ -14,7 +14,8 @@ codes (word ``r // 4``, bits ``8 (r % 4)`` and ``+4``), ``i0, i1`` its positions
   p, v1 - z, 0)`` for the 4 positions ``p``; integers, exact in bf16/fp16), one ``tl.dot`` with fp32 accumulation,
   times the group scale. The sparse tensor cores (``mma.sp``) are not reachable from Triton, so the MMA work is that
   of a dense GEMM; the saving is the weight traffic.
-``SPLIT_K > 1`` adds partial sums atomically into a zeroed fp32 output.
+``ATOMIC`` (split-K: ``k_split < K``) adds partial sums atomically into a
+zeroed fp32 output; the split factor itself is a runtime argument, so it costs no extra compile.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def sparse24_gemv_kernel(
     x_ptr, out_ptr, qa_ptr, idx_ptr, s_ptr, z_ptr,
     M, N, K, k_split, GROUP,
     stride_xm, stride_om,
-    SYMMETRIC: tl.constexpr, SPLIT_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SYMMETRIC: tl.constexpr, ATOMIC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -67,7 +68,7 @@ def sparse24_gemv_kernel(
         acc += (x0 * v0 + x1 * v1) * s[None, :]
     y = tl.sum(acc, axis=0)
     optr = out_ptr + m.to(tl.int64) * stride_om + offs_n
-    if SPLIT_K == 1:
+    if not ATOMIC:
         tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=nmask)
     else:
         tl.atomic_add(optr, y, mask=nmask)
@@ -78,7 +79,7 @@ def sparse24_gemm_kernel(
     x_ptr, out_ptr, qa_ptr, idx_ptr, s_ptr, z_ptr,
     M, N, K, k_split, GROUP,
     stride_xm, stride_om,
-    SYMMETRIC: tl.constexpr, SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SYMMETRIC: tl.constexpr, ATOMIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -100,7 +101,7 @@ def sparse24_gemm_kernel(
         acc += tl.dot(x, w) * s[None, :]
     optr = out_ptr + ms[:, None] * stride_om + offs_n[None, :]
     omask = mmask[:, None] & nmask[None, :]
-    if SPLIT_K == 1:
+    if not ATOMIC:
         tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
     else:
         tl.atomic_add(optr, acc, mask=omask)
