@@ -6,6 +6,7 @@ Run from the repo root on a CUDA machine (no install needed):
     python bench/kernels.py --issue    # issue 7's targets only: the four large shapes at batch 1/16/64/128,
                                        # int3/int2/int8/ternary/Sum at batch 1 and 16 on 8192x28672
     python bench/kernels.py --new-formats  # only FP8 / MXFP4 / NVFP4 / BCQ / 2:4+int4 (bench/kernels_new_formats.py)
+                                           # (with --quick: speed on 4096x14336 and 8192x28672 only)
 Shapes are written ``in x out`` (``4096x14336`` is an up projection: K=4096 inputs, N=14336 outputs).
 Correctness: every path against ``x @ decode()^T`` in fp32 (bf16 activations, fp32 output, so the only difference is
 accumulation order), relative Frobenius error <= 1e-3, outputs poisoned with NaN before the kernel writes them.
@@ -161,7 +162,7 @@ def main() -> None:
     if args.new_formats:
         from kernels_new_formats import run as run_new_formats
 
-        run_new_formats(bench_graph, n_copies)
+        run_new_formats(bench_graph, n_copies, quick=args.quick)
         return
     from tensorslim.formats import SumWeight, parse_format
     from tensorslim.kernels import dispatch
