@@ -26,6 +26,7 @@ import torch
 
 from tensorslim.api import model_size
 from tensorslim.calib.data import calibration_data
+from tensorslim.calib.fisher import dense_grams
 from tensorslim.calib.runner import run_compression
 from tensorslim.eval.cache import CachedBaseline
 from tensorslim.eval.lm import evaluate_lm
@@ -83,30 +84,14 @@ def stored_fraction(model, names) -> float:
     return 1.0 - stored / dense
 
 
-@torch.inference_mode()
-def dense_grams(model, names, calib):
-    grams = {n: None for n in names}
-
-    def hook(n):
-        def f(_m, inp, _o):
-            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
-            g = x.T @ x
-            grams[n] = g if grams[n] is None else grams[n] + g
-        return f
-    hs = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    for i in range(calib.shape[0]):
-        model(input_ids=calib[i:i + 1], use_cache=False)
-    for h in hs:
-        h.remove()
-    return grams
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="eora,lowrank")
     ap.add_argument("--targets", default="0.2,0.4")
     ap.add_argument("--eora-ranks", default="16,32,64")
-    ap.add_argument("--rules", default="uniform,welore,error", help="allocation rules of the low-rank rows")
+    ap.add_argument("--rules", default="uniform,welore,error",
+                    help="allocation rules of the low-rank rows, each optionally RULE:weight or RULE:whitened (the "
+                         "spectra it reads; default: whitened for welore/energy/error with whitened factors, else weight)")
     ap.add_argument("--factors", default="svd,svd-whitened", help="factor kinds of the low-rank rows")
     ap.add_argument("--eval-tokens", type=int, default=32768)
     ap.add_argument("--calib-samples", type=int, default=128)
@@ -143,27 +128,29 @@ def main() -> None:
     if "lowrank" in parts:
         weights = {n: base.get_submodule(n).weight.detach().float() for n in names}
         t0 = time.perf_counter()
-        grams = dense_grams(base, names, calib)
+        grams = dense_grams(base, calib, names)  # X^T X / N of the dense model, as prepare_assign collects it
         t_gram = time.perf_counter() - t0
         t0 = time.perf_counter()
         plain, white = {}, {}
         for n, w in weights.items():
-            u, s, vh = torch.linalg.svd(w, full_matrices=False) if "svd" in args.factors.split(",") else (None, None, None)
-            plain[n] = (u, s, vh)
-            wh = whitening(grams[n] / (args.calib_samples * args.calib_seq), layer=n)
+            plain[n] = torch.linalg.svd(w, full_matrices=False) if "svd" in args.factors.split(",") else None
+            wh = whitening(grams[n], layer=n)
             u2, s2, vh2 = torch.linalg.svd(wh.right(w.double()).float(), full_matrices=False)
             white[n] = (u2, s2, wh.unright(vh2.double()).float())
+        del grams
         t_svd = time.perf_counter() - t0
-        sv = singular_values(weights) if plain[names[0]][1] is None else {n: plain[n][1] for n in names}
-        print(f"grams {t_gram:.0f}s, 2x{len(names)} SVDs {t_svd:.0f}s", flush=True)
+        sv = {n: plain[n][1] for n in names} if plain[names[0]] is not None else singular_values(weights)
+        print(f"grams {t_gram:.0f}s, SVDs {t_svd:.0f}s", flush=True)
         for target in (float(x) for x in args.targets.split(",")):
-            for rule in args.rules.split(","):
+            for spec_rule in args.rules.split(","):
+                rule, _, source = spec_rule.partition(":")
                 for kind, fac in (("svd", plain), ("svd-whitened", white)):
                     if kind not in args.factors.split(","):
                         continue
-                    # rules "error" and "energy" are data-aware on whitened spectra (whitened factors); on W's spectra
-                    # (plain factors) they are data-free
-                    spec = {n: fac[n][1] for n in names} if rule in ("error", "energy") else sv
+                    # the spectra a rule reads: the whitened matrices' (what whitened SVD truncates; the
+                    # welore-whitened default) or the weights' (data-free, the paper's)
+                    src = source or ("whitened" if kind == "svd-whitened" and rule != "uniform" else "weight")
+                    spec = {n: white[n][1] for n in names} if src == "whitened" else sv
                     ranks = allocate_ranks(weights, target, rule, spectra=spec)
                     model = copy.deepcopy(base)
                     for n, k in ranks.items():
@@ -172,8 +159,8 @@ def main() -> None:
                         u, s, vh = fac[n]
                         root = s[:k].sqrt()
                         swap(model, n, LowRankWeight.from_factors(LowRank(rank=k), u[:, :k] * root, root[:, None] * vh[:k]))
-                    label = f"{kind} {LABELS[rule]} ranks, target {target:.0%}"
-                    record(label, model, {"rule": rule, "target": target, "factor": kind,
+                    label = f"{kind} {LABELS[rule]} ranks{'' if rule == 'uniform' else f' ({src} spectra)'}, target {target:.0%}"
+                    record(label, model, {"rule": rule, "spectra": src, "target": target, "factor": kind,
                                           "dense_layers": sum(1 for k in ranks.values() if k is None)})
                     del model
     if "eora" in parts:

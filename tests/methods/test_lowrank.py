@@ -79,6 +79,46 @@ def test_rank_deficient_gram_falls_back_and_stays_finite():
         assert weighted_error(w, u.double() @ v.double(), h) <= weighted_error(w, up.double() @ vp.double(), h) * 1.001
 
 
+def _bf16_gram(x, chunk=64):
+    """X^T X as the runner's bf16 calibration makes it: bf16 inputs, each chunk's product rounded to bf16."""
+    xb = x.to(torch.bfloat16)
+    return sum((c.T @ c).float() for c in xb.split(chunk)).double()
+
+
+def test_indefinite_low_precision_gram_is_projected_not_rejected():
+    from tensorslim.methods.lowrank import SMALL_RIDGE, psd_floor
+
+    g = _seed()
+    w, x = _layer(g, out=40, inp=48, tokens=600)
+    x[:, 5] *= 300.0  # one massive channel (as in real LLM activations): bf16 rounding noise scales with it
+    h = x.T @ x
+    # an indefinite H beyond the small ridges: the rounding noise of a bf16 Gram, or (always) an explicit one
+    hb = _bf16_gram(x)
+    noisy = hb if float(torch.linalg.eigvalsh(hb)[0]) < -2 * SMALL_RIDGE * float(hb.diagonal().mean()) else None
+    e = torch.randn(48, 48, generator=g, dtype=torch.float64)
+    forced = h - (3 * SMALL_RIDGE * float(h.diagonal().mean())) * (e @ e.T) / float(torch.linalg.eigvalsh(e @ e.T)[-1]) \
+        - 3 * SMALL_RIDGE * float(h.diagonal().mean()) * torch.eye(48, dtype=torch.float64)
+    for hn in filter(lambda t: t is not None, (noisy, forced)):
+        lam = torch.linalg.eigvalsh(hn)
+        assert float(lam[0]) < -SMALL_RIDGE * float(hn.diagonal().mean())  # no small ridge can fix it
+        p = psd_floor(hn)
+        d = torch.linalg.eigvalsh(p - hn)
+        assert float(d[0]) >= -1e-9 * float(lam[-1]) and float(d[-1]) <= 2 * -float(lam[0]) * (1 + 1e-9)
+        assert float(torch.linalg.eigvalsh(p)[0]) > 0
+        wh = whitening(hn)  # used to raise CalibrationError
+        assert torch.allclose(wh.l @ wh.l.T, p, rtol=0, atol=1e-8 * float(lam[-1]))
+        k = 12
+        u, v = weighted_lowrank(w, k, whiten=wh)
+        ue, ve = weighted_lowrank(w, k, whiten=whitening(h))
+        err = weighted_error(w, u.double() @ v.double(), h)
+        best = weighted_error(w, ue.double() @ ve.double(), h)
+        up, vp = weighted_lowrank(w, k)
+        plain = weighted_error(w, up.double() @ vp.double(), h)
+        assert best <= err * (1 + 1e-9) and err < plain  # optimal on the true H is best; still far better than plain
+    # a PD H is not touched by the projection (beyond the relative floor)
+    assert torch.allclose(psd_floor(h), h, rtol=0, atol=1e-9 * float(torch.linalg.eigvalsh(h)[-1]))
+
+
 def test_bad_inputs_raise_typed_errors():
     g = _seed()
     w, x = _layer(g)

@@ -95,7 +95,7 @@ def test_method_resolve_and_apply():
             cw = meth.apply(ws[n], LayerStats(), layer=n)
             assert cw.format.rank == ranks[n]
     assert WeLoreWhitened.requires == frozenset({Stat.GRAM}) and WeLore.requires == frozenset()
-    mw = build_method("welore-whitened", parse_format("lowrank:0.3"), rule="energy").resolve(ws)
+    mw = build_method("welore-whitened", parse_format("lowrank:0.3"), rule="energy", spectra="weight").resolve(ws)
     x = torch.randn(100, 32, generator=g)
     some = next(n for n, v in mw.items() if v is not None and ws[n].shape[1] == 32)
     cw = mw[some].apply(ws[some], LayerStats(n_tokens=100, gram=x.T @ x), layer=some)
@@ -181,3 +181,42 @@ def test_global_whitened_method_needs_grams_and_uses_whitened_spectra():
     assert isinstance(table[some], GlobalWhitenedSVD)
     cw = table[some].apply(ws[some], LayerStats(n_tokens=1, gram=grams[some].double()), layer=some)
     assert cw.format.rank == want[some]
+
+
+def _grams_with_a_confined_input(ws, g):
+    """Isotropic inputs everywhere except ``flat0``, whose inputs live in 3 directions (+ a little noise)."""
+    grams = {}
+    for n, w in ws.items():
+        x = torch.randn(400, w.shape[1], generator=g, dtype=torch.float64)
+        if n == "flat0":
+            x = torch.randn(400, 3, generator=g, dtype=torch.float64) @ torch.randn(3, w.shape[1], generator=g,
+                                                                                    dtype=torch.float64) + 1e-4 * x
+        grams[n] = (x.T @ x / 400).float()
+    return grams
+
+
+def test_welore_whitened_allocates_on_the_whitened_spectra():
+    from tensorslim.methods.welore import whitened_spectra
+
+    g = _seed()
+    ws = _weights(g)
+    grams = _grams_with_a_confined_input(ws, g)
+    m = build_method("welore-whitened", parse_format("lowrank:0.3"))
+    assert m.spectra == "whitened" and m.resolve_needs_grams
+    with pytest.raises(ConfigError, match="X\\^T X"):
+        m.resolve(ws)
+    table = m.resolve(ws, grams=grams)
+    want = allocate_ranks(ws, 0.3, "welore", spectra=whitened_spectra(ws, grams))
+    assert {n: (None if v is None else v.format.rank) for n, v in table.items()} == want
+    # whitened spectra: flat0 is rank 3 where the data lives, so WeLore cuts it; its weight spectrum is flat (dense)
+    assert want["flat0"] is not None and want["flat0"] <= 4
+    weight_rule = build_method("welore-whitened", parse_format("lowrank:0.3"), spectra="weight")
+    assert not weight_rule.resolve_needs_grams
+    assert weight_rule.resolve(ws)["flat0"] is None
+    # the whitened spectrum of W is the one whose tail is the activation-weighted error: check on one matrix
+    n = "lr1"
+    x = torch.linalg.cholesky(grams[n].double())
+    s = torch.linalg.svdvals(ws[n].double() @ x)
+    assert torch.allclose(whitened_spectra({n: ws[n]}, {n: grams[n]})[n].double(), s, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="spectra"):
+        build_method("welore-whitened", parse_format("lowrank:0.3"), spectra="grad")

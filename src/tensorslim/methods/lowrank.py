@@ -11,7 +11,9 @@ Whitening uses a Cholesky factor ``H = L L^T`` (float64; any factor with ``S S^T
 so this equals EoRA's ``Q Lambda^{1/2}`` in result and is far cheaper than ``eigh`` on CPU); un-whitening is a
 triangular solve. Rank-deficient ``H`` (fewer tokens than inputs, dead channels): ``damp`` adds
 ``damp * mean(diag H)`` first (default 0 keeps the exact optimum); if Cholesky still fails, ridges of
-``RIDGE_LADDER`` x ``mean(diag H)`` are tried in turn (documented fallback, logged): directions the data never
+``RIDGE_LADDER`` x ``mean(diag H)`` up to ``SMALL_RIDGE`` are tried, then the PSD projection :func:`psd_floor`
+(an ``H`` indefinite beyond rounding, as bf16-accumulated statistics are), then the larger ridges (documented
+fallbacks, logged): directions the data never
 visits are then fitted with a tiny plain-SVD weight instead of an infinite un-whitening. The decomposition is one
 float64 ``eigh`` of the smaller Gram of the weighted matrix (:func:`_top_factors`; faster on CPU than a float32 SVD
 and more accurate), everything around it in float64.
@@ -31,6 +33,8 @@ from ..errors import CalibrationError, NumericalError, UnsupportedLayerError
 logger = logging.getLogger(__name__)
 
 RIDGE_LADDER = (1e-8, 1e-6, 1e-4, 1e-2, 1e-1)  # fallback ridges (x mean diag) when Cholesky fails
+SMALL_RIDGE = 1e-4  # ridges up to this are tried before the PSD floor (they do not change resolved directions)
+EIG_FLOOR = 1e-10  # relative to the largest eigenvalue: the floor of :func:`psd_floor`
 WEIGHT_FLOOR = 1e-8  # relative to the largest row/column weight (FWSVD: rows with zero Fisher)
 
 
@@ -64,13 +68,46 @@ def whitening(h: torch.Tensor, *, damp: float = 0.0, layer: str = "<layer>") -> 
     if damp < 0:
         raise CalibrationError(f"damp must be >= 0, got {damp}")
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    for ridge in (damp, *(r for r in RIDGE_LADDER if r > damp)):
-        l, info = torch.linalg.cholesky_ex(h + ridge * mean_diag * eye if ridge else h)
-        if int(info) == 0 and bool(torch.isfinite(l).all()) and float(l.diagonal().min()) > 0:
+    small = [damp, *(r for r in RIDGE_LADDER if damp < r <= SMALL_RIDGE)]  # the asked damp first, always
+    large = [r for r in RIDGE_LADDER if r > max(damp, SMALL_RIDGE)]
+    for ridge in small:
+        l = _cholesky(h + ridge * mean_diag * eye if ridge else h)
+        if l is not None:
             if ridge != damp:
                 logger.info("layer %r: X^T X is singular; whitening with ridge %.0e x mean diag", layer, ridge)
             return Whitening(l=l)
+    l = _cholesky(psd_floor(h))
+    if l is not None:
+        logger.info("layer %r: X^T X is indefinite beyond rounding (low-precision statistics?); whitening its PSD "
+                    "projection with eigenvalues floored at the negative part", layer)
+        return Whitening(l=l)
+    for ridge in large:
+        l = _cholesky(h + ridge * mean_diag * eye)
+        if l is not None:
+            logger.info("layer %r: X^T X is singular; whitening with ridge %.0e x mean diag", layer, ridge)
+            return Whitening(l=l)
     raise CalibrationError(f"layer {layer!r}: X^T X is not positive definite even with ridge {RIDGE_LADDER[-1]}")
+
+
+def _cholesky(h: torch.Tensor) -> torch.Tensor | None:
+    l, info = torch.linalg.cholesky_ex(h)
+    if int(info) == 0 and bool(torch.isfinite(l).all()) and float(l.diagonal().min()) > 0:
+        return l
+    return None
+
+
+def psd_floor(h: torch.Tensor) -> torch.Tensor:
+    """``h`` with its eigenvalues raised to ``max(-lambda_min, 1e-10 lambda_max)`` (float64, symmetric).
+
+    A Gram accumulated in low precision (bf16 products) is indefinite at the level of its rounding noise,
+    ``|lambda_min| ~ 1e-3 lambda_max``, which can exceed any ridge that is harmless on the other directions. Raising
+    only the eigenvalues below the noise level to it keeps every direction the data resolves and gives the
+    unresolved ones the noise floor's weight (the change is PSD, of norm at most ``2 |lambda_min|``).
+    """
+    lam, q = torch.linalg.eigh(h)
+    floor = max(-float(lam[0]), EIG_FLOOR * float(lam[-1]))
+    out = (q * lam.clamp(min=floor)) @ q.T
+    return 0.5 * (out + out.T)
 
 
 def truncation_rank_check(shape: tuple[int, int], rank: int, layer: str) -> None:

@@ -20,7 +20,8 @@ reaches the break-even ``out*in/(out+in)``, or when its normalized tail error ex
 parameters the factorization would save (the Lagrangian choice). Method ``svd-whitened-global`` runs this rule on
 the whitened spectra of a dense-model Gram pass (:func:`tensorslim.calib.fisher.prepare_assign`).
 
-Methods ``welore`` (plain SVD factors) and ``welore-whitened`` (activation-whitened SVD factors, needs GRAM) take
+Methods ``welore`` (plain SVD factors, rule on ``W``'s spectra) and ``welore-whitened`` (activation-whitened SVD
+factors, needs GRAM; rule on the whitened spectra of ``W L`` by default, ``spectra="weight"`` for ``W``'s) take
 ``lowrank:<fraction>`` and an optional ``rule``. Allocation is global, so the runner calls ``method.resolve(weights)``
 (through :func:`tensorslim.calib.fisher.prepare_assign`) once, before the block loop, and gets a per-layer table of
 fixed-rank copies (or ``None`` = keep dense). ``apply`` on an unresolved method raises :class:`ConfigError`.
@@ -185,9 +186,23 @@ def _allocate_error(sv: Mapping[str, torch.Tensor], shapes: dict[str, tuple[int,
         slack -= sum(shapes[pick])
 
 
+Spectra = Literal["weight", "whitened"]
+
+
+def whitened_spectra(weights: Mapping[str, torch.Tensor], grams: Mapping[str, torch.Tensor],
+                     damp: float = 0.0) -> dict[str, torch.Tensor]:
+    """Singular values of ``W L`` (``L L^T`` = each layer's ``X^T X / N``): the spectra whitened SVD truncates."""
+    out = {}
+    for n, w in weights.items():
+        check_weight(w, n)
+        wh = whitening(grams[n], damp=damp, layer=n)
+        out[n] = torch.linalg.svdvals(wh.right(w.detach().double()).float())
+    return out
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WeLore(SVD):
-    """``welore``: global WeLore (or ``rule``) allocation, plain SVD factors."""
+    """``welore``: global WeLore (or ``rule``) allocation on the weights' spectra, plain SVD factors."""
 
     name: ClassVar[str] = "welore"
     rule: Rule = "welore"
@@ -197,13 +212,24 @@ class WeLore(SVD):
         if self.rule not in RULES:
             raise ConfigError(f"{self.name}: rule must be one of {RULES}, got {self.rule!r}")
 
-    def resolve(self, weights: Mapping[str, torch.Tensor]) -> dict[str, Method | None]:
+    @property
+    def resolve_needs_grams(self) -> bool:
+        """Whether :meth:`resolve` needs each layer's ``X^T X / N`` (``prepare_assign`` then runs a dense Gram pass)."""
+        return False
+
+    def _spectra(self, weights: Mapping[str, torch.Tensor],
+                 grams: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        return None  # the weights' own spectra (computed by allocate_ranks)
+
+    def resolve(self, weights: Mapping[str, torch.Tensor],
+                grams: Mapping[str, torch.Tensor] | None = None) -> dict[str, Method | None]:
         """Per-layer fixed-rank copies (``None`` = keep dense) for the layers in ``weights``."""
         fmt = self.format
         assert isinstance(fmt, LowRank)
         if fmt.rank is not None:
             return {n: self for n in weights}
-        ranks = allocate_ranks(weights, float(fmt.reduction), self.rule)  # type: ignore[arg-type]
+        sv = self._spectra(weights, grams)
+        ranks = allocate_ranks(weights, float(fmt.reduction), self.rule, spectra=sv)  # type: ignore[arg-type]
         return {n: None if k is None else dataclasses.replace(self, format=LowRank(rank=k, dtype=fmt.dtype))
                 for n, k in ranks.items()}
 
@@ -218,20 +244,34 @@ class WeLore(SVD):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WeLoreWhitened(WeLore, WhitenedSVD):
-    """``welore-whitened``: WeLore ranks (data-free), activation-whitened SVD factors (needs GRAM)."""
+    """``welore-whitened``: WeLore ranks, activation-whitened SVD factors (needs GRAM).
+
+    ``spectra``: which singular values the rule reads. ``"whitened"`` (default): those of ``W L``, the matrix whitened
+    SVD truncates (its tail is exactly the activation-weighted error of a rank), from a dense-model Gram pass that
+    :func:`tensorslim.calib.fisher.prepare_assign` runs before the block loop; ``"weight"``: ``W``'s own (the paper's
+    data-free statistic, whose tail says nothing about the error of a *whitened* truncation).
+    """
 
     name: ClassVar[str] = "welore-whitened"
+    spectra: Spectra = "whitened"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.spectra not in ("weight", "whitened"):
+            raise ConfigError(f"{self.name}: spectra must be 'weight' or 'whitened', got {self.spectra!r}")
 
-def whitened_spectra(weights: Mapping[str, torch.Tensor], grams: Mapping[str, torch.Tensor],
-                     damp: float = 0.0) -> dict[str, torch.Tensor]:
-    """Singular values of ``W L`` (``L L^T`` = each layer's ``X^T X / N``), the data-aware statistic of rule ``error``."""
-    out = {}
-    for n, w in weights.items():
-        check_weight(w, n)
-        wh = whitening(grams[n], damp=damp, layer=n)
-        out[n] = torch.linalg.svdvals(wh.right(w.detach().double()).float())
-    return out
+    @property
+    def resolve_needs_grams(self) -> bool:
+        return self.spectra == "whitened"
+
+    def _spectra(self, weights: Mapping[str, torch.Tensor],
+                 grams: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        if self.spectra == "weight":
+            return None
+        if grams is None or set(weights) - set(grams):
+            raise ConfigError(f"{self.name} (spectra='whitened') allocates ranks from the layers' X^T X: call it "
+                              "through tensorslim.calib.fisher.prepare_assign with calibration data (or pass grams=)")
+        return whitened_spectra(weights, grams, float(self.damp))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -244,18 +284,3 @@ class GlobalWhitenedSVD(WeLoreWhitened):
 
     name: ClassVar[str] = "svd-whitened-global"
     rule: Rule = "error"
-    resolve_needs_grams: ClassVar[bool] = True
-
-    def resolve(self, weights: Mapping[str, torch.Tensor],
-                grams: Mapping[str, torch.Tensor] | None = None) -> dict[str, Method | None]:
-        fmt = self.format
-        assert isinstance(fmt, LowRank)
-        if fmt.rank is not None:
-            return {n: self for n in weights}
-        if grams is None or set(weights) - set(grams):
-            raise ConfigError(f"{self.name} allocates ranks from the layers' X^T X: call it through "
-                              "tensorslim.calib.fisher.prepare_assign with calibration data (or pass grams=)")
-        sv = whitened_spectra(weights, grams, float(self.damp))
-        ranks = allocate_ranks(weights, float(fmt.reduction), self.rule, spectra=sv)  # type: ignore[arg-type]
-        return {n: None if k is None else dataclasses.replace(self, format=LowRank(rank=k, dtype=fmt.dtype))
-                for n, k in ranks.items()}
