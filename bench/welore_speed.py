@@ -1,7 +1,7 @@
 """Speed of the full WeLore + activation-whitened SVD pass over SmolLM2-135M (target: under 3 minutes, 2 CPU cores).
 
 Times, separately: the rank allocation inside ``prepare_assign`` (WeLore: one ``svdvals`` per block linear + the
-threshold bisection, data-free), the per-layer solves (whitening + one decomposition per compressed layer, summed
+threshold bisection; with ``welore-whitened``'s default whitened spectra also one dense-model Gram pass, float32), the per-layer solves (whitening + one decomposition per compressed layer, summed
 from the runner's results) and the whole compression (allocation + the runner's calibration forwards and Gram
 statistics + solves). Nothing is decomposed twice beyond WeLore's own ``svdvals``.
 Prints a markdown table; writes JSON under runs/.
@@ -35,7 +35,10 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-seq", type=int, default=512)
     ap.add_argument("--method", default="welore-whitened", help="welore-whitened or svd-whitened-global")
-    ap.add_argument("--calib-dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--spectra", default=None, choices=("weight", "whitened"),
+                    help="welore-whitened: the spectra WeLore's rule reads (default: the method's, whitened)")
+    ap.add_argument("--calib-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the runner's calibration forwards / Gram products (bfloat16: see docs/results/lowrank.md)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="runs/welore_speed.json")
     args = ap.parse_args()
@@ -44,7 +47,8 @@ def main() -> None:
     adapter = get_adapter(model)
     names = adapter.linear_names(model)
     calib = calibration_data(tok, CALIB, samples=args.calib_samples, seq_len=args.calib_seq, seed=0)
-    method = build_method(args.method, LowRank(reduction=args.reduction))
+    method = build_method(args.method, LowRank(reduction=args.reduction),
+                          **({"spectra": args.spectra} if args.spectra else {}))
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     assign = prepare_assign(model, adapter, {n: method for n in names}, calib)  # the allocation (one svdvals each)
@@ -53,7 +57,7 @@ def main() -> None:
                               calib_dtype=args.calib_dtype)
     t_total = time.perf_counter() - t0
     t_solve = sum(r.seconds for r in results)
-    row = {"method": args.method, "reduction": args.reduction, "linears": len(names), "compressed": len(results),
+    row = {"method": args.method, "spectra": getattr(method, "spectra", None), "reduction": args.reduction, "linears": len(names), "compressed": len(results),
            "calib": f"{args.calib_samples}x{args.calib_seq}", "calib_dtype": args.calib_dtype, "threads": args.threads,
            "allocation_s": t_alloc, "solve_s": t_solve, "total_s": t_total, "machine": "2-core CPU (this dev machine)",
            "load_before": load_before, "load_after": os.getloadavg()[0], "under_3_min": t_total < 180}
