@@ -5,6 +5,8 @@ Run from the repo root on a CUDA machine (no install needed):
     python bench/kernels.py --quick    # fewer shapes and batch sizes
     python bench/kernels.py --issue    # issue 7's targets only: the four large shapes at batch 1/16/64/128,
                                        # int3/int2/int8/ternary/Sum at batch 1 and 16 on 8192x28672
+    python bench/kernels.py --sum      # only int4 g128 vs the fused Sum(int4, rank-32): its candidates checked on
+                                       # 4096x4096, speed at batch 1/16 on 4096x14336, 8192x28672, 28672x8192
     python bench/kernels.py --new-formats  # only FP8 / MXFP4 / NVFP4 / BCQ / 2:4+int4 (bench/kernels_new_formats.py)
                                            # (with --quick: speed on 4096x14336 and 8192x28672 only)
 Shapes are written ``in x out`` (``4096x14336`` is an up projection: K=4096 inputs, N=14336 outputs).
@@ -155,6 +157,7 @@ def main() -> None:
     ap.add_argument("--no-sweep", action="store_true",
                     help="skip step 1 (every variant through every candidate on 4096x4096); the tuned choices are "
                          "still checked on every shape and batch")
+    ap.add_argument("--sum", action="store_true", help="only int4 g128 vs the fused Sum(int4, rank-32)")
     ap.add_argument("--new-formats", action="store_true",
                     help="only the FP8/MXFP4/NVFP4/BCQ/2:4+int4 kernels: correctness and speed at batch 1 and 16 "
                          "(bench/kernels_new_formats.py; a few minutes)")
@@ -186,6 +189,8 @@ def main() -> None:
     if args.issue:
         variants = ["int4:g128", "int4:g128:sym", "int3:g128", "int2:g128", "ternary"]
         shapes, batches = SHAPES[1:5], [1, 3, 16, 33, 64, 128]
+    if args.sum:
+        variants, shapes, batches = [], [(4096, 14336), (8192, 28672), (28672, 8192)], [1, 16]
     k, n = 4096, 4096
     for spec in [] if args.no_sweep else variants:
         _, cw = make_int(k, n, spec)
@@ -239,12 +244,15 @@ def main() -> None:
     # 3. speed: CUDA-graph replay over rotating weight copies (cold L2), plus eager do_bench for int4 (overhead)
     from tensorslim.formats import SumWeight as _Sum  # noqa: F401
 
-    speed_batches = [1, 16, 64] if args.quick else [1, 16, 64, 128] if args.issue else [1, 4, 16, 64, 128]
+    speed_batches = [1, 16] if args.sum else [1, 16, 64] if args.quick else [1, 16, 64, 128] if args.issue \
+        else [1, 4, 16, 64, 128]
     other_batches = {1, 16}
     rows = []
     for k, n in shapes:
         specs_here = ["int4:g128"]
-        if (k, n) == (8192, 28672) or not (args.quick or args.issue):
+        if args.sum:
+            specs_here.append("int4:g128+lowrank:r32")
+        elif (k, n) == (8192, 28672) or not (args.quick or args.issue):
             specs_here += ["int3:g128", "int2:g128", "int8:g128", "ternary:g128", "int4:g128+lowrank:r32"]
         weights: dict[str, list] = {}
         for spec in specs_here:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 Choice = tuple[str, tuple[int, ...]]
 _LAYOUTS: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
+_V32: "weakref.WeakKeyDictionary[CompressedWeight, torch.Tensor]" = weakref.WeakKeyDictionary()
 _TUNED: dict[tuple, Choice] = {}
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -127,7 +128,7 @@ def kernel_linear(cw: CompressedWeight, x: torch.Tensor, bias: torch.Tensor | No
     lr = None
     if base is not cw:
         extra = cw.extra  # type: ignore[attr-defined]
-        lr = (torch.nn.functional.linear(x2d.float(), extra.v.float()), extra.u)  # t = x V^T in fp32, u [N, r]
+        lr = (torch.nn.functional.linear(x2d.float(), _v_fp32(extra)), extra.u)  # t = x V^T in fp32, u [N, r]
     out_dtype = out_dtype or x.dtype
     if choice is None:
         choice = tuned_choice(lay, x2d, None if lr is None else lr[1].shape[1])
@@ -135,6 +136,16 @@ def kernel_linear(cw: CompressedWeight, x: torch.Tensor, bias: torch.Tensor | No
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], lay.n)
+
+
+def _v_fp32(extra: CompressedWeight) -> torch.Tensor:
+    """``V`` of a low-rank term in float32, converted once per weight object (an fp16 -> fp32 copy of ``[r, in]``
+    on every call was a third of the fused Sum's batch-1 overhead)."""
+    v = _V32.get(extra)
+    if v is None or v.device != extra.v.device:  # type: ignore[attr-defined]
+        v = extra.v.float()  # type: ignore[attr-defined]
+        _V32[extra] = v
+    return v
 
 
 def layout(base: CompressedWeight) -> IntKernelLayout:
