@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tensorslim.errors import ExportError
-from tensorslim.formats import CompressedLinear
 from tensorslim.io import export
 from tensorslim.io.gguf_export import _qk_rows, export_gguf, plan_export
 from tensorslim.models.tiny import tiny_model

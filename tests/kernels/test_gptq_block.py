@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tensorslim.formats.intgroup import IntGroup, quantize_rtn
+from tensorslim.formats.intgroup import quantize_rtn
 from tensorslim.methods.gptq import gptq_quantize
 from tensorslim.methods.obs import layer_objective
 

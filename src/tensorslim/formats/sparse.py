@@ -30,7 +30,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import ConfigError, FormatError
-from .base import CompressedWeight, Format, Shape, register_weight_class, weight_class
+from .base import CompressedWeight, Format, Shape, register_weight_class
 from .intgroup import IntGroup, quantize_rtn
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 

@@ -15,7 +15,6 @@ from .hqq import HQQ
 from .rtn_imatrix import RTNImatrix
 from .quantease import QuantEase
 from .quantease_outliers import QuantEaseOutliers
-from .rtn import RTN
 from .prune import Magnitude, Wanda
 from .sparsegpt import SparseGPT
 from .mfac import MFAC
