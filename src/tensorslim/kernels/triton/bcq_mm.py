@@ -23,6 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .tiles import store_row, store_rows, tile_rows_cols
+
 
 @triton.jit
 def bcq_lut_kernel(x_ptr, lut_ptr, K, stride_xm, BB: tl.constexpr):
@@ -81,11 +83,7 @@ def bcq_lut_gemv_kernel(
             part += pi * a
         acc += part
     y = tl.sum(acc, axis=0)
-    optr = out_ptr + m.to(tl.int64) * stride_om + offs_n
-    if not ATOMIC:
-        tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.atomic_add(optr, y, mask=nmask)
+    store_row(y, out_ptr, m, stride_om, offs_n, nmask, ATOMIC)
 
 
 @triton.jit
@@ -99,10 +97,7 @@ def bcq_gemm_kernel(
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     JA: tl.constexpr = BK // 32
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    nmask = offs_n < N
-    ms = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-    mmask = ms < M
+    ms, mmask, offs_n, nmask = tile_rows_cols(pid_m, pid_n, M, N, BM, BN)
     ja = tl.arange(0, JA)
     bit = tl.arange(0, 32)
     koff = tl.arange(0, BK)
@@ -122,9 +117,4 @@ def bcq_gemm_kernel(
             sg = tl.reshape(b * 2 - 1, (BK, BN)).to(x_ptr.dtype.element_ty)
             a = tl.load(a_ptr + (i * NG + g) * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
             acc += tl.dot(x, sg) * a[None, :]
-    optr = out_ptr + ms[:, None] * stride_om + offs_n[None, :]
-    omask = mmask[:, None] & nmask[None, :]
-    if not ATOMIC:
-        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.atomic_add(optr, acc, mask=omask)
+    store_rows(acc, out_ptr, ms, stride_om, offs_n, mmask, nmask, ATOMIC)

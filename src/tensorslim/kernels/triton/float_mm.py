@@ -31,6 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .tiles import store_row, store_rows, tile_rows_cols
+
 
 @triton.jit
 def elem_fp16(c, ELEM: tl.constexpr):
@@ -102,11 +104,7 @@ def float_gemv_kernel(
     y = tl.sum(acc, axis=0) * elem_factor(ELEM)
     if SCALE == 2:
         y = y / tl.load(gs_ptr)
-    optr = out_ptr + m.to(tl.int64) * stride_om + offs_n
-    if not ATOMIC:
-        tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.atomic_add(optr, y, mask=nmask)
+    store_row(y, out_ptr, m, stride_om, offs_n, nmask, ATOMIC)
 
 
 @triton.jit
@@ -123,10 +121,7 @@ def float_gemm_kernel(
     BITS: tl.constexpr = 4 if ELEM == 0 else 8
     P: tl.constexpr = 32 // BITS
     JA: tl.constexpr = BK // P
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    nmask = offs_n < N
-    ms = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-    mmask = ms < M
+    ms, mmask, offs_n, nmask = tile_rows_cols(pid_m, pid_n, M, N, BM, BN)
     ja = tl.arange(0, JA)
     shifts = tl.arange(0, P) * BITS
     koff = tl.arange(0, BK)
@@ -148,9 +143,4 @@ def float_gemm_kernel(
             acc += tl.dot(x, v.to(x_ptr.dtype.element_ty)) * s[None, :]
     if SCALE == 2:
         acc = acc / tl.load(gs_ptr)
-    optr = out_ptr + ms[:, None] * stride_om + offs_n[None, :]
-    omask = mmask[:, None] & nmask[None, :]
-    if not ATOMIC:
-        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.atomic_add(optr, acc, mask=omask)
+    store_rows(acc, out_ptr, ms, stride_om, offs_n, mmask, nmask, ATOMIC)

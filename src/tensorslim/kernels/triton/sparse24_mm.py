@@ -23,6 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .tiles import store_row, store_rows, tile_rows_cols
+
 
 @triton.jit
 def load_runs(qa_ptr, idx_ptr, s_ptr, z_ptr, k0, offs_n, nmask, N, GROUP,
@@ -67,11 +69,7 @@ def sparse24_gemv_kernel(
         x1 = tl.load(xb + i1).to(tl.float32)
         acc += (x0 * v0 + x1 * v1) * s[None, :]
     y = tl.sum(acc, axis=0)
-    optr = out_ptr + m.to(tl.int64) * stride_om + offs_n
-    if not ATOMIC:
-        tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=nmask)
-    else:
-        tl.atomic_add(optr, y, mask=nmask)
+    store_row(y, out_ptr, m, stride_om, offs_n, nmask, ATOMIC)
 
 
 @triton.jit
@@ -84,10 +82,7 @@ def sparse24_gemm_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    nmask = offs_n < N
-    ms = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-    mmask = ms < M
+    ms, mmask, offs_n, nmask = tile_rows_cols(pid_m, pid_n, M, N, BM, BN)
     koff = tl.arange(0, BK)
     p = tl.arange(0, 4)[None, :, None]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -99,9 +94,4 @@ def sparse24_gemm_kernel(
         w = tl.reshape(dense, (BK, BN)).to(x_ptr.dtype.element_ty)  # [BK/4, 4, BN] -> input 4r + p
         x = tl.load(x_rows + (k0 + koff)[None, :], mask=mmask[:, None], other=0.0)
         acc += tl.dot(x, w) * s[None, :]
-    optr = out_ptr + ms[:, None] * stride_om + offs_n[None, :]
-    omask = mmask[:, None] & nmask[None, :]
-    if not ATOMIC:
-        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.atomic_add(optr, acc, mask=omask)
+    store_rows(acc, out_ptr, ms, stride_om, offs_n, mmask, nmask, ATOMIC)
