@@ -1,7 +1,7 @@
 """Speed of the full WeLore + activation-whitened SVD pass over SmolLM2-135M (target: under 3 minutes, 2 CPU cores).
 
 Times, separately: the rank allocation inside ``prepare_assign`` (WeLore: one ``svdvals`` per block linear + the
-threshold bisection; with ``welore-whitened``'s default whitened spectra also one dense-model Gram pass, float32), the per-layer solves (whitening + one decomposition per compressed layer, summed
+threshold bisection; with ``--spectra whitened`` also one dense-model Gram pass, float32), the per-layer solves (whitening + one decomposition per compressed layer, summed
 from the runner's results) and the whole compression (allocation + the runner's calibration forwards and Gram
 statistics + solves). Nothing is decomposed twice beyond WeLore's own ``svdvals``.
 Prints a markdown table; writes JSON under runs/.
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--calib-seq", type=int, default=512)
     ap.add_argument("--method", default="welore-whitened", help="welore-whitened or svd-whitened-global")
     ap.add_argument("--spectra", default=None, choices=("weight", "whitened"),
-                    help="welore-whitened: the spectra WeLore's rule reads (default: the method's, whitened)")
+                    help="welore-whitened: the spectra WeLore's rule reads (default: the method's, weight)")
     ap.add_argument("--calib-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="the runner's calibration forwards / Gram products (bfloat16: see docs/results/lowrank.md)")
     ap.add_argument("--threads", type=int, default=2)

@@ -201,8 +201,9 @@ def test_welore_whitened_allocates_on_the_whitened_spectra():
     g = _seed()
     ws = _weights(g)
     grams = _grams_with_a_confined_input(ws, g)
-    m = build_method("welore-whitened", parse_format("lowrank:0.3"))
-    assert m.spectra == "whitened" and m.resolve_needs_grams
+    assert build_method("welore-whitened", parse_format("lowrank:0.3")).spectra == "weight"  # the paper's default
+    m = build_method("welore-whitened", parse_format("lowrank:0.3"), spectra="whitened")
+    assert m.resolve_needs_grams
     with pytest.raises(ConfigError, match="X\\^T X"):
         m.resolve(ws)
     table = m.resolve(ws, grams=grams)
