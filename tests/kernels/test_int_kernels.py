@@ -61,6 +61,30 @@ def test_gemm_matches_reference(ops, bits, group, sym, gen):
         assert err <= TOL, f"bits={bits} g={group} sym={sym} m={m} {config}: {err:.2e} (seed {gen.seed_})"
 
 
+@pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (4, None, True), (8, 128, False), (8, 64, True),
+                                              (2, None, False)])
+def test_gemm_planes_matches_reference(ops, bits, group, sym, gen):
+    """"gemmp" (single-plane codes, one dot per code position), plain and with the fused low-rank epilogue."""
+    w = quantize_rtn(torch.randn(N, K, generator=gen), IntGroup(bits=bits, group_size=group, symmetric=sym))
+    bk = 16 * (32 // bits)
+    for m, config in [(7, (16, 16, bk, 1, 4, 3)), (33, (16, 32, bk, K // bk, 4, 3)), (16, (32, 64, bk, 1, 4, 3))]:
+        x = torch.randn(m, K, generator=gen).to(torch.float16)
+        err = relative_error(run_poisoned(ops, w, x, "gemmp", config), reference_fp32(w, x))
+        assert err <= TOL, f"bits={bits} g={group} sym={sym} m={m} {config}: {err:.2e} (seed {gen.seed_})"
+    lr = LowRankWeight.from_factors(LowRank(rank=5), torch.randn(N, 5, generator=gen), torch.randn(5, K, generator=gen))
+    sw = SumWeight(format=parse_format(f"int{bits}:{'g' + str(group) if group else 'pc'}+lowrank:r5"), shape=(N, K),
+                   base=w, extra=lr)
+    x = torch.randn(5, K, generator=gen).to(torch.float16)
+    err = relative_error(run_poisoned(ops, sw, x, "gemmp", (16, 32, bk, 1, 4, 3)), reference_fp32(sw, x))
+    assert err <= TOL, f"sum bits={bits}: {err:.2e} (seed {gen.seed_})"
+
+
+def test_gemm_planes_is_a_candidate_for_int4_g128():
+    lay = dispatch.layout(quantize_rtn(torch.randn(64, 512), IntGroup(bits=4, group_size=128)))
+    assert any(p == "gemmp" for p, _ in dispatch.candidates(lay, 16))
+    assert not any(p == "gemmp" for p, _ in dispatch.candidates(lay, 1))
+
+
 def test_every_candidate_for_one_format(ops, gen):
     w = quantize_rtn(torch.randn(N, K, generator=gen), IntGroup(bits=4, group_size=64))
     lay = dispatch.layout(w)

@@ -3,7 +3,8 @@
 ``linear(cw, x, bias)`` is what ``CompressedWeight.linear`` calls for CUDA activations. Paths:
 - ``IntGroupWeight`` (1-6 and 8 bits, ``in % 32 == 0``, fp16/bf16 activations): "gemv" (1-16 rows, one row a
   program, CUDA cores, optional split-K), "mma4" (int4 with groups >= 128: tensor cores on bit-trick operands, any
-  batch), "gemm" (tensor-core tiles for the other widths, optional split-K) or "dequant" (dequantize to the
+  batch), "gemm" (tensor-core tiles for the other widths, optional split-K), "gemmp" (tensor-core tiles for
+  single-plane codes, one dot per code position, no reshape of the unpacked codes) or "dequant" (dequantize to the
   activation dtype, then cuBLAS; 64 rows or more);
 - ``TernaryWeight``: the same kernels (2-bit codes ``t + 1``, zero point 1; :func:`.layout.ternary_layout`);
 - ``SumWeight(IntGroupWeight | TernaryWeight, LowRankWeight)``: the same kernels with the low-rank term fused into
@@ -237,6 +238,16 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
                 c = ("gemm", (bm, bn, bk, split, warps, stages))
                 if c not in out:
                     out.append(c)
+    if m >= 2 and lay.qb is None:  # one dot per code position: no [BK, BN] reshape of the unpacked codes
+        bm = min(max(16, _pow2(m)), 128)
+        pa = 32 // lay.bits_a
+        for bk in (b for b in (16 * pa, 32 * pa) if b <= g and g % b == 0 and k % b == 0):
+            for bn, warps, stages in ((128, 4, 4), (64, 4, 4), (256, 8, 3)):
+                tiles = -(-m // bm) * -(-n // bn)
+                for split in _splits(k // bk, tiles, sms)[:2]:
+                    c = ("gemmp", (bm, bn, bk, split, warps, stages))
+                    if c not in out:
+                        out.append(c)
     if m >= 64:
         out.append(("dequant", ()))
     return out

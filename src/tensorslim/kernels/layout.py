@@ -147,7 +147,7 @@ def check_config(path: str, meta: list[int], config: list[int], m: int) -> None:
     """Internal invariants of a kernel launch (the dispatcher only builds valid ones; tests check that it does)."""
     k, bits, bits_a, bits_b, group, _ = meta
     bm, bn, bk, split_k, _, _ = config
-    assert path in ("gemv", "gemm", "mma4"), path
+    assert path in ("gemv", "gemm", "gemmp", "mma4"), path
     assert bits_a in (1, 2, 4, 8) and bits_b in (0, 1, 2, 4) and bits_b <= bits_a, (bits_a, bits_b)
     assert bk >= 32 and bk & (bk - 1) == 0 and k % bk == 0, (k, bk)
     if path == "gemv" and bk > group:
@@ -156,6 +156,8 @@ def check_config(path: str, meta: list[int], config: list[int], m: int) -> None:
         assert bk <= group and group % bk == 0, "tiles lie inside one group"
     if path == "mma4":
         assert bits == 4 and bits_a == 4 and bits_b == 0 and bk >= 128, (bits, bk)
+    if path == "gemmp":
+        assert bits_b == 0 and bk // (32 // bits_a) >= 16, (bits_a, bits_b, bk)
     assert bn >= 16 and bn & (bn - 1) == 0, bn
     assert path == "gemv" or (bm >= 16 and bm & (bm - 1) == 0), bm
     assert split_k >= 1 and (k // bk) % split_k == 0, (k, bk, split_k)

@@ -2,7 +2,8 @@
 
 Ops (namespace ``tensorslim``):
 - ``int_mm(x2d, qa, qb?, scales, zeros?, t?, u?, meta, path, config, out_dtype)`` -> ``[M, N]``: integer-group
-  multiply from the kernel layout (:mod:`.layout`), ``path`` "gemv", "gemm" or "mma4" (int4, groups >= 128), optional fused low-rank term
+  multiply from the kernel layout (:mod:`.layout`), ``path`` "gemv", "gemm", "gemmp" (single-plane codes, one dot per code
+  position) or "mma4" (int4, groups >= 128), optional fused low-rank term
   ``t @ u^T`` (``t = x V^T`` in fp32, ``u [N, r]``);
 - ``int_dequant(qa, qb?, scales, zeros?, meta, out_dtype)`` -> dense ``W^T [K, N]`` (stored column order).
 ``meta = [k, bits, bits_a, bits_b, group, symmetric]``; ``config = [BM, BN, BK, SPLIT_K, num_warps, num_stages]``.
@@ -17,7 +18,7 @@ import torch
 import triton
 
 from .layout import check_config
-from .triton.int_gemm import int_dequant_kernel, int_gemm_kernel
+from .triton.int_gemm import int_dequant_kernel, int_gemm_kernel, int_gemm_planes_kernel
 from .triton.int4_mma import int4_mma_kernel
 from .triton.int_gemv import int_gemv_kernel
 
@@ -56,6 +57,8 @@ def launch_int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zero
         int4_mma_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](
             *common, SYMMETRIC=bool(symmetric), HAS_LR=has_lr, BR=consts["BR"], BM=bm, BN=bn, BK=bk,
             USE_ASM=x.device.type == "cuda", num_warps=num_warps, num_stages=num_stages)
+    elif path == "gemmp":
+        int_gemm_planes_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](*common, **consts)
     else:
         int_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](*common, **consts)
 

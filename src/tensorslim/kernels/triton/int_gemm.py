@@ -73,6 +73,47 @@ def int_gemm_kernel(
 
 
 @triton.jit
+def int_gemm_planes_kernel(
+    x_ptr, out_ptr, qa_ptr, qb_ptr, s_ptr, z_ptr, t_ptr, u_ptr,
+    M, N, K, R, k_split, GROUP, SPLIT_K,
+    stride_xm, stride_om, stride_tm, stride_un,
+    BITS: tl.constexpr, BITS_A: tl.constexpr, BITS_B: tl.constexpr, SYMMETRIC: tl.constexpr,
+    HAS_LR: tl.constexpr, BR: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """Tiled GEMM ("gemmp") for single-plane codes: per K tile, one ``tl.dot`` per code position ``t`` of the
+    ``[BK/PA, BN]`` words (``PA = 32 / BITS_A`` dots with ``K = BK / PA >= 16``) against the activations of inputs
+    ``j*PA + t`` (a strided ``[BM, BK/PA]`` load), so the unpacked codes are never reshaped into ``[BK, BN]``.
+    Same numerics as :func:`int_gemm_kernel` (integer weights ``q - z`` exact in bf16/fp16, fp32 accumulation, the
+    group scale applied to the tile's partial product)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    PA: tl.constexpr = 32 // BITS_A
+    JA: tl.constexpr = BK // PA
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    ms = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    mmask = ms < M
+    ja = tl.arange(0, JA)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    x_rows = x_ptr + ms[:, None] * stride_xm
+    k_lo = pid_k * k_split
+    for k0 in range(k_lo, k_lo + k_split, BK):
+        wa = tl.load(qa_ptr + ((k0 // PA + ja).to(tl.int64) * N)[:, None] + offs_n[None, :], mask=nmask[None, :],
+                     other=0)
+        s, z = load_group(s_ptr, z_ptr, k0 // GROUP, offs_n, nmask, N, BITS, SYMMETRIC)
+        part = tl.zeros((BM, BN), dtype=tl.float32)
+        for t in tl.static_range(PA):
+            w = (((wa >> (t * BITS_A)) & ((1 << BITS_A) - 1)) - z[None, :]).to(x_ptr.dtype.element_ty)
+            x = tl.load(x_rows + (k0 + ja * PA + t)[None, :], mask=mmask[:, None], other=0.0)
+            part = tl.dot(x, w, part)
+        acc += part * s[None, :]
+    store_tile(acc, pid_k, t_ptr, u_ptr, out_ptr, ms, offs_n, mmask, nmask, stride_tm, stride_un, stride_om, R,
+               HAS_LR, BR, SPLIT_K)
+
+
+@triton.jit
 def int_dequant_kernel(
     out_ptr, qa_ptr, qb_ptr, s_ptr, z_ptr, N, GROUP,
     BITS: tl.constexpr, BITS_A: tl.constexpr, BITS_B: tl.constexpr, SYMMETRIC: tl.constexpr,
