@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .int_gemm import store_tile
+from .tiles import tile_rows_cols
 
 _ASM_BF16 = tl.constexpr("""
 {
@@ -69,10 +70,7 @@ def int4_mma_kernel(
     DT: tl.constexpr = x_ptr.dtype.element_ty
     C: tl.constexpr = 128.0 if DT == tl.bfloat16 else 1024.0
     J: tl.constexpr = BK // 8
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    nmask = offs_n < N
-    ms = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-    mmask = ms < M
+    ms, mmask, offs_n, nmask = tile_rows_cols(pid_m, pid_n, M, N, BM, BN)
     j = tl.arange(0, J)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_lo = pid_k * k_split

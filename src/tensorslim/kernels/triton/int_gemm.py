@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .int_gemv import load_codes3, load_group, tile_k_offsets
+from .tiles import tile_rows_cols
 
 
 @triton.jit
@@ -54,10 +55,7 @@ def int_gemm_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    nmask = offs_n < N
-    ms = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-    mmask = ms < M
+    ms, mmask, offs_n, nmask = tile_rows_cols(pid_m, pid_n, M, N, BM, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     koff = tl.arange(0, BK)  # load_codes3 flattened is the natural input order
     x_rows = x_ptr + ms[:, None] * stride_xm
@@ -91,10 +89,7 @@ def int_gemm_planes_kernel(
     pid_k = tl.program_id(2)
     PA: tl.constexpr = 32 // BITS_A
     JA: tl.constexpr = BK // PA
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    nmask = offs_n < N
-    ms = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-    mmask = ms < M
+    ms, mmask, offs_n, nmask = tile_rows_cols(pid_m, pid_n, M, N, BM, BN)
     ja = tl.arange(0, JA)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     x_rows = x_ptr + ms[:, None] * stride_xm
