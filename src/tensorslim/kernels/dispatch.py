@@ -143,7 +143,7 @@ def _v_fp32(extra: CompressedWeight) -> torch.Tensor:
     """``V`` of a low-rank term in float32, converted once per weight object (an fp16 -> fp32 copy of ``[r, in]``
     on every call was a third of the fused Sum's batch-1 overhead)."""
     v = _V32.get(extra)
-    if v is None or v.device != extra.v.device:  # type: ignore[attr-defined]
+    if v is None:
         v = extra.v.float()  # type: ignore[attr-defined]
         _V32[extra] = v
     return v

@@ -18,7 +18,7 @@ import torch
 import triton
 
 from .layout import check_config
-from .triton.int_gemm import int_dequant_kernel, int_gemm_kernel, int_gemm_planes_kernel
+from .triton.int_gemm import int_dequant_kernel, int_gemm_kernel
 from .triton.int4_mma import int4_mma_kernel
 from .triton.int_gemv import int_gemv_kernel
 
@@ -57,10 +57,8 @@ def launch_int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zero
         int4_mma_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](
             *common, SYMMETRIC=bool(symmetric), HAS_LR=has_lr, BR=consts["BR"], BM=bm, BN=bn, BK=bk,
             USE_ASM=x.device.type == "cuda", num_warps=num_warps, num_stages=num_stages)
-    elif path == "gemmp":
-        int_gemm_planes_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](*common, **consts)
     else:
-        int_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](*common, **consts)
+        int_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](*common, **consts, PLANES=path == "gemmp")
 
 
 @torch.library.custom_op("tensorslim::int_mm", mutates_args=())

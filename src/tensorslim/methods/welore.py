@@ -250,8 +250,9 @@ class WeLoreWhitened(WeLore, WhitenedSVD):
     statistic; ``"whitened"``: those of ``W L``, the matrix whitened SVD truncates (its tail is exactly the
     activation-weighted error of a rank), from a dense-model Gram pass that
     :func:`tensorslim.calib.fisher.prepare_assign` runs before the block loop. On SmolLM2's standard protocol the
-    paper's rule is better at 20% (54.3 vs 61.4 perplexity) and worse at 40% (627 vs 360), and the Gram pass makes
-    the whole compression ~2.5x slower (docs/results/lowrank.md, session 4), hence the default.
+    paper's rule is better at 20% (54.3 vs 61.4 perplexity) and worse at 40% (627 vs 360), and it needs no dense
+    Gram pass (159 s on the 2-core machine, on top of the 108 s whole compression with W's spectra;
+    docs/results/lowrank.md, session 4), hence the default.
     """
 
     name: ClassVar[str] = "welore-whitened"

@@ -111,8 +111,8 @@ def allocate_block(curves: dict[str, list[float]], grid: Sequence[float], sizes:
         j = pos[best]
         gain = sizes[best] * (grid[j + 1] - grid[j]) / total
         if reached + gain >= target - 1e-12:
-            frac = min(1.0, (target - reached) / gain)  # rounding can put the last step a hair past its grid point
-            alloc[best] = min(grid[j + 1], grid[j] + frac * (grid[j + 1] - grid[j]))
+            step = (target - reached) / gain * (grid[j + 1] - grid[j])  # rounding can overshoot grid[j + 1]
+            alloc[best] = min(grid[j + 1], grid[j] + step)
             break
         pos[best] = j + 1
         alloc[best] = grid[j + 1]

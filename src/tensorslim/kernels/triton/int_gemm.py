@@ -5,7 +5,9 @@ GROUP``) it unpacks the ``[BK, BN]`` codes (transposed word layout, coalesced al
 ``q - z`` in the activation dtype (exact in bf16/fp16 for up to 8 bits: ``|q - z| <= 255``), runs one tensor-core
 ``tl.dot`` with fp32 accumulation and scales the partial product by the group scales in fp32. So the only rounding
 is the fp32 accumulation: the result matches ``x @ decode()^T`` in fp32 to accumulation-order error. ``SPLIT_K > 1``
-adds partial sums atomically into a zeroed fp32 output (for few output tiles). The ``m`` index varies fastest over
+adds partial sums atomically into a zeroed fp32 output (for few output tiles). ``PLANES`` ("gemmp", single-plane codes only)
+multiplies per code position instead: ``32 / BITS_A`` dots of ``K = BK * BITS_A / 32 >= 16`` against the
+activations of inputs ``j * PA + t`` (strided loads), so the unpacked codes are never reshaped; same numerics. The ``m`` index varies fastest over
 the grid, so programs sharing a weight tile run together and read it from L2. An optional low-rank epilogue adds ``t
 U^T`` (fp32, ``pid_k == 0`` only).
 
@@ -50,7 +52,7 @@ def int_gemm_kernel(
     stride_xm, stride_om, stride_tm, stride_un,
     BITS: tl.constexpr, BITS_A: tl.constexpr, BITS_B: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_LR: tl.constexpr, BR: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PLANES: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -61,49 +63,23 @@ def int_gemm_kernel(
     x_rows = x_ptr + ms[:, None] * stride_xm
     k_lo = pid_k * k_split
     for k0 in range(k_lo, k_lo + k_split, BK):
-        q = tl.reshape(load_codes3(qa_ptr, qb_ptr, k0, offs_n, nmask, N, BITS_A, BITS_B, BK), (BK, BN))
         s, z = load_group(s_ptr, z_ptr, k0 // GROUP, offs_n, nmask, N, BITS, SYMMETRIC)
-        x = tl.load(x_rows + (k0 + koff)[None, :], mask=mmask[:, None], other=0.0)
-        w = (q - z[None, :]).to(x_ptr.dtype.element_ty)  # [BK, BN], integers: exact in fp16/bf16
-        acc += tl.dot(x, w) * s[None, :]
-    store_tile(acc, pid_k, t_ptr, u_ptr, out_ptr, ms, offs_n, mmask, nmask, stride_tm, stride_un, stride_om, R,
-               HAS_LR, BR, SPLIT_K)
-
-
-@triton.jit
-def int_gemm_planes_kernel(
-    x_ptr, out_ptr, qa_ptr, qb_ptr, s_ptr, z_ptr, t_ptr, u_ptr,
-    M, N, K, R, k_split, GROUP, SPLIT_K,
-    stride_xm, stride_om, stride_tm, stride_un,
-    BITS: tl.constexpr, BITS_A: tl.constexpr, BITS_B: tl.constexpr, SYMMETRIC: tl.constexpr,
-    HAS_LR: tl.constexpr, BR: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):
-    """Tiled GEMM ("gemmp") for single-plane codes: per K tile, one ``tl.dot`` per code position ``t`` of the
-    ``[BK/PA, BN]`` words (``PA = 32 / BITS_A`` dots with ``K = BK / PA >= 16``) against the activations of inputs
-    ``j*PA + t`` (a strided ``[BM, BK/PA]`` load), so the unpacked codes are never reshaped into ``[BK, BN]``.
-    Same numerics as :func:`int_gemm_kernel` (integer weights ``q - z`` exact in bf16/fp16, fp32 accumulation, the
-    group scale applied to the tile's partial product)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    PA: tl.constexpr = 32 // BITS_A
-    JA: tl.constexpr = BK // PA
-    ms, mmask, offs_n, nmask = tile_rows_cols(pid_m, pid_n, M, N, BM, BN)
-    ja = tl.arange(0, JA)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    x_rows = x_ptr + ms[:, None] * stride_xm
-    k_lo = pid_k * k_split
-    for k0 in range(k_lo, k_lo + k_split, BK):
-        wa = tl.load(qa_ptr + ((k0 // PA + ja).to(tl.int64) * N)[:, None] + offs_n[None, :], mask=nmask[None, :],
-                     other=0)
-        s, z = load_group(s_ptr, z_ptr, k0 // GROUP, offs_n, nmask, N, BITS, SYMMETRIC)
-        part = tl.zeros((BM, BN), dtype=tl.float32)
-        for t in tl.static_range(PA):
-            w = (((wa >> (t * BITS_A)) & ((1 << BITS_A) - 1)) - z[None, :]).to(x_ptr.dtype.element_ty)
-            x = tl.load(x_rows + (k0 + ja * PA + t)[None, :], mask=mmask[:, None], other=0.0)
-            part = tl.dot(x, w, part)
-        acc += part * s[None, :]
+        if PLANES:  # one dot per code position t of the words: inputs j*PA + t, no [BK, BN] reshape
+            PA: tl.constexpr = 32 // BITS_A
+            ja = tl.arange(0, BK // PA)
+            wa = tl.load(qa_ptr + ((k0 // PA + ja).to(tl.int64) * N)[:, None] + offs_n[None, :],
+                         mask=nmask[None, :], other=0)
+            part = tl.zeros((BM, BN), dtype=tl.float32)
+            for t in tl.static_range(PA):
+                w = (((wa >> (t * BITS_A)) & ((1 << BITS_A) - 1)) - z[None, :]).to(x_ptr.dtype.element_ty)
+                x = tl.load(x_rows + (k0 + ja * PA + t)[None, :], mask=mmask[:, None], other=0.0)
+                part = tl.dot(x, w, part)
+            acc += part * s[None, :]
+        else:
+            q = tl.reshape(load_codes3(qa_ptr, qb_ptr, k0, offs_n, nmask, N, BITS_A, BITS_B, BK), (BK, BN))
+            x = tl.load(x_rows + (k0 + koff)[None, :], mask=mmask[:, None], other=0.0)
+            w = (q - z[None, :]).to(x_ptr.dtype.element_ty)  # [BK, BN], integers: exact in fp16/bf16
+            acc += tl.dot(x, w) * s[None, :]
     store_tile(acc, pid_k, t_ptr, u_ptr, out_ptr, ms, offs_n, mmask, nmask, stride_tm, stride_un, stride_om, R,
                HAS_LR, BR, SPLIT_K)
 
