@@ -88,10 +88,15 @@ def check_choice(cw, x, choice) -> float:
         return max(err_w, relative_error(y, ref) / 4)  # bf16 weights: ~1.5e-3 by rounding alone, so bound 4e-3
     lr = None
     if cw is not base:
-        lr = (torch.nn.functional.linear(x2d.float(), cw.extra.v.float()), cw.extra.u)
-    split = config[3]
+        lr = (torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).float(), cw.extra.v.float()), cw.extra.u)
+    split = config[2] if path == "wa" else config[3]
     out = torch.zeros(x.shape[0], lay.n, device=x.device) if split > 1 else \
         torch.full((x.shape[0], lay.n), float("nan"), device=x.device)
+    if path == "wa":
+        wl = dispatch.wa_of(lay)
+        ops.launch_int4_wa(x2d.contiguous(), wl.q, wl.scales, wl.zeros, *(lr or (None, None)),
+                           [wl.k, wl.group, int(wl.symmetric), wl.j], list(config), out)
+        return relative_error(out, ref)
     ops.launch_int_mm(x2d.contiguous(), lay.qa, lay.qb, lay.scales, lay.zeros, *(lr or (None, None)), meta, path,
                       list(config), out)
     return relative_error(out, ref)

@@ -28,9 +28,15 @@ def run_poisoned(ops, cw, x, path, config):
     x2d = x if lay.perm is None else x.index_select(1, lay.perm)
     lr = (None, None)
     if base is not cw:
-        lr = (torch.nn.functional.linear(x2d.float(), cw.extra.v.float()), cw.extra.u)
+        lr = (torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).float(), cw.extra.v.float()), cw.extra.u)
     meta = [lay.k, lay.bits, lay.bits_a, lay.bits_b, lay.group, int(lay.symmetric)]
-    out = torch.zeros(x.shape[0], lay.n) if config[3] > 1 else torch.full((x.shape[0], lay.n), float("nan"))
+    split = config[2] if path == "wa" else config[3]
+    out = torch.zeros(x.shape[0], lay.n) if split > 1 else torch.full((x.shape[0], lay.n), float("nan"))
+    if path == "wa":  # the weights-as-A kernel reads its own layout (tests/kernels/test_int4_wa.py)
+        wl = dispatch.wa_of(lay)
+        ops.launch_int4_wa(x2d.contiguous(), wl.q, wl.scales, wl.zeros, *lr, [wl.k, wl.group, int(wl.symmetric), wl.j],
+                           list(config), out)
+        return out
     ops.launch_int_mm(x2d.contiguous(), lay.qa, lay.qb, lay.scales, lay.zeros, *lr, meta, path, list(config), out)
     return out
 

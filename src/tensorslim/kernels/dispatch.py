@@ -2,8 +2,9 @@
 
 ``linear(cw, x, bias)`` is what ``CompressedWeight.linear`` calls for CUDA activations. Paths:
 - ``IntGroupWeight`` (1-6 and 8 bits, ``in % 32 == 0``, fp16/bf16 activations): "gemv" (1-16 rows, one row a
-  program, CUDA cores, optional split-K), "mma4" (int4 with groups >= 128: tensor cores on bit-trick operands, any
-  batch), "gemm" (tensor-core tiles for the other widths, optional split-K), "gemmp" (tensor-core tiles for
+  program, CUDA cores, optional split-K), "wa" (int4, ``in % 256 == 0``, groups of 32 or more: the weights as the
+  tensor cores' A operand from registers, :mod:`.triton.int4_wa`, any batch; its own repacked layout, memoized with
+  the integer layout), "mma4" (int4 with groups >= 128: tensor cores on bit-trick operands, any batch), "gemm" (tensor-core tiles for the other widths, optional split-K), "gemmp" (tensor-core tiles for
   single-plane codes, one dot per code position, no reshape of the unpacked codes) or "dequant" (dequantize to the
   activation dtype, then cuBLAS; 64 rows or more);
 - ``TernaryWeight``: the same kernels (2-bit codes ``t + 1``, zero point 1; :func:`.layout.ternary_layout`);
@@ -34,7 +35,10 @@ import torch
 
 from ..formats.base import CompressedWeight
 from ..formats.intgroup import IntGroupWeight
-from .layout import IntKernelLayout, int_layout, int_layout_reason, ternary_layout, ternary_layout_reason
+from .layout import (
+    WA_J, Int4WALayout, IntKernelLayout, int_layout, int_layout_reason, ternary_layout, ternary_layout_reason, wa_layout,
+    wa_reason,
+)
 from .reference import reference_linear
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 Choice = tuple[str, tuple[int, ...]]
 _LAYOUTS: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
 _V32: "weakref.WeakKeyDictionary[CompressedWeight, torch.Tensor]" = weakref.WeakKeyDictionary()
+_WA: "weakref.WeakKeyDictionary[IntKernelLayout, Int4WALayout]" = weakref.WeakKeyDictionary()
 _TUNED: dict[tuple, Choice] = {}
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -124,12 +129,12 @@ def kernel_linear(cw: CompressedWeight, x: torch.Tensor, bias: torch.Tensor | No
     assert base is not None, kernel_reason(cw, x)
     lay = layout(base)
     x2d = x.reshape(-1, x.shape[-1])
+    lr = None
+    if base is not cw:  # t = x V^T in fp32 (V in the input order: before act-order's permutation), u [N, r]
+        extra = cw.extra  # type: ignore[attr-defined]
+        lr = (torch.nn.functional.linear(x2d.float(), _v_fp32(extra)), extra.u)
     if lay.perm is not None:
         x2d = x2d.index_select(1, lay.perm.to(x2d.device))
-    lr = None
-    if base is not cw:
-        extra = cw.extra  # type: ignore[attr-defined]
-        lr = (torch.nn.functional.linear(x2d.float(), _v_fp32(extra)), extra.u)  # t = x V^T in fp32, u [N, r]
     out_dtype = out_dtype or x.dtype
     if choice is None:
         choice = tuned_choice(lay, x2d, None if lr is None else lr[1].shape[1])
@@ -157,11 +162,25 @@ def layout(base: CompressedWeight) -> IntKernelLayout:
     return lay
 
 
+def wa_of(lay: IntKernelLayout) -> Int4WALayout:
+    """The weights-as-A layout of an int4 kernel layout, repacked once and memoized with it."""
+    wl = _WA.get(lay)
+    if wl is None:
+        wl = wa_layout(lay)
+        _WA[lay] = wl
+    return wl
+
+
 def run_choice(choice: Choice, lay: IntKernelLayout, x2d: torch.Tensor, lr: tuple[torch.Tensor, torch.Tensor] | None,
                out_dtype: torch.dtype) -> torch.Tensor:
     ops = _ops()
     assert ops is not None
     path, config = choice
+    if path == "wa":
+        wl = wa_of(lay)
+        t, u = lr if lr is not None else (None, None)
+        return ops.int4_wa_mm(x2d, wl.q, wl.scales, wl.zeros, t, u, [wl.k, wl.group, int(wl.symmetric), wl.j],
+                              list(config), out_dtype)
     meta = [lay.k, lay.bits, lay.bits_a, lay.bits_b, lay.group, int(lay.symmetric)]
     if path == "dequant":
         w_t = ops.int_dequant(lay.qa, lay.qb, lay.scales, lay.zeros, meta, x2d.dtype)  # [K, N]
@@ -201,8 +220,9 @@ def _mma4_ok(lay: IntKernelLayout) -> bool:
 def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
     """Correct (path, config) choices for ``m`` rows, best guess first.
 
-    config = (BM, BN, BK, SPLIT_K, num_warps, num_stages); BM is unused by "gemv" (one row a program). The first
-    guesses come from the instruction counts of the sm_90a builds (docs/kernels.md), not from timings.
+    config = (BM, BN, BK, SPLIT_K, num_warps, num_stages); BM is unused by "gemv" (one row a program); "wa" takes
+    (BM, BN, SPLIT_K, num_warps, num_stages) (its block is fixed by the layout). The first guesses come from the
+    instruction counts of the sm_90a builds (docs/kernels.md); the "wa" sets from its H200 sweep (docs/results/kernels.md).
     """
     n, k, g = lay.n, lay.k, lay.group
     bks = [b for b in (128, 64, 32) if g % b == 0 and k % b == 0]
@@ -248,6 +268,17 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
                     c = ("gemmp", (bm, bn, bk, split, warps, stages))
                     if c not in out:
                         out.append(c)
+    if wa_reason(lay) is None:  # int4 with the weights as the A operand (any batch): best measured from 1 to 64 rows
+        bms = [8, 16] if m <= 8 else [min(m, 128)] if m < 128 else [64, 128]
+        sets = ((64, 4, 3), (64, 4, 2), (64, 4, 4), (128, 8, 3)) if m <= 32 else ((64, 4, 3), (64, 4, 2), (128, 8, 3))
+        blocks = k // (8 * WA_J)
+        for bm in bms:
+            for bn, warps, stages in sets + (((128, 8, 2),) if bm == 128 else ()):
+                tiles = -(-m // bm) * -(-n // bn)
+                ok = [s for s in (1, 2, 4, 8, 16) if blocks % s == 0 and blocks // s >= 2] or [1]
+                fill = [s for s in ok if tiles * s >= sms]  # the first split that fills the SMs, and twice it
+                for split in dict.fromkeys([ok[0]] + fill[:2]):
+                    out.append(("wa", (bm, bn, split, warps, stages)))
     if m >= 64:
         out.append(("dequant", ()))
     return out

@@ -120,6 +120,47 @@ def int_layout(w: IntGroupWeight) -> IntKernelLayout:
     )
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Int4WALayout:
+    """What the weights-as-A int4 kernel (:mod:`.triton.int4_wa`) reads: row-major words, blocks of ``8 j`` inputs
+    interleaved so that nibble ``t`` of word ``i`` (``i < j``) is input ``j t + i`` of its block."""
+
+    n: int
+    k: int
+    j: int
+    group: int
+    symmetric: bool
+    q: torch.Tensor  # int32 [n, k / 8]
+    scales: torch.Tensor  # [n, n_groups], stored dtype
+    zeros: torch.Tensor | None  # uint8 [n, n_groups], or None when symmetric
+
+
+WA_J = 32  # words per row per block of the weights-as-A layout (blocks of 256 inputs): best measured on the H200
+
+
+def wa_reason(lay: IntKernelLayout, j: int = WA_J) -> str | None:
+    """``None`` if the weights-as-A int4 kernel can run the weight behind ``lay`` with blocks of ``8 j`` inputs."""
+    g = lay.group
+    if lay.bits != 4 or lay.qb is not None:
+        return f"{lay.bits}-bit codes (the weights-as-A kernel takes 4-bit codes)"
+    if lay.k % (8 * j) or g % j or (g % (8 * j) and (8 * j) % g):
+        return f"in_features {lay.k} / group {g} do not fit blocks of {8 * j} inputs"
+    return None
+
+
+def wa_layout(lay: IntKernelLayout, j: int = WA_J) -> Int4WALayout:
+    """One-time repack for :mod:`.triton.int4_wa` from the integer kernel layout (same bytes as the codes)."""
+    assert wa_reason(lay, j) is None, wa_reason(lay, j)
+    n, k = lay.n, lay.k
+    codes = unpack_plane(lay.qa, 4, k)  # [n, k] stored input order
+    blocks = codes.reshape(n, k // (8 * j), 8, j).transpose(2, 3).reshape(n, k)  # [.., i, t]: input j t + i
+    return Int4WALayout(
+        n=n, k=k, j=j, group=lay.group, symmetric=lay.symmetric,
+        q=pack_codes(blocks, 4).view(torch.int32).reshape(n, k // 8).contiguous(),
+        scales=lay.scales.t().contiguous(), zeros=None if lay.zeros is None else lay.zeros.t().contiguous(),
+    )
+
+
 def _zeros_t(zeros: torch.Tensor, bits: int, n_groups: int) -> torch.Tensor:
     return unpack_codes(zeros, bits, n_groups).to(torch.uint8).t().contiguous()
 
@@ -146,6 +187,14 @@ def layout_decode(lay: IntKernelLayout, dtype: torch.dtype = torch.float32) -> t
 def check_config(path: str, meta: list[int], config: list[int], m: int) -> None:
     """Internal invariants of a kernel launch (the dispatcher only builds valid ones; tests check that it does)."""
     k, bits, bits_a, bits_b, group, _ = meta
+    if path == "wa":  # (BM, BN, SPLIT_K, warps, stages) on the weights-as-A layout (blocks of 8 * WA_J inputs)
+        bm, bn, split_k, _, _ = config
+        blk = 8 * WA_J
+        assert bits == 4 and bits_b == 0 and k % blk == 0 and group % WA_J == 0, (bits, k, group)
+        assert group % blk == 0 or blk % group == 0, group
+        assert bm >= 8 and bm & (bm - 1) == 0 and bn >= 64 and bn & (bn - 1) == 0, (bm, bn)
+        assert split_k >= 1 and (k // blk) % split_k == 0, (k, split_k)
+        return
     bm, bn, bk, split_k, _, _ = config
     assert path in ("gemv", "gemm", "gemmp", "mma4"), path
     assert bits_a in (1, 2, 4, 8) and bits_b in (0, 1, 2, 4) and bits_b <= bits_a, (bits_a, bits_b)

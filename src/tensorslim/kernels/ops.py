@@ -5,6 +5,8 @@ Ops (namespace ``tensorslim``):
   multiply from the kernel layout (:mod:`.layout`), ``path`` "gemv", "gemm", "gemmp" (single-plane codes, one dot per code
   position) or "mma4" (int4, groups >= 128), optional fused low-rank term
   ``t @ u^T`` (``t = x V^T`` in fp32, ``u [N, r]``);
+- ``int4_wa_mm(x2d, q, scales, zeros?, t?, u?, meta, config, out_dtype)``: int4 with the weights as the tensor-core A
+  operand (:mod:`.triton.int4_wa`, its own layout :func:`.layout.wa_layout`), any batch;
 - ``int_dequant(qa, qb?, scales, zeros?, meta, out_dtype)`` -> dense ``W^T [K, N]`` (stored column order).
 ``meta = [k, bits, bits_a, bits_b, group, symmetric]``; ``config = [BM, BN, BK, SPLIT_K, num_warps, num_stages]``.
 
@@ -20,6 +22,7 @@ import triton
 from .layout import check_config
 from .triton.int_gemm import int_dequant_kernel, int_gemm_kernel
 from .triton.int4_mma import int4_mma_kernel
+from .triton.int4_wa import int4_wa_kernel
 from .triton.int_gemv import int_gemv_kernel
 
 Tensor = torch.Tensor
@@ -59,6 +62,47 @@ def launch_int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zero
             USE_ASM=x.device.type == "cuda", num_warps=num_warps, num_stages=num_stages)
     else:
         int_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](*common, **consts, PLANES=path == "gemmp")
+
+
+def launch_int4_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Tensor | None, u: Tensor | None,
+                   meta: list[int], config: list[int], out: Tensor) -> None:
+    """Run the weights-as-A int4 kernel (:mod:`.triton.int4_wa`) into ``out`` ``[M, N]`` (fp32 and zeroed when
+    ``SPLIT_K > 1``). ``meta = [k, group, symmetric, j]`` (layout blocks of ``8 j`` inputs); ``config = [BM, BN,
+    SPLIT_K, num_warps, num_stages]``; optional low-rank term ``t @ u^T`` as in :func:`int_mm`."""
+    k, group, symmetric, j = meta
+    bm, bn, split_k, num_warps, num_stages = config
+    m, n = x.shape[0], q.shape[0]
+    blocks = k // (8 * j)
+    assert k % (8 * j) == 0 and group % j == 0 and (group % (8 * j) == 0 or (8 * j) % group == 0), (k, group, j)
+    assert blocks % split_k == 0 and bm >= 8 and bn >= 64 and j >= 16, (blocks, config)
+    assert split_k == 1 or out.dtype == torch.float32
+    has_lr = t is not None and u is not None
+    r = t.shape[1] if has_lr else 1
+    tt = t.contiguous() if has_lr else x
+    uu = u.contiguous() if has_lr else x
+    int4_wa_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), split_k)](
+        x, out, q, scales, zeros if zeros is not None else scales, tt, uu, m, n, k // 8, blocks // split_k,
+        k // group, r, x.stride(0), out.stride(0), tt.stride(0), uu.stride(0),
+        SYMMETRIC=bool(symmetric), GROUP=group, J=j, HAS_LR=has_lr, BR=max(16, _next_pow2(r)), BM=bm, BN=bn,
+        USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, num_warps=num_warps, num_stages=num_stages)
+
+
+@torch.library.custom_op("tensorslim::int4_wa_mm", mutates_args=())
+def int4_wa_mm(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Tensor | None, u: Tensor | None,
+               meta: list[int], config: list[int], out_dtype: torch.dtype) -> Tensor:
+    m, n = x.shape[0], q.shape[0]
+    x = x.contiguous()
+    if config[2] > 1:
+        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    launch_int4_wa(x, q, scales, zeros, t, u, meta, config, out)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+@int4_wa_mm.register_fake
+def _int4_wa_mm_fake(x, q, scales, zeros, t, u, meta, config, out_dtype):
+    return x.new_empty((x.shape[0], q.shape[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op("tensorslim::int_mm", mutates_args=())

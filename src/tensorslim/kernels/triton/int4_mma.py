@@ -50,10 +50,12 @@ def unpack8(w, DT: tl.constexpr, USE_ASM: tl.constexpr):
             return tl.inline_asm_elementwise(_ASM_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(tl.float16,) * 8,
                                              is_pure=True, pack=1)
     else:
+        # via float32: the interpreter's int32 -> bfloat16 cast reinterprets bits (Triton 3.9)
         C: tl.constexpr = 128 if DT == tl.bfloat16 else 1024
-        return (((w & 15) + C).to(DT), (((w >> 4) & 15) + C).to(DT), (((w >> 8) & 15) + C).to(DT),
-                (((w >> 12) & 15) + C).to(DT), (((w >> 16) & 15) + C).to(DT), (((w >> 20) & 15) + C).to(DT),
-                (((w >> 24) & 15) + C).to(DT), (((w >> 28) & 15) + C).to(DT))
+        return ((((w & 15) + C).to(tl.float32)).to(DT), ((((w >> 4) & 15) + C).to(tl.float32)).to(DT),
+                ((((w >> 8) & 15) + C).to(tl.float32)).to(DT), ((((w >> 12) & 15) + C).to(tl.float32)).to(DT),
+                ((((w >> 16) & 15) + C).to(tl.float32)).to(DT), ((((w >> 20) & 15) + C).to(tl.float32)).to(DT),
+                ((((w >> 24) & 15) + C).to(tl.float32)).to(DT), ((((w >> 28) & 15) + C).to(tl.float32)).to(DT))
 
 
 @triton.jit

@@ -1,0 +1,134 @@
+"""int4 tensor-core GEMM with the *weights as the A operand* ("wa"; any batch, groups that are multiples of 128).
+
+The other tiled kernels compute ``y[BM, BN] = x[BM, BK] @ W^T[BK, BN]``: the weights are the B operand, which the
+tensor cores read from shared memory, so every dequantized weight tile makes a round trip through shared memory,
+and with few rows (decode) the ``M`` side of the instruction is mostly padding. Here the product is swapped:
+``y^T[BN, BM] = W[BN, BK] @ x^T[BK, BM]``. The weights are the A operand, which both ``mma.sync`` and Hopper's
+``wgmma`` take from registers, so the codes go from global memory to registers to the tensor cores; output features
+fill the instruction's large ``M`` side (64 per warpgroup) and the batch its small ``N`` side (>= 16 here).
+
+Layout (:func:`tensorslim.kernels.layout.wa_layout`, a one-time repack): ``q[N, K/8]`` int32, rows are output
+features. Within each block of ``8 J`` inputs, word ``i < J`` of a row holds at bits ``4 t`` the code of input ``J t +
+i``. So nibble ``t`` of a ``[BN, J]`` word tile is the ``[BN, J]`` weight tile of inputs ``J t .. J t + J - 1`` of the
+block: eight ``tl.dot`` s with K = J per block, each against a contiguous slice of the activations, and the unpacked
+codes are never reshaped or transposed (their registers are already the dot operand's). ``J = 32`` measured best on
+the H200 (session 5; ``bench/wa_sweep.py``).
+
+Arithmetic: nibbles ``t`` and ``t + 4`` (bits ``4t`` and ``4t + 16``) become the bf16 pair ``(c + q_t, c + q_{t+4})``
+by one ``lop3`` (bf16 ``c = 128``, fp16 ``c = 1024``: exact), then ``- (c + z)`` in the activation dtype gives ``q -
+z`` exactly; the dots accumulate ``sum_k x (q - z)`` in fp32 per group and the group scale multiplies that in fp32. So
+the result is ``x @ decode()^T`` up to fp32 accumulation order (measured ~1e-7 relative). Per block, two dot chains
+(positions ``0..3`` and ``4..7``) so only two unpacked tiles are live (registers: ~100 a thread at ``BN = 64``).
+``ATOMIC``: split-K, partial sums added atomically into a zeroed fp32 output. ``HAS_LR``: the fused ``Sum(int4,
+LowRank)`` epilogue, ``U t^T`` with ``t = x V^T`` computed before the call (as in the other integer kernels).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_PAIR_BF16 = tl.constexpr("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;")
+_PAIR_FP16 = tl.constexpr("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xea;")
+
+
+@triton.jit
+def unpack_pair(w, DT: tl.constexpr, USE_ASM: tl.constexpr):
+    """int32 words -> (``c + bits 0..3``, ``c + bits 16..19``) in ``DT`` (``c`` = 128 for bf16, 1024 for fp16)."""
+    if USE_ASM:
+        if DT == tl.bfloat16:
+            u = tl.inline_asm_elementwise(_PAIR_BF16, "=r,r", [w], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            u = tl.inline_asm_elementwise(_PAIR_FP16, "=r,r", [w], dtype=tl.int32, is_pure=True, pack=1)
+        return (u & 0xFFFF).to(tl.int16).to(DT, bitcast=True), (u >> 16).to(tl.int16).to(DT, bitcast=True)
+    else:  # via float32: the interpreter's int32 -> bfloat16 cast reinterprets bits (Triton 3.9)
+        C: tl.constexpr = 128 if DT == tl.bfloat16 else 1024
+        return ((w & 15) + C).to(tl.float32).to(DT), (((w >> 16) & 15) + C).to(tl.float32).to(DT)
+
+
+@triton.jit
+def load_group_rows(srow, zrow, g, nmask, DT: tl.constexpr, C: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """Scale (fp32) and ``c + z`` (in ``DT``, exact) ``[BN]`` of group ``g`` for rows whose group vectors start at
+    ``srow`` / ``zrow``."""
+    s = tl.load(srow + g, mask=nmask, other=0.0).to(tl.float32)
+    if SYMMETRIC:
+        zc = tl.full(s.shape, 8.0 + C, tl.float32)
+    else:
+        zc = tl.load(zrow + g, mask=nmask, other=0).to(tl.float32) + C
+    return s, zc.to(DT)
+
+
+@triton.jit
+def int4_wa_kernel(
+    x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr,
+    M, N, KW, blocks_per_split, G, R,
+    stride_xm, stride_om, stride_tm, stride_un,
+    SYMMETRIC: tl.constexpr, GROUP: tl.constexpr, J: tl.constexpr, HAS_LR: tl.constexpr, BR: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    C: tl.constexpr = 128.0 if DT == tl.bfloat16 else 1024.0
+    BK: tl.constexpr = 8 * J  # inputs per block
+    SEG: tl.constexpr = GROUP // J if GROUP < BK else 8  # code positions per group within a block (1, 2, 4 or 8)
+    rn = pid_n * BN + tl.arange(0, BN)
+    nmask = rn < N
+    rm = pid_m * BM + tl.arange(0, BM)
+    mmask = rm < M
+    jj = tl.arange(0, J)
+    wrow = q_ptr + (rn.to(tl.int64) * KW)[:, None] + jj[None, :]  # [BN, J] words of block 0
+    xrow = x_ptr + (rm.to(tl.int64) * stride_xm)[:, None] + jj[None, :]  # [BM, J] activations, inputs 0..J-1
+    srow = s_ptr + rn.to(tl.int64) * G
+    zrow = z_ptr + rn.to(tl.int64) * G
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    b_lo = pid_k * blocks_per_split
+    for b in range(b_lo, b_lo + blocks_per_split):
+        w = tl.load(wrow + b * J, mask=nmask[:, None], other=0)
+        xb = xrow + b * BK
+        # code positions p and p + 4 share a lop3; two dot chains (one when the whole block is one group)
+        for p in tl.static_range(4):
+            if p % SEG == 0:
+                s_lo, z_lo = load_group_rows(srow, zrow, (b * BK + p * J) // GROUP, nmask, DT, C, SYMMETRIC)
+                if SEG < 8:
+                    s_hi, z_hi = load_group_rows(srow, zrow, (b * BK + (p + 4) * J) // GROUP, nmask, DT, C,
+                                                 SYMMETRIC)
+                else:
+                    s_hi, z_hi = s_lo, z_lo
+            lo, hi = unpack_pair(w >> (4 * p), DT, USE_ASM)
+            lo = lo - z_lo[:, None]  # (c + q) - (c + z) = q - z, exact in the activation dtype
+            hi = hi - z_hi[:, None]
+            x_lo = tl.trans(tl.load(xb + p * J, mask=mmask[:, None], other=0.0))  # [J, BM]: rows contiguous in x
+            x_hi = tl.trans(tl.load(xb + (p + 4) * J, mask=mmask[:, None], other=0.0))
+            if SEG == 8:
+                if p == 0:
+                    part = tl.dot(lo, x_lo)
+                else:
+                    part = tl.dot(lo, x_lo, part)
+                part = tl.dot(hi, x_hi, part)
+                if p == 3:
+                    acc += part * s_lo[:, None]
+            else:
+                if p % SEG == 0:
+                    p_lo = tl.dot(lo, x_lo)
+                    p_hi = tl.dot(hi, x_hi)
+                else:
+                    p_lo = tl.dot(lo, x_lo, p_lo)
+                    p_hi = tl.dot(hi, x_hi, p_hi)
+                if p % SEG == SEG - 1:
+                    acc += p_lo * s_lo[:, None] + p_hi * s_hi[:, None]
+    if HAS_LR:  # low-rank term (t U^T)^T = U t^T, once (split 0), fp32
+        if pid_k == 0:
+            rs = tl.arange(0, BR)
+            u = tl.load(u_ptr + (rn.to(tl.int64) * stride_un)[:, None] + rs[None, :],
+                        mask=nmask[:, None] & (rs[None, :] < R), other=0.0).to(tl.float32)
+            t = tl.load(t_ptr + (rm.to(tl.int64) * stride_tm)[None, :] + rs[:, None],
+                        mask=mmask[None, :] & (rs[:, None] < R), other=0.0).to(tl.float32)
+            acc += tl.dot(u, t, input_precision="ieee")
+    optr = out_ptr + (rm.to(tl.int64) * stride_om)[None, :] + rn[:, None]
+    omask = nmask[:, None] & mmask[None, :]
+    if ATOMIC:
+        tl.atomic_add(optr, acc, mask=omask)
+    else:
+        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)

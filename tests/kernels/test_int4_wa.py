@@ -1,0 +1,91 @@
+"""The weights-as-A int4 kernel ("wa", :mod:`tensorslim.kernels.triton.int4_wa`) under the interpreter against
+``x @ decode()^T`` in fp32, with poisoned outputs; its layout against the stored codes; its place in dispatch.
+
+fp16 activations (the interpreter mishandles bf16 ``tl.dot``; the GPU bench checks bf16). 40 outputs: not a multiple
+of any tile. K = 512: two blocks of 256 inputs, so split-K runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tensorslim.formats import IntGroup, SumWeight, parse_format, quantize_rtn
+from tensorslim.formats.lowrank import LowRank, LowRankWeight
+from tensorslim.kernels import dispatch
+from tensorslim.kernels.layout import WA_J, unpack_plane, wa_layout, wa_reason
+from tensorslim.kernels.reference import reference_fp32, relative_error
+
+TOL = 1e-3
+N, K = 40, 512
+
+
+def run_wa(ops, cw, x, config):
+    """One "wa" launch into a NaN-poisoned (or, for split-K, zeroed) fp32 buffer."""
+    base = dispatch._int_part(cw)
+    lay = dispatch.layout(base)
+    x2d = x if lay.perm is None else x.index_select(1, lay.perm)
+    t = u = None
+    if base is not cw:
+        t, u = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).float(), cw.extra.v.float()), cw.extra.u
+    wl = dispatch.wa_of(lay)
+    out = torch.zeros(x.shape[0], lay.n) if config[2] > 1 else torch.full((x.shape[0], lay.n), float("nan"))
+    ops.launch_int4_wa(x2d.contiguous(), wl.q, wl.scales, wl.zeros, t, u, [wl.k, wl.group, int(wl.symmetric), wl.j],
+                       list(config), out)
+    return out
+
+
+def test_wa_layout_holds_the_codes(gen):
+    """Nibble t of word i of each block is input J t + i: unpacking and undoing that gives the stored codes."""
+    for j in (16, WA_J, 64):
+        w = quantize_rtn(torch.randn(N, K, generator=gen), IntGroup(bits=4, group_size=128))
+        lay = dispatch.layout(w)
+        wl = wa_layout(lay, j)
+        assert wl.q.dtype == torch.int32 and wl.q.shape == (N, K // 8) and wl.q.is_contiguous()
+        q = (wl.q.view(torch.uint8).long().reshape(N, K // 2, 1) >> torch.tensor([0, 4])) & 15  # little-endian
+        q = q.reshape(N, K // (8 * j), j, 8).transpose(2, 3).reshape(N, K)
+        codes, _, zero = w.unpacked()
+        assert torch.equal(q, codes) and torch.equal(q, unpack_plane(lay.qa, 4, K))
+        assert torch.equal(wl.zeros.long(), zero.long()) and torch.equal(wl.scales, w.scales)
+
+
+@pytest.mark.parametrize("group,sym", [(128, False), (64, True), (32, False), (256, False), (None, True)])
+def test_wa_matches_reference(ops, group, sym, gen):
+    w = quantize_rtn(torch.randn(N, K, generator=gen), IntGroup(bits=4, group_size=group, symmetric=sym))
+    for m, config in [(1, (16, 64, 1, 4, 3)), (5, (8, 64, 2, 4, 2)), (33, (32, 128, 2, 8, 3)), (3, (16, 64, 1, 4, 2))]:
+        x = torch.randn(m, K, generator=gen).to(torch.float16)
+        err = relative_error(run_wa(ops, w, x, config), reference_fp32(w, x))
+        assert err <= TOL, f"g={group} sym={sym} m={m} {config}: {err:.2e} (seed {gen.seed_})"
+
+
+def test_wa_sum_epilogue_and_act_order(ops, gen):
+    """The fused low-rank epilogue (added once under split-K) and act-order weights (activations permuted)."""
+    w = quantize_rtn(torch.randn(N, K, generator=gen), IntGroup(bits=4, group_size=128, act_order=True),
+                     torch.randperm(K, generator=gen))
+    assert w.perm is not None
+    extra = LowRankWeight.from_factors(LowRank(rank=8), torch.randn(N, 8, generator=gen) * 0.3,
+                                       torch.randn(8, K, generator=gen) * 0.3)
+    sw = SumWeight(format=parse_format(f"{w.format.spec()}+lowrank:r8"), shape=(N, K), base=w, extra=extra)
+    for cw in (w, sw):
+        for m, config in [(3, (16, 64, 1, 4, 3)), (17, (32, 64, 2, 4, 3))]:
+            x = torch.randn(m, K, generator=gen).to(torch.float16)
+            err = relative_error(run_wa(ops, cw, x, config), reference_fp32(cw, x))
+            assert err <= TOL, f"{type(cw).__name__} m={m} {config}: {err:.2e} (seed {gen.seed_})"
+    x = torch.randn(2, 3, K, generator=gen).to(torch.float16)  # through kernel_linear: batch dims, bias, fp16 out
+    bias = torch.randn(N, generator=gen)
+    for choice in (("wa", (16, 64, 2, 4, 3)), ("gemv", (1, 64, 128, 1, 4, 3)), ("gemm", (16, 32, 64, 2, 4, 3))):
+        y = dispatch.kernel_linear(sw, x, bias, choice=choice)  # t = x V^T from the unpermuted x (a fixed bug)
+        assert y.shape == (2, 3, N) and y.dtype == torch.float16
+        assert relative_error(y, reference_fp32(sw, x, bias)) <= 2e-3, choice
+
+
+def test_wa_in_dispatch(ops):
+    def lay(bits, group, k=K):
+        return dispatch.layout(quantize_rtn(torch.randn(N, k), IntGroup(bits=bits, group_size=group)))
+
+    for m in (1, 16, 64, 128):
+        cands = dispatch.candidates(lay(4, 128), m)
+        wa = [c for c in cands if c[0] == "wa"]
+        assert wa and all(c[1][0] >= min(8, m) and (K // 256) % c[1][2] == 0 for c in wa), wa
+    assert not any(c[0] == "wa" for c in dispatch.candidates(lay(3, 128), 16))
+    assert wa_reason(lay(3, 128)) and wa_reason(lay(4, 64, k=576)) and wa_reason(lay(4, 128)) is None
