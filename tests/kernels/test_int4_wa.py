@@ -2,7 +2,7 @@
 ``x @ decode()^T`` in fp32, with poisoned outputs; its layout against the stored codes; its place in dispatch.
 
 fp16 activations (the interpreter mishandles bf16 ``tl.dot``; the GPU bench checks bf16). 40 outputs: not a multiple
-of any tile. K = 512: two blocks of 256 inputs, so split-K runs.
+of any tile. K = 1024: two blocks of 512 inputs (J = 64), so split-K runs.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import torch
 from tensorslim.formats import IntGroup, SumWeight, parse_format, quantize_rtn
 from tensorslim.formats.lowrank import LowRank, LowRankWeight
 from tensorslim.kernels import dispatch
-from tensorslim.kernels.layout import WA_J, unpack_plane, wa_layout, wa_reason
+from tensorslim.kernels.layout import unpack_plane, wa_block_words, wa_layout, wa_reason
 from tensorslim.kernels.reference import reference_fp32, relative_error
 
 TOL = 1e-3
-N, K = 40, 512
+N, K = 40, 1024
 
 
 def run_wa(ops, cw, x, config):
@@ -36,14 +36,14 @@ def run_wa(ops, cw, x, config):
 
 
 def test_wa_layout_holds_the_codes(gen):
-    """Nibble t of word i of each block is input J t + i: unpacking and undoing that gives the stored codes."""
-    for j in (16, WA_J, 64):
+    """Input J t + 2p + e (t = 4h + u) of a block is nibble 4e + u of word h J/2 + p: undoing that gives the codes."""
+    for j in (16, 32, 64):
         w = quantize_rtn(torch.randn(N, K, generator=gen), IntGroup(bits=4, group_size=128))
         lay = dispatch.layout(w)
         wl = wa_layout(lay, j)
         assert wl.q.dtype == torch.int32 and wl.q.shape == (N, K // 8) and wl.q.is_contiguous()
         q = (wl.q.view(torch.uint8).long().reshape(N, K // 2, 1) >> torch.tensor([0, 4])) & 15  # little-endian
-        q = q.reshape(N, K // (8 * j), j, 8).transpose(2, 3).reshape(N, K)
+        q = q.reshape(N, K // (8 * j), 2, j // 2, 2, 4).permute(0, 1, 2, 5, 3, 4).reshape(N, K)
         codes, _, zero = w.unpacked()
         assert torch.equal(q, codes) and torch.equal(q, unpack_plane(lay.qa, 4, K))
         assert torch.equal(wl.zeros.long(), zero.long()) and torch.equal(wl.scales, w.scales)
@@ -86,6 +86,8 @@ def test_wa_in_dispatch(ops):
     for m in (1, 16, 64, 128):
         cands = dispatch.candidates(lay(4, 128), m)
         wa = [c for c in cands if c[0] == "wa"]
-        assert wa and all(c[1][0] >= min(8, m) and (K // 256) % c[1][2] == 0 for c in wa), wa
+        assert wa and all(c[1][0] >= min(8, m) and (K // 512) % c[1][2] == 0 for c in wa), wa
     assert not any(c[0] == "wa" for c in dispatch.candidates(lay(3, 128), 16))
     assert wa_reason(lay(3, 128)) and wa_reason(lay(4, 64, k=576)) and wa_reason(lay(4, 128)) is None
+    assert wa_block_words(512, 128) == 64 and wa_block_words(768, 128) == 32 and wa_block_words(512, 32) == 32
+    assert wa_block_words(576, 64) is None and wa_block_words(11008, 128) == 32 and wa_block_words(512, 96) is None

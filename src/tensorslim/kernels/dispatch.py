@@ -36,8 +36,8 @@ import torch
 from ..formats.base import CompressedWeight
 from ..formats.intgroup import IntGroupWeight
 from .layout import (
-    WA_J, Int4WALayout, IntKernelLayout, int_layout, int_layout_reason, ternary_layout, ternary_layout_reason, wa_layout,
-    wa_reason,
+    Int4WALayout, IntKernelLayout, int_layout, int_layout_reason, ternary_layout, ternary_layout_reason, wa_block_words,
+    wa_layout, wa_reason,
 )
 from .reference import reference_linear
 
@@ -268,12 +268,14 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
                     c = ("gemmp", (bm, bn, bk, split, warps, stages))
                     if c not in out:
                         out.append(c)
-    if wa_reason(lay) is None:  # int4 with the weights as the A operand (any batch): best measured from 1 to 64 rows
-        bms = [8, 16] if m <= 8 else [min(m, 128)] if m < 128 else [64, 128]
-        sets = ((64, 4, 3), (64, 4, 2), (64, 4, 4), (128, 8, 3)) if m <= 32 else ((64, 4, 3), (64, 4, 2), (128, 8, 3))
-        blocks = k // (8 * WA_J)
+    if wa_reason(lay) is None:  # int4 with the weights as the A operand (any batch): best measured from 1 to 16 rows
+        j = wa_block_words(k, g)
+        bms = [8, 16] if m <= 8 else [min(m, 32)] if m <= 32 else [32, 64] if m <= 64 else [64, 128]
+        blocks = k // (8 * j)
         for bm in bms:
-            for bn, warps, stages in sets + (((128, 8, 2),) if bm == 128 else ()):
+            for bn, warps, stages in ((64, 4, 3), (64, 4, 2), (64, 4, 4), (128, 8, 3)):
+                if stages * (bn * j * 4 + 8 * j * bm * 2) > 200_000:  # shared memory: weight + activation tiles
+                    continue
                 tiles = -(-m // bm) * -(-n // bn)
                 ok = [s for s in (1, 2, 4, 8, 16) if blocks % s == 0 and blocks // s >= 2] or [1]
                 fill = [s for s in ok if tiles * s >= sms]  # the first split that fills the SMs, and twice it

@@ -122,8 +122,10 @@ def int_layout(w: IntGroupWeight) -> IntKernelLayout:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class Int4WALayout:
-    """What the weights-as-A int4 kernel (:mod:`.triton.int4_wa`) reads: row-major words, blocks of ``8 j`` inputs
-    interleaved so that nibble ``t`` of word ``i`` (``i < j``) is input ``j t + i`` of its block."""
+    """What the weights-as-A int4 kernel (:mod:`.triton.int4_wa`) reads: row-major words, ``j`` words per block of ``8
+    j`` inputs. Input ``j t + 2 p + e`` of a block (code position ``t = 4 h + u``, ``p < j / 2``, ``e`` in 0, 1) is
+    nibble ``4 e + u`` of the block's word ``h j / 2 + p``: one ``lop3`` of a word shifted by ``4 u`` gives the pair of
+    adjacent inputs ``(2p, 2p + 1)`` of position ``t`` in one register."""
 
     n: int
     k: int
@@ -135,25 +137,41 @@ class Int4WALayout:
     zeros: torch.Tensor | None  # uint8 [n, n_groups], or None when symmetric
 
 
-WA_J = 32  # words per row per block of the weights-as-A layout (blocks of 256 inputs): best measured on the H200
+WA_JS = (64, 32)  # words per row per block of the weights-as-A layout, preferred first (H200 sweep, session 5)
 
 
-def wa_reason(lay: IntKernelLayout, j: int = WA_J) -> str | None:
-    """``None`` if the weights-as-A int4 kernel can run the weight behind ``lay`` with blocks of ``8 j`` inputs."""
-    g = lay.group
+def _wa_fits(k: int, group: int, j: int) -> bool:
+    blk = 8 * j
+    return k % blk == 0 and group % j == 0 and (group % blk == 0 or blk % group == 0)
+
+
+def wa_block_words(k: int, group: int) -> int | None:
+    """Words per row per block (``J``; blocks of ``8 J`` inputs) of the weights-as-A layout for ``k`` inputs in groups
+    of ``group``: 64 where it fits (fastest at 1-16 rows on the H200), else 32, else ``None``."""
+    return next((j for j in WA_JS if _wa_fits(k, group, j)), None)
+
+
+def wa_reason(lay: IntKernelLayout, j: int | None = None) -> str | None:
+    """``None`` if the weights-as-A int4 kernel can run the weight behind ``lay`` (with blocks of ``8 j`` inputs, or
+    the preferred ``j`` that fits)."""
     if lay.bits != 4 or lay.qb is not None:
         return f"{lay.bits}-bit codes (the weights-as-A kernel takes 4-bit codes)"
-    if lay.k % (8 * j) or g % j or (g % (8 * j) and (8 * j) % g):
-        return f"in_features {lay.k} / group {g} do not fit blocks of {8 * j} inputs"
+    if not (_wa_fits(lay.k, lay.group, j) if j else wa_block_words(lay.k, lay.group)):
+        return (f"in_features {lay.k} / group {lay.group} do not fit blocks of "
+                f"{8 * j if j else ' or '.join(str(8 * v) for v in WA_JS)} inputs")
     return None
 
 
-def wa_layout(lay: IntKernelLayout, j: int = WA_J) -> Int4WALayout:
-    """One-time repack for :mod:`.triton.int4_wa` from the integer kernel layout (same bytes as the codes)."""
+def wa_layout(lay: IntKernelLayout, j: int | None = None) -> Int4WALayout:
+    """One-time repack for :mod:`.triton.int4_wa` from the integer kernel layout (same bytes as the codes); ``j``
+    defaults to :func:`wa_block_words`."""
     assert wa_reason(lay, j) is None, wa_reason(lay, j)
+    j = j or wa_block_words(lay.k, lay.group)
+    assert j is not None
     n, k = lay.n, lay.k
     codes = unpack_plane(lay.qa, 4, k)  # [n, k] stored input order
-    blocks = codes.reshape(n, k // (8 * j), 8, j).transpose(2, 3).reshape(n, k)  # [.., i, t]: input j t + i
+    # block input j t + 2p + e, t = 4h + u -> word h j/2 + p, nibble 4e + u
+    blocks = codes.reshape(n, k // (8 * j), 2, 4, j // 2, 2).permute(0, 1, 2, 4, 5, 3).reshape(n, k)
     return Int4WALayout(
         n=n, k=k, j=j, group=lay.group, symmetric=lay.symmetric,
         q=pack_codes(blocks, 4).view(torch.int32).reshape(n, k // 8).contiguous(),
@@ -187,11 +205,11 @@ def layout_decode(lay: IntKernelLayout, dtype: torch.dtype = torch.float32) -> t
 def check_config(path: str, meta: list[int], config: list[int], m: int) -> None:
     """Internal invariants of a kernel launch (the dispatcher only builds valid ones; tests check that it does)."""
     k, bits, bits_a, bits_b, group, _ = meta
-    if path == "wa":  # (BM, BN, SPLIT_K, warps, stages) on the weights-as-A layout (blocks of 8 * WA_J inputs)
+    if path == "wa":  # (BM, BN, SPLIT_K, warps, stages) on the weights-as-A layout (blocks of 8 J inputs)
         bm, bn, split_k, _, _ = config
-        blk = 8 * WA_J
-        assert bits == 4 and bits_b == 0 and k % blk == 0 and group % WA_J == 0, (bits, k, group)
-        assert group % blk == 0 or blk % group == 0, group
+        j = wa_block_words(k, group)
+        assert bits == 4 and bits_b == 0 and j is not None, (bits, k, group)
+        blk = 8 * j
         assert bm >= 8 and bm & (bm - 1) == 0 and bn >= 64 and bn & (bn - 1) == 0, (bm, bn)
         assert split_k >= 1 and (k // blk) % split_k == 0, (k, split_k)
         return

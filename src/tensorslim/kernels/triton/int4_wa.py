@@ -8,17 +8,19 @@ and with few rows (decode) the ``M`` side of the instruction is mostly padding. 
 fill the instruction's large ``M`` side (64 per warpgroup) and the batch its small ``N`` side (>= 16 here).
 
 Layout (:func:`tensorslim.kernels.layout.wa_layout`, a one-time repack): ``q[N, K/8]`` int32, rows are output
-features. Within each block of ``8 J`` inputs, word ``i < J`` of a row holds at bits ``4 t`` the code of input ``J t +
-i``. So nibble ``t`` of a ``[BN, J]`` word tile is the ``[BN, J]`` weight tile of inputs ``J t .. J t + J - 1`` of the
-block: eight ``tl.dot`` s with K = J per block, each against a contiguous slice of the activations, and the unpacked
-codes are never reshaped or transposed (their registers are already the dot operand's). ``J = 32`` measured best on
-the H200 (session 5; ``bench/wa_sweep.py``).
+features, ``J`` words per row per block of ``8 J`` inputs. Code position ``t = 4 h + u`` of a block covers inputs
+``J t .. J t + J - 1``; the pair of inputs ``J t + 2p, J t + 2p + 1`` sits at bits ``4u`` and ``4u + 16`` of word ``h
+J/2 + p``. So per block two ``[BN, J/2]`` word tiles (``h`` = 0, 1), and per ``u`` one shift and one ``lop3`` per
+word give the ``[BN, J]`` weight tiles of positions ``u`` and ``u + 4`` with each adjacent-input pair already in one
+register, which is how the dot operand holds it: eight ``tl.dot`` s with K = J per block, each against a contiguous
+slice of the activations, and no reshuffling of the unpacked codes. ``J = 32`` measured best on the H200 (session 5;
+``bench/wa_sweep.py``).
 
-Arithmetic: nibbles ``t`` and ``t + 4`` (bits ``4t`` and ``4t + 16``) become the bf16 pair ``(c + q_t, c + q_{t+4})``
-by one ``lop3`` (bf16 ``c = 128``, fp16 ``c = 1024``: exact), then ``- (c + z)`` in the activation dtype gives ``q -
-z`` exactly; the dots accumulate ``sum_k x (q - z)`` in fp32 per group and the group scale multiplies that in fp32. So
-the result is ``x @ decode()^T`` up to fp32 accumulation order (measured ~1e-7 relative). Per block, two dot chains
-(positions ``0..3`` and ``4..7``) so only two unpacked tiles are live (registers: ~100 a thread at ``BN = 64``).
+Arithmetic: the ``lop3`` ORs the nibble pair into the mantissas of bf16 ``c = 128`` (fp16 ``c = 1024``), giving ``c +
+q`` exactly; ``- (c + z)`` in the activation dtype (one packed subtraction per pair) gives ``q - z`` exactly; the
+dots accumulate ``sum_k x (q - z)`` in fp32 per group and the group scale multiplies that in fp32. So the result is
+``x @ decode()^T`` up to fp32 accumulation order (measured ~1e-7 relative). Two dot chains per block (positions
+``u`` and ``u + 4``) keep two unpacked tiles live (registers: ~100 a thread at ``BN = 64``, ``BM = 16``).
 ``ATOMIC``: split-K, partial sums added atomically into a zeroed fp32 output. ``HAS_LR``: the fused ``Sum(int4,
 LowRank)`` epilogue, ``U t^T`` with ``t = x V^T`` computed before the call (as in the other integer kernels).
 """
@@ -28,22 +30,26 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_PAIR_BF16 = tl.constexpr("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;")
-_PAIR_FP16 = tl.constexpr("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xea;")
+_LOP_BF16 = tl.constexpr("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;")
+_LOP_FP16 = tl.constexpr("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xea;")
 
 
 @triton.jit
-def unpack_pair(w, DT: tl.constexpr, USE_ASM: tl.constexpr):
-    """int32 words -> (``c + bits 0..3``, ``c + bits 16..19``) in ``DT`` (``c`` = 128 for bf16, 1024 for fp16)."""
+def pair_tile(w, u: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr):
+    """Words ``[BN, J/2]`` -> the ``[BN, J]`` tile ``c + q`` of code position ``u`` (0..3) in ``DT``: element ``(n, 2p
+    + e)`` is bits ``4u + 16e`` of word ``(n, p)``. On the GPU one ``lop3`` per word makes the pair ``(2p, 2p + 1)``
+    in one register (``pack=2``), which is already the dot operand's register, so no repacking follows."""
+    v = w >> (4 * u)
+    v2 = tl.reshape(tl.join(v, v), (BN, J))  # each word twice: elements 2p and 2p + 1
     if USE_ASM:
         if DT == tl.bfloat16:
-            u = tl.inline_asm_elementwise(_PAIR_BF16, "=r,r", [w], dtype=tl.int32, is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(_LOP_BF16, "=r,r,r", [v2], dtype=tl.bfloat16, is_pure=True, pack=2)
         else:
-            u = tl.inline_asm_elementwise(_PAIR_FP16, "=r,r", [w], dtype=tl.int32, is_pure=True, pack=1)
-        return (u & 0xFFFF).to(tl.int16).to(DT, bitcast=True), (u >> 16).to(tl.int16).to(DT, bitcast=True)
+            return tl.inline_asm_elementwise(_LOP_FP16, "=r,r,r", [v2], dtype=tl.float16, is_pure=True, pack=2)
     else:  # via float32: the interpreter's int32 -> bfloat16 cast reinterprets bits (Triton 3.9)
         C: tl.constexpr = 128 if DT == tl.bfloat16 else 1024
-        return ((w & 15) + C).to(tl.float32).to(DT), (((w >> 16) & 15) + C).to(tl.float32).to(DT)
+        e = tl.arange(0, J) % 2
+        return (((v2 >> (16 * e)[None, :]) & 15) + C).to(tl.float32).to(DT)
 
 
 @triton.jit
@@ -77,46 +83,48 @@ def int4_wa_kernel(
     nmask = rn < N
     rm = pid_m * BM + tl.arange(0, BM)
     mmask = rm < M
+    H: tl.constexpr = J // 2
+    jh = tl.arange(0, H)
     jj = tl.arange(0, J)
-    wrow = q_ptr + (rn.to(tl.int64) * KW)[:, None] + jj[None, :]  # [BN, J] words of block 0
+    wrow = q_ptr + (rn.to(tl.int64) * KW)[:, None] + jh[None, :]  # [BN, J/2] words of block 0, positions 0..3
     xrow = x_ptr + (rm.to(tl.int64) * stride_xm)[:, None] + jj[None, :]  # [BM, J] activations, inputs 0..J-1
     srow = s_ptr + rn.to(tl.int64) * G
     zrow = z_ptr + rn.to(tl.int64) * G
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     b_lo = pid_k * blocks_per_split
     for b in range(b_lo, b_lo + blocks_per_split):
-        w = tl.load(wrow + b * J, mask=nmask[:, None], other=0)
+        w_lo = tl.load(wrow + b * J, mask=nmask[:, None], other=0)  # positions 0..3
+        w_hi = tl.load(wrow + b * J + H, mask=nmask[:, None], other=0)  # positions 4..7
         xb = xrow + b * BK
-        # code positions p and p + 4 share a lop3; two dot chains (one when the whole block is one group)
-        for p in tl.static_range(4):
-            if p % SEG == 0:
-                s_lo, z_lo = load_group_rows(srow, zrow, (b * BK + p * J) // GROUP, nmask, DT, C, SYMMETRIC)
+        # two dot chains (positions u and u + 4), one when the whole block is one group
+        for u in tl.static_range(4):
+            if u % SEG == 0:
+                s_lo, z_lo = load_group_rows(srow, zrow, (b * BK + u * J) // GROUP, nmask, DT, C, SYMMETRIC)
                 if SEG < 8:
-                    s_hi, z_hi = load_group_rows(srow, zrow, (b * BK + (p + 4) * J) // GROUP, nmask, DT, C,
+                    s_hi, z_hi = load_group_rows(srow, zrow, (b * BK + (u + 4) * J) // GROUP, nmask, DT, C,
                                                  SYMMETRIC)
                 else:
                     s_hi, z_hi = s_lo, z_lo
-            lo, hi = unpack_pair(w >> (4 * p), DT, USE_ASM)
-            lo = lo - z_lo[:, None]  # (c + q) - (c + z) = q - z, exact in the activation dtype
-            hi = hi - z_hi[:, None]
-            x_lo = tl.trans(tl.load(xb + p * J, mask=mmask[:, None], other=0.0))  # [J, BM]: rows contiguous in x
-            x_hi = tl.trans(tl.load(xb + (p + 4) * J, mask=mmask[:, None], other=0.0))
+            lo = pair_tile(w_lo, u, DT, USE_ASM, BN, J) - z_lo[:, None]  # (c + q) - (c + z) = q - z, exact
+            hi = pair_tile(w_hi, u, DT, USE_ASM, BN, J) - z_hi[:, None]
+            x_lo = tl.trans(tl.load(xb + u * J, mask=mmask[:, None], other=0.0))  # [J, BM]: rows contiguous in x
+            x_hi = tl.trans(tl.load(xb + (u + 4) * J, mask=mmask[:, None], other=0.0))
             if SEG == 8:
-                if p == 0:
+                if u == 0:
                     part = tl.dot(lo, x_lo)
                 else:
                     part = tl.dot(lo, x_lo, part)
                 part = tl.dot(hi, x_hi, part)
-                if p == 3:
+                if u == 3:
                     acc += part * s_lo[:, None]
             else:
-                if p % SEG == 0:
+                if u % SEG == 0:
                     p_lo = tl.dot(lo, x_lo)
                     p_hi = tl.dot(hi, x_hi)
                 else:
                     p_lo = tl.dot(lo, x_lo, p_lo)
                     p_hi = tl.dot(hi, x_hi, p_hi)
-                if p % SEG == SEG - 1:
+                if u % SEG == SEG - 1:
                     acc += p_lo * s_lo[:, None] + p_hi * s_hi[:, None]
     if HAS_LR:  # low-rank term (t U^T)^T = U t^T, once (split 0), fp32
         if pid_k == 0:
