@@ -40,7 +40,7 @@ def configs(m: int, k: int, n: int, sms: int, quick: bool) -> list[tuple[int, li
                 if stages * (bn * j * 4 + 8 * j * bm * 2) > 200_000 or (bm > 16 and j > 32):
                     continue
                 tiles = -(-m // bm) * -(-n // bn)
-                ok = [s for s in (1, 2, 4, 8, 16) if blocks % s == 0 and blocks // s >= 2]
+                ok = [s for s in (1, 2, 4, 8, 16) if blocks // s >= 2]
                 fill = [s for s in ok if tiles * s >= sms]  # the first split filling the SMs, and twice it
                 for split in dict.fromkeys([ok[0]] + fill[:2]):
                     out.append((j, [bm, bn, split, warps, stages]))

@@ -277,7 +277,7 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
                 if stages * (bn * j * 4 + 8 * j * bm * 2) > 200_000:  # shared memory: weight + activation tiles
                     continue
                 tiles = -(-m // bm) * -(-n // bn)
-                ok = [s for s in (1, 2, 4, 8, 16) if blocks % s == 0 and blocks // s >= 2] or [1]
+                ok = [s for s in (1, 2, 4, 8, 16) if blocks // s >= 2] or [1]  # uneven splits are fine
                 fill = [s for s in ok if tiles * s >= sms]  # the first split that fills the SMs, and twice it
                 for split in dict.fromkeys([ok[0]] + fill[:2]):
                     out.append(("wa", (bm, bn, split, warps, stages)))

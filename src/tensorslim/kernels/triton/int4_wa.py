@@ -21,7 +21,8 @@ q`` exactly; ``- (c + z)`` in the activation dtype (one packed subtraction per p
 dots accumulate ``sum_k x (q - z)`` in fp32 per group and the group scale multiplies that in fp32. So the result is
 ``x @ decode()^T`` up to fp32 accumulation order (measured ~1e-7 relative). Two dot chains per block (positions
 ``u`` and ``u + 4``) keep two unpacked tiles live (registers: ~100 a thread at ``BN = 64``, ``BM = 16``).
-``ATOMIC``: split-K, partial sums added atomically into a zeroed fp32 output. ``HAS_LR``: the fused ``Sum(int4,
+``ATOMIC``: split-K (``ceil(NB / SPLIT_K)`` blocks a split, so any block count splits: Llama-2's 11008 inputs
+are 43 blocks of 256), partial sums added atomically into a zeroed fp32 output. ``HAS_LR``: the fused ``Sum(int4,
 LowRank)`` epilogue, ``U t^T`` with ``t = x V^T`` computed before the call (as in the other integer kernels).
 """
 
@@ -67,7 +68,7 @@ def load_group_rows(srow, zrow, g, nmask, DT: tl.constexpr, C: tl.constexpr, SYM
 @triton.jit
 def int4_wa_kernel(
     x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr,
-    M, N, KW, blocks_per_split, G, R,
+    M, N, KW, NB, blocks_per_split, G, R,
     stride_xm, stride_om, stride_tm, stride_un,
     SYMMETRIC: tl.constexpr, GROUP: tl.constexpr, J: tl.constexpr, HAS_LR: tl.constexpr, BR: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr, ATOMIC: tl.constexpr,
@@ -92,7 +93,7 @@ def int4_wa_kernel(
     zrow = z_ptr + rn.to(tl.int64) * G
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     b_lo = pid_k * blocks_per_split
-    for b in range(b_lo, b_lo + blocks_per_split):
+    for b in range(b_lo, tl.minimum(b_lo + blocks_per_split, NB)):  # the last split may hold fewer blocks
         w_lo = tl.load(wrow + b * J, mask=nmask[:, None], other=0)  # positions 0..3
         w_hi = tl.load(wrow + b * J + H, mask=nmask[:, None], other=0)  # positions 4..7
         xb = xrow + b * BK
