@@ -154,8 +154,44 @@ def n_copies(nbytes: int) -> int:
     return max(2, min(48, -(-120_000_000 // nbytes)))
 
 
+def _warm_task(task) -> int:
+    """Compile every dispatcher candidate for one (shape, format, batches) in a worker process, so the timing
+    process finds them in Triton's disk cache (tuning compiles ~40 configs per batch bucket otherwise)."""
+    k, n, spec, ms = task
+    from tensorslim.formats import SumWeight, parse_format
+    from tensorslim.kernels import dispatch
+
+    cw = make_int(k, n, spec.split("+")[0])[1]
+    if "lowrank" in spec:
+        cw = SumWeight(format=parse_format(fit(spec, k)), shape=(n, k), base=cw, extra=make_lowrank(k, n, 32))
+    lay = dispatch.layout(dispatch._int_part(cw))
+    done = 0
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        lr = None if cw is dispatch._int_part(cw) else (torch.randn(m, 32, device="cuda"), cw.extra.u)
+        for c in dispatch.candidates(lay, dispatch._pow2(m)):
+            try:
+                dispatch.run_choice(c, lay, x, lr, torch.bfloat16)
+                done += 1
+            except Exception:  # the tuner skips what does not compile; so does the warm-up
+                pass
+    torch.cuda.synchronize()
+    return done
+
+
+def prewarm(tasks, jobs: int) -> None:
+    import multiprocessing as mp
+
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        n = sum(pool.map(_warm_task, tasks, chunksize=1))
+    print(f"pre-compiled {n} candidate launches in {time.time() - t0:.0f}s ({jobs} processes)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=12,
+                    help="processes that pre-compile the dispatcher's candidates for steps 2-3 (0: none)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="a minute: a few correctness checks, no timings")
     ap.add_argument("--issue", action="store_true", help="issue 7's target shapes and batches only")
@@ -228,6 +264,17 @@ def main() -> None:
     print(f"variants checked in {time.time() - t0:.0f}s")
 
     # 2. int4 g128 on every shape and batch through the dispatcher (tuned choice), poisoned outputs
+    if args.jobs and not args.smoke:
+        both = sorted(set(batches) | {dispatch._pow2(m) for m in batches})
+        tasks = [(k, n, "int4:g128", both) for k, n in shapes]
+        if not (args.quick or args.issue or args.sum):
+            tasks += [(k, n, s, [1, 4, 16, 64, 128]) for k, n in shapes
+                      for s in ("int3:g128", "int2:g128", "int8:g128", "ternary:g128", "int4:g128+lowrank:r32")]
+        else:
+            tasks += [(8192, 28672, s, [1, 16]) for s in ("int3:g128", "int2:g128", "int8:g128", "ternary:g128",
+                                                         "int4:g128+lowrank:r32") if not args.sum or "lowrank" in s]
+            tasks += [(k, n, "int4:g128+lowrank:r32", [1, 16]) for k, n in shapes if args.sum]
+        prewarm(tasks, args.jobs)
     for k, n in shapes:
         _, cw = make_int(k, n, "int4:g128")
         lay = dispatch.layout(cw)
