@@ -29,15 +29,15 @@ def configs(m: int, k: int, n: int, sms: int, quick: bool) -> list[tuple[int, li
     if m >= 128:
         bms.append(64)
     if m <= 8:
-        bms.append(8)
+        bms = [8]
     out = []
-    for j in (16, 32, 64):
+    for j in (32, 64):
         blocks = k // (8 * j)
         for bm in bms:
-            sets = ((64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 4, 6), (128, 4, 3), (128, 8, 3), (128, 4, 4)) \
-                if bm <= 16 else ((64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 8, 2))
+            sets = ((64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 4, 2), (32, 2, 3), (64, 2, 3), (32, 4, 4), (32, 2, 2)) \
+                if bm <= 16 else ((64, 4, 2), (64, 4, 3), (32, 4, 3), (32, 2, 3))
             for bn, warps, stages in sets:
-                if stages * (bn * j * 4 + 8 * j * bm * 2) > 200_000 or (bm > 16 and j > 32):
+                if stages * (bn * j * 4 + 8 * j * bm * 2) > 200_000 or (bm > 16 and j > 32) or (j, bm) == (16, 8):
                     continue
                 tiles = -(-m // bm) * -(-n // bn)
                 ok = [s for s in (1, 2, 4, 8, 16) if blocks // s >= 2]

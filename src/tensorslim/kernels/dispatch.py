@@ -273,7 +273,10 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
         bms = [8, 16] if m <= 8 else [min(m, 32)] if m <= 32 else [32, 64] if m <= 64 else [64, 128]
         blocks = k // (8 * j)
         for bm in bms:
-            for bn, warps, stages in ((64, 4, 3), (64, 4, 2), (64, 4, 4), (128, 8, 3)):
+            # BN = 64 with 4 warps runs Hopper's wgmma; BN = 32 or 2 warps run mma.sync (no async waits), which
+            # won at 1 and 16 rows on some H100 shapes (docs/results/kernels.md, session 5)
+            for bn, warps, stages in ((64, 4, 3), (64, 4, 2), (64, 4, 4), (128, 8, 3), (32, 2, 3), (32, 2, 2),
+                                      (64, 2, 3), (32, 4, 3)):
                 if stages * (bn * j * 4 + 8 * j * bm * 2) > 200_000:  # shared memory: weight + activation tiles
                     continue
                 tiles = -(-m // bm) * -(-n // bn)

@@ -210,7 +210,7 @@ def check_config(path: str, meta: list[int], config: list[int], m: int) -> None:
         j = wa_block_words(k, group)
         assert bits == 4 and bits_b == 0 and j is not None, (bits, k, group)
         blk = 8 * j
-        assert bm >= 8 and bm & (bm - 1) == 0 and bn >= 64 and bn & (bn - 1) == 0, (bm, bn)
+        assert bm >= 8 and bm & (bm - 1) == 0 and bn >= 32 and bn & (bn - 1) == 0, (bm, bn)
         assert 1 <= split_k <= k // blk, (k, split_k)
         return
     bm, bn, bk, split_k, _, _ = config
