@@ -221,7 +221,7 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
     """Correct (path, config) choices for ``m`` rows, best guess first.
 
     config = (BM, BN, BK, SPLIT_K, num_warps, num_stages); BM is unused by "gemv" (one row a program); "wa" takes
-    (BM, BN, SPLIT_K, num_warps, num_stages, PREFETCH) (its block is fixed by the layout). The first guesses come from the
+    (BM, BN, SPLIT_K, num_warps, num_stages) (its block is fixed by the layout). The first guesses come from the
     instruction counts of the sm_90a builds (docs/kernels.md); the "wa" sets from its H200 sweep (docs/results/kernels.md).
     """
     n, k, g = lay.n, lay.k, lay.group
@@ -283,8 +283,7 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
                 ok = [s for s in (1, 2, 4, 8, 16) if blocks // s >= 2] or [1]  # uneven splits are fine
                 fill = [s for s in ok if tiles * s >= sms]  # the first split that fills the SMs, and twice it
                 for split in dict.fromkeys([ok[0]] + fill[:2]):
-                    for prefetch in (1, 0):  # group scales one block ahead (more registers) or at use
-                        out.append(("wa", (bm, bn, split, warps, stages, prefetch)))
+                    out.append(("wa", (bm, bn, split, warps, stages)))
     if m >= 64:
         out.append(("dequant", ()))
     return out

@@ -206,8 +206,8 @@ def layout_decode(lay: IntKernelLayout, dtype: torch.dtype = torch.float32) -> t
 def check_config(path: str, meta: list[int], config: list[int], m: int) -> None:
     """Internal invariants of a kernel launch (the dispatcher only builds valid ones; tests check that it does)."""
     k, bits, bits_a, bits_b, group, _ = meta
-    if path == "wa":  # (BM, BN, SPLIT_K, warps, stages[, PREFETCH]) on the weights-as-A layout (blocks of 8 J)
-        bm, bn, split_k = config[:3]
+    if path == "wa":  # (BM, BN, SPLIT_K, warps, stages) on the weights-as-A layout (blocks of 8 J inputs)
+        bm, bn, split_k, _, _ = config
         j = wa_block_words(k, group)
         assert bits == 4 and bits_b == 0 and j is not None, (bits, k, group)
         blk = 8 * j

@@ -68,11 +68,9 @@ def launch_int4_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t
                    meta: list[int], config: list[int], out: Tensor) -> None:
     """Run the weights-as-A int4 kernel (:mod:`.triton.int4_wa`) into ``out`` ``[M, N]`` (fp32 and zeroed when
     ``SPLIT_K > 1``). ``meta = [k, group, symmetric, j]`` (layout blocks of ``8 j`` inputs); ``config = [BM, BN,
-    SPLIT_K, num_warps, num_stages(, PREFETCH)]`` (``PREFETCH``: load a block's group scales one block ahead; default
-    on); optional low-rank term ``t @ u^T`` as in :func:`int_mm`."""
+    SPLIT_K, num_warps, num_stages]``; optional low-rank term ``t @ u^T`` as in :func:`int_mm`."""
     k, group, symmetric, j = meta
-    bm, bn, split_k, num_warps, num_stages = config[:5]
-    prefetch = bool(config[5]) if len(config) > 5 else True
+    bm, bn, split_k, num_warps, num_stages = config
     m, n = x.shape[0], q.shape[0]
     blocks = k // (8 * j)
     assert k % (8 * j) == 0 and group % j == 0 and (group % (8 * j) == 0 or (8 * j) % group == 0), (k, group, j)
@@ -89,8 +87,7 @@ def launch_int4_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t
         x, out, q, scales, zeros if zeros is not None else scales, tt, uu, m, n, k // 8, blocks, -(-blocks // split_k),
         r, x.stride(0), out.stride(0), tt.stride(0), uu.stride(0),
         SYMMETRIC=bool(symmetric), GROUP=group, J=j, HAS_LR=has_lr, BR=max(16, _next_pow2(r)), BM=bm, BN=bn,
-        USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, PREFETCH=prefetch, num_warps=num_warps,
-        num_stages=num_stages)
+        USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, num_warps=num_warps, num_stages=num_stages)
 
 
 @torch.library.custom_op("tensorslim::int4_wa_mm", mutates_args=())

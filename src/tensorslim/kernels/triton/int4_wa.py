@@ -80,14 +80,13 @@ def load_block_groups(s_ptr, z_ptr, rn, nmask, g0, N, GPB: tl.constexpr, SYMMETR
 
 
 @triton.jit
-def pick(v0, v1, v2, v3, u: tl.constexpr, SEG: tl.constexpr, OFF: tl.constexpr):
-    """``(v0, v1, v2, v3)[OFF + u // SEG]``, chosen at compile time (``u`` is the static code position)."""
-    I: tl.constexpr = OFF + u // SEG
-    if I == 0:
+def pick(v0, v1, v2, v3, i: tl.constexpr):
+    """``(v0, v1, v2, v3)[i]`` for a compile-time ``i``."""
+    if i == 0:
         return v0
-    elif I == 1:
+    elif i == 1:
         return v1
-    elif I == 2:
+    elif i == 2:
         return v2
     else:
         return v3
@@ -99,7 +98,7 @@ def int4_wa_kernel(
     M, N, KW, NB, blocks_per_split, R,
     stride_xm, stride_om, stride_tm, stride_un,
     SYMMETRIC: tl.constexpr, GROUP: tl.constexpr, J: tl.constexpr, HAS_LR: tl.constexpr, BR: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr, ATOMIC: tl.constexpr, PREFETCH: tl.constexpr = True,
+    BM: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -124,32 +123,26 @@ def int4_wa_kernel(
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     b_lo = pid_k * blocks_per_split
     b_hi = tl.minimum(b_lo + blocks_per_split, NB)  # the last split may hold fewer blocks
-    if PREFETCH:
-        s0, s1, s2, s3, z0, z1, z2, z3 = load_block_groups(s_ptr, z_ptr, rn, nmask, (b_lo * BK) // GROUP, N, GPB,
-                                                           SYMMETRIC)
+    s0, s1, s2, s3, z0, z1, z2, z3 = load_block_groups(s_ptr, z_ptr, rn, nmask, (b_lo * BK) // GROUP, N, GPB,
+                                                       SYMMETRIC)
     for b in range(b_lo, b_hi):
         w_lo = tl.load(wrow + b * J, mask=nmask[:, None], other=0)  # positions 0..3
         w_hi = tl.load(wrow + b * J + H, mask=nmask[:, None], other=0)  # positions 4..7
         xb = xrow + b * BK
-        if PREFETCH:  # this block's group tables were loaded one block ago; load the next block's
-            c0, c1, c2, c3, y0, y1, y2, y3 = s0, s1, s2, s3, z0, z1, z2, z3
-            nb = tl.minimum(b + 1, b_hi - 1)
-            s0, s1, s2, s3, z0, z1, z2, z3 = load_block_groups(s_ptr, z_ptr, rn, nmask, (nb * BK) // GROUP, N, GPB,
-                                                               SYMMETRIC)
-        else:  # load them now (fewer registers, the load latency exposed)
-            c0, c1, c2, c3, y0, y1, y2, y3 = load_block_groups(s_ptr, z_ptr, rn, nmask, (b * BK) // GROUP, N, GPB,
-                                                               SYMMETRIC)
+        c0, c1, c2, c3, y0, y1, y2, y3 = s0, s1, s2, s3, z0, z1, z2, z3
+        nb = tl.minimum(b + 1, b_hi - 1)  # prefetch the next block's group tables
+        s0, s1, s2, s3, z0, z1, z2, z3 = load_block_groups(s_ptr, z_ptr, rn, nmask, (nb * BK) // GROUP, N, GPB,
+                                                           SYMMETRIC)
         # two dot chains (positions u and u + 4), one when the whole block is one group
         for u in tl.static_range(4):
             if u % SEG == 0:
-                if SEG < 8:  # lo chain: group u // SEG of the block, hi chain: NSEG + u // SEG
-                    s_lo = pick(c0, c1, c2, c3, u, SEG, 0)
-                    z_lo = (pick(y0, y1, y2, y3, u, SEG, 0) + C).to(DT)  # c + z, exact
-                    s_hi = pick(c0, c1, c2, c3, u, SEG, NSEG)
-                    z_hi = (pick(y0, y1, y2, y3, u, SEG, NSEG) + C).to(DT)
-                else:  # one group for the whole block
-                    s_lo = c0
-                    z_lo = (y0 + C).to(DT)
+                i = u // SEG if SEG < 8 else 0
+                s_lo = pick(c0, c1, c2, c3, i)
+                z_lo = (pick(y0, y1, y2, y3, i) + C).to(DT)  # c + z, exact
+                if SEG < 8:
+                    s_hi = pick(c0, c1, c2, c3, NSEG + i)
+                    z_hi = (pick(y0, y1, y2, y3, NSEG + i) + C).to(DT)
+                else:
                     s_hi, z_hi = s_lo, z_lo
             lo = pair_tile(w_lo, u, DT, USE_ASM, BN, J) - z_lo[:, None]  # (c + q) - (c + z) = q - z, exact
             hi = pair_tile(w_hi, u, DT, USE_ASM, BN, J) - z_hi[:, None]
