@@ -133,22 +133,21 @@ class Int4WALayout:
     group: int
     symmetric: bool
     q: torch.Tensor  # int32 [n, k / 8]
-    scales: torch.Tensor  # [n_groups, n], stored dtype (N contiguous: a tile's group scales are one coalesced load)
-    zeros: torch.Tensor | None  # uint8 [n_groups, n], or None when symmetric
+    scales: torch.Tensor  # [n, n_groups], stored dtype
+    zeros: torch.Tensor | None  # uint8 [n, n_groups], or None when symmetric
 
 
 WA_JS = (64, 32)  # words per row per block of the weights-as-A layout, preferred first (H200 sweep, session 5)
 
 
 def _wa_fits(k: int, group: int, j: int) -> bool:
-    blk = 8 * j  # a block holds whole groups (at most 4: the kernel prefetches 4 per block) or lies in one
-    return k % blk == 0 and group % j == 0 and (group % blk == 0 or (blk % group == 0 and blk // group <= 4))
+    blk = 8 * j
+    return k % blk == 0 and group % j == 0 and (group % blk == 0 or blk % group == 0)
 
 
 def wa_block_words(k: int, group: int) -> int | None:
     """Words per row per block (``J``; blocks of ``8 J`` inputs) of the weights-as-A layout for ``k`` inputs in groups
-    of ``group``: 64 where it fits (fastest at 1-16 rows on the H200 and H100; groups of 128 or more), else 32 (groups
-    of 64), else ``None`` (groups of 32 take the other kernels)."""
+    of ``group``: 64 where it fits (fastest at 1-16 rows on the H200), else 32, else ``None``."""
     return next((j for j in WA_JS if _wa_fits(k, group, j)), None)
 
 
@@ -176,7 +175,7 @@ def wa_layout(lay: IntKernelLayout, j: int | None = None) -> Int4WALayout:
     return Int4WALayout(
         n=n, k=k, j=j, group=lay.group, symmetric=lay.symmetric,
         q=pack_codes(blocks, 4).view(torch.int32).reshape(n, k // 8).contiguous(),
-        scales=lay.scales, zeros=lay.zeros,  # the integer layout's [n_groups, n] tables, shared (no copy)
+        scales=lay.scales.t().contiguous(), zeros=None if lay.zeros is None else lay.zeros.t().contiguous(),
     )
 
 

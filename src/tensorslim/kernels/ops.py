@@ -85,7 +85,7 @@ def launch_int4_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t
     uu = u.contiguous() if has_lr else x
     int4_wa_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), split_k)](
         x, out, q, scales, zeros if zeros is not None else scales, tt, uu, m, n, k // 8, blocks, -(-blocks // split_k),
-        r, x.stride(0), out.stride(0), tt.stride(0), uu.stride(0),
+        k // group, r, x.stride(0), out.stride(0), tt.stride(0), uu.stride(0),
         SYMMETRIC=bool(symmetric), GROUP=group, J=j, HAS_LR=has_lr, BR=max(16, _next_pow2(r)), BM=bm, BN=bn,
         USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, num_warps=num_warps, num_stages=num_stages)
 

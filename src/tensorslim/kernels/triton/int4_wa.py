@@ -54,48 +54,21 @@ def pair_tile(w, u: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr, BN: t
 
 
 @triton.jit
-def load_group(s_ptr, z_ptr, rn, nmask, g, N, SYMMETRIC: tl.constexpr):
-    """Scale and zero point (fp32) ``[BN]`` of group ``g`` from the ``[n_groups, N]`` tables (coalesced)."""
-    s = tl.load(s_ptr + g * N + rn, mask=nmask, other=0.0).to(tl.float32)
+def load_group_rows(srow, zrow, g, nmask, DT: tl.constexpr, C: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """Scale (fp32) and ``c + z`` (in ``DT``, exact) ``[BN]`` of group ``g`` for rows whose group vectors start at
+    ``srow`` / ``zrow``."""
+    s = tl.load(srow + g, mask=nmask, other=0.0).to(tl.float32)
     if SYMMETRIC:
-        z = tl.full(s.shape, 8.0, tl.float32)
+        zc = tl.full(s.shape, 8.0 + C, tl.float32)
     else:
-        z = tl.load(z_ptr + g * N + rn, mask=nmask, other=0).to(tl.float32)
-    return s, z
-
-
-@triton.jit
-def load_block_groups(s_ptr, z_ptr, rn, nmask, g0, N, GPB: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """Scales and zero points of the ``GPB`` (1, 2 or 4) groups ``g0 ..`` of a block, as four ``[BN]`` pairs (a
-    group repeated when ``GPB < 4``). The caller loads them one block ahead, so their latency hides behind a block."""
-    s0, z0 = load_group(s_ptr, z_ptr, rn, nmask, g0, N, SYMMETRIC)
-    if GPB == 1:
-        return s0, s0, s0, s0, z0, z0, z0, z0
-    s1, z1 = load_group(s_ptr, z_ptr, rn, nmask, g0 + 1, N, SYMMETRIC)
-    if GPB == 2:
-        return s0, s1, s0, s1, z0, z1, z0, z1
-    s2, z2 = load_group(s_ptr, z_ptr, rn, nmask, g0 + 2, N, SYMMETRIC)
-    s3, z3 = load_group(s_ptr, z_ptr, rn, nmask, g0 + 3, N, SYMMETRIC)
-    return s0, s1, s2, s3, z0, z1, z2, z3
-
-
-@triton.jit
-def pick(v0, v1, v2, v3, i: tl.constexpr):
-    """``(v0, v1, v2, v3)[i]`` for a compile-time ``i``."""
-    if i == 0:
-        return v0
-    elif i == 1:
-        return v1
-    elif i == 2:
-        return v2
-    else:
-        return v3
+        zc = tl.load(zrow + g, mask=nmask, other=0).to(tl.float32) + C
+    return s, zc.to(DT)
 
 
 @triton.jit
 def int4_wa_kernel(
     x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr,
-    M, N, KW, NB, blocks_per_split, R,
+    M, N, KW, NB, blocks_per_split, G, R,
     stride_xm, stride_om, stride_tm, stride_un,
     SYMMETRIC: tl.constexpr, GROUP: tl.constexpr, J: tl.constexpr, HAS_LR: tl.constexpr, BR: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr, ATOMIC: tl.constexpr,
@@ -116,32 +89,21 @@ def int4_wa_kernel(
     jj = tl.arange(0, J)
     wrow = q_ptr + (rn.to(tl.int64) * KW)[:, None] + jh[None, :]  # [BN, J/2] words of block 0, positions 0..3
     xrow = x_ptr + (rm.to(tl.int64) * stride_xm)[:, None] + jj[None, :]  # [BM, J] activations, inputs 0..J-1
-    # groups of block b: b * GPB + [0, GPB) (lo chain the first half, hi the second), or, when a group spans
-    # blocks, the one group b * BK // GROUP
-    GPB: tl.constexpr = BK // GROUP if GROUP < BK else 1
-    NSEG: tl.constexpr = 4 // SEG if SEG < 8 else 1  # segments (groups) per chain per block
+    srow = s_ptr + rn.to(tl.int64) * G
+    zrow = z_ptr + rn.to(tl.int64) * G
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     b_lo = pid_k * blocks_per_split
-    b_hi = tl.minimum(b_lo + blocks_per_split, NB)  # the last split may hold fewer blocks
-    s0, s1, s2, s3, z0, z1, z2, z3 = load_block_groups(s_ptr, z_ptr, rn, nmask, (b_lo * BK) // GROUP, N, GPB,
-                                                       SYMMETRIC)
-    for b in range(b_lo, b_hi):
+    for b in range(b_lo, tl.minimum(b_lo + blocks_per_split, NB)):  # the last split may hold fewer blocks
         w_lo = tl.load(wrow + b * J, mask=nmask[:, None], other=0)  # positions 0..3
         w_hi = tl.load(wrow + b * J + H, mask=nmask[:, None], other=0)  # positions 4..7
         xb = xrow + b * BK
-        c0, c1, c2, c3, y0, y1, y2, y3 = s0, s1, s2, s3, z0, z1, z2, z3
-        nb = tl.minimum(b + 1, b_hi - 1)  # prefetch the next block's group tables
-        s0, s1, s2, s3, z0, z1, z2, z3 = load_block_groups(s_ptr, z_ptr, rn, nmask, (nb * BK) // GROUP, N, GPB,
-                                                           SYMMETRIC)
         # two dot chains (positions u and u + 4), one when the whole block is one group
         for u in tl.static_range(4):
             if u % SEG == 0:
-                i = u // SEG if SEG < 8 else 0
-                s_lo = pick(c0, c1, c2, c3, i)
-                z_lo = (pick(y0, y1, y2, y3, i) + C).to(DT)  # c + z, exact
+                s_lo, z_lo = load_group_rows(srow, zrow, (b * BK + u * J) // GROUP, nmask, DT, C, SYMMETRIC)
                 if SEG < 8:
-                    s_hi = pick(c0, c1, c2, c3, NSEG + i)
-                    z_hi = (pick(y0, y1, y2, y3, NSEG + i) + C).to(DT)
+                    s_hi, z_hi = load_group_rows(srow, zrow, (b * BK + (u + 4) * J) // GROUP, nmask, DT, C,
+                                                 SYMMETRIC)
                 else:
                     s_hi, z_hi = s_lo, z_lo
             lo = pair_tile(w_lo, u, DT, USE_ASM, BN, J) - z_lo[:, None]  # (c + q) - (c + z) = q - z, exact
