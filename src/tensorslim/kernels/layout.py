@@ -147,7 +147,7 @@ def _wa_fits(k: int, group: int, j: int) -> bool:
 
 def wa_block_words(k: int, group: int) -> int | None:
     """Words per row per block (``J``; blocks of ``8 J`` inputs) of the weights-as-A layout for ``k`` inputs in groups
-    of ``group``: 64 where it fits (fastest at 1-16 rows on the H200), else 32, else ``None``."""
+    of ``group``: 64 where it fits (fastest at 1-16 rows on the H200 and H100), else 32, else ``None``."""
     return next((j for j in WA_JS if _wa_fits(k, group, j)), None)
 
 

@@ -1,11 +1,12 @@
-"""int4 tensor-core GEMM with the *weights as the A operand* ("wa"; any batch, groups that are multiples of 128).
+"""int4 tensor-core GEMM with the *weights as the A operand* ("wa"; any batch; power-of-two groups >= 32).
 
 The other tiled kernels compute ``y[BM, BN] = x[BM, BK] @ W^T[BK, BN]``: the weights are the B operand, which the
 tensor cores read from shared memory, so every dequantized weight tile makes a round trip through shared memory,
 and with few rows (decode) the ``M`` side of the instruction is mostly padding. Here the product is swapped:
 ``y^T[BN, BM] = W[BN, BK] @ x^T[BK, BM]``. The weights are the A operand, which both ``mma.sync`` and Hopper's
 ``wgmma`` take from registers, so the codes go from global memory to registers to the tensor cores; output features
-fill the instruction's large ``M`` side (64 per warpgroup) and the batch its small ``N`` side (>= 16 here).
+fill the instruction's ``M`` side (64 per warpgroup for ``wgmma``; Triton uses ``mma.sync`` for ``BN = 32`` or 2 warps)
+and the batch its small ``N`` side (``BM`` >= 8).
 
 Layout (:func:`tensorslim.kernels.layout.wa_layout`, a one-time repack): ``q[N, K/8]`` int32, rows are output
 features, ``J`` words per row per block of ``8 J`` inputs. Code position ``t = 4 h + u`` of a block covers inputs
@@ -13,14 +14,14 @@ features, ``J`` words per row per block of ``8 J`` inputs. Code position ``t = 4
 J/2 + p``. So per block two ``[BN, J/2]`` word tiles (``h`` = 0, 1), and per ``u`` one shift and one ``lop3`` per
 word give the ``[BN, J]`` weight tiles of positions ``u`` and ``u + 4`` with each adjacent-input pair already in one
 register, which is how the dot operand holds it: eight ``tl.dot`` s with K = J per block, each against a contiguous
-slice of the activations, and no reshuffling of the unpacked codes. ``J = 32`` measured best on the H200 (session 5;
-``bench/wa_sweep.py``).
+slice of the activations, and no reshuffling of the unpacked codes. ``J = 64`` measured best at 1-16 rows on the
+H200 and H100 (session 5, ``bench/wa_sweep.py``); ``J = 32`` where 512-input blocks do not fit.
 
 Arithmetic: the ``lop3`` ORs the nibble pair into the mantissas of bf16 ``c = 128`` (fp16 ``c = 1024``), giving ``c +
 q`` exactly; ``- (c + z)`` in the activation dtype (one packed subtraction per pair) gives ``q - z`` exactly; the
 dots accumulate ``sum_k x (q - z)`` in fp32 per group and the group scale multiplies that in fp32. So the result is
 ``x @ decode()^T`` up to fp32 accumulation order (measured ~1e-7 relative). Two dot chains per block (positions
-``u`` and ``u + 4``) keep two unpacked tiles live (registers: ~100 a thread at ``BN = 64``, ``BM = 16``).
+``u`` and ``u + 4``) keep two unpacked tiles live (Triton 3.6: 104-136 registers a thread for the decode configs).
 ``ATOMIC``: split-K (``ceil(NB / SPLIT_K)`` blocks a split, so any block count splits: Llama-2's 11008 inputs
 are 43 blocks of 256), partial sums added atomically into a zeroed fp32 output. ``HAS_LR``: the fused ``Sum(int4,
 LowRank)`` epilogue, ``U t^T`` with ``t = x V^T`` computed before the call (as in the other integer kernels).
