@@ -32,6 +32,18 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _into_new(x: Tensor, n: int, split_k: int, out_dtype: torch.dtype, launch) -> Tensor:
+    """Allocate ``[M, n]`` (fp32 and zeroed under split-K, whose programs add atomically), run ``launch(x, out)`` on
+    contiguous ``x`` and return ``out`` in ``out_dtype``."""
+    x = x.contiguous()
+    if split_k > 1:
+        out = torch.zeros((x.shape[0], n), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((x.shape[0], n), dtype=out_dtype, device=x.device)
+    launch(x, out)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
 def launch_int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zeros: Tensor | None, t: Tensor | None,
                   u: Tensor | None, meta: list[int], path: str, config: list[int], out: Tensor) -> None:
     """Run the gemv/gemm kernel into ``out`` (``[M, N]``; fp32 and zeroed when ``SPLIT_K > 1``, atomics add into it)."""
@@ -93,14 +105,8 @@ def launch_int4_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t
 @torch.library.custom_op("tensorslim::int4_wa_mm", mutates_args=())
 def int4_wa_mm(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Tensor | None, u: Tensor | None,
                meta: list[int], config: list[int], out_dtype: torch.dtype) -> Tensor:
-    m, n = x.shape[0], q.shape[0]
-    x = x.contiguous()
-    if config[2] > 1:
-        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    launch_int4_wa(x, q, scales, zeros, t, u, meta, config, out)
-    return out if out.dtype == out_dtype else out.to(out_dtype)
+    return _into_new(x, q.shape[0], config[2], out_dtype,
+                     lambda xc, out: launch_int4_wa(xc, q, scales, zeros, t, u, meta, config, out))
 
 
 @int4_wa_mm.register_fake
@@ -111,14 +117,8 @@ def _int4_wa_mm_fake(x, q, scales, zeros, t, u, meta, config, out_dtype):
 @torch.library.custom_op("tensorslim::int_mm", mutates_args=())
 def int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zeros: Tensor | None, t: Tensor | None,
            u: Tensor | None, meta: list[int], path: str, config: list[int], out_dtype: torch.dtype) -> Tensor:
-    m, n = x.shape[0], qa.shape[1]
-    x = x.contiguous()
-    if config[3] > 1:
-        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    launch_int_mm(x, qa, qb, scales, zeros, t, u, meta, path, config, out)
-    return out if out.dtype == out_dtype else out.to(out_dtype)
+    return _into_new(x, qa.shape[1], config[3], out_dtype,
+                     lambda xc, out: launch_int_mm(xc, qa, qb, scales, zeros, t, u, meta, path, config, out))
 
 
 @int_mm.register_fake
