@@ -85,10 +85,14 @@ def test_gemm_planes_matches_reference(ops, bits, group, sym, gen):
     assert err <= TOL, f"sum bits={bits}: {err:.2e} (seed {gen.seed_})"
 
 
-def test_gemm_planes_is_a_candidate_for_int4_g128():
-    lay = dispatch.layout(quantize_rtn(torch.randn(64, 512), IntGroup(bits=4, group_size=128)))
+def test_gemm_planes_is_a_candidate_where_wa_is_not():
+    lay = dispatch.layout(quantize_rtn(torch.randn(64, 384), IntGroup(bits=4, group_size=128)))  # 384 % 256 != 0
     assert any(p == "gemmp" for p, _ in dispatch.candidates(lay, 16))
-    assert not any(p == "gemmp" for p, _ in dispatch.candidates(lay, 1))
+    assert any(p == "mma4" for p, _ in dispatch.candidates(lay, 16))
+    assert not any(p in ("gemmp", "wa") for p, _ in dispatch.candidates(lay, 1))
+    lay = dispatch.layout(quantize_rtn(torch.randn(64, 512), IntGroup(bits=4, group_size=128)))  # "wa" replaces both
+    paths = {p for p, _ in dispatch.candidates(lay, 16)}
+    assert "wa" in paths and not paths & {"gemmp", "mma4"}
 
 
 def test_every_candidate_for_one_format(ops, gen):

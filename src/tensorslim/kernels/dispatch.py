@@ -238,7 +238,10 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
                 c = ("gemv", (1, bn, bk, split, warps, 3))
                 if c not in out:
                     out.append(c)
-    if _mma4_ok(lay):
+    # Where "wa" runs (int4, in % 256 == 0), "mma4" and "gemmp" are not offered: on the H100 and the H200 "wa" beat
+    # them at every batch size and issue shape (session 5), and each costs ~12-18 more compiles and timings a key.
+    wa_ok = wa_reason(lay) is None
+    if _mma4_ok(lay) and not wa_ok:
         bm = min(max(16, _pow2(m)), 128)
         for bn, warps, stages in ((128, 4, 4), (64, 4, 4), (256, 8, 3), (128, 8, 3)):
             tiles = -(-m // bm) * -(-n // bn)
@@ -258,7 +261,7 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
                 c = ("gemm", (bm, bn, bk, split, warps, stages))
                 if c not in out:
                     out.append(c)
-    if m >= 2 and lay.qb is None:  # one dot per code position: no [BK, BN] reshape of the unpacked codes
+    if m >= 2 and lay.qb is None and not wa_ok:  # one dot per code position: no [BK, BN] reshape of the codes
         bm = min(max(16, _pow2(m)), 128)
         pa = 32 // lay.bits_a
         for bk in (b for b in (16 * pa, 32 * pa) if b <= g and g % b == 0 and k % b == 0):
@@ -268,7 +271,7 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
                     c = ("gemmp", (bm, bn, bk, split, warps, stages))
                     if c not in out:
                         out.append(c)
-    if wa_reason(lay) is None:  # int4 with the weights as the A operand (any batch): best measured from 1 to 16 rows
+    if wa_ok:  # int4 with the weights as the A operand (any batch): best measured from 1 to 64 rows
         j = wa_block_words(k, g)
         bms = [8, 16] if m <= 8 else [min(m, 32)] if m <= 32 else [32, 64] if m <= 64 else [64, 128]
         blocks = k // (8 * j)
