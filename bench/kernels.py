@@ -95,7 +95,7 @@ def check_choice(cw, x, choice) -> float:
     if path == "wa":
         wl = dispatch.wa_of(lay)
         ops.launch_int4_wa(x2d.contiguous(), wl.q, wl.scales, wl.zeros, *(lr or (None, None)),
-                           [wl.k, wl.group, int(wl.symmetric), wl.j], list(config), out)
+                           dispatch.wa_meta(wl), list(config), out)
         return relative_error(out, ref)
     ops.launch_int_mm(x2d.contiguous(), lay.qa, lay.qb, lay.scales, lay.zeros, *(lr or (None, None)), meta, path,
                       list(config), out)

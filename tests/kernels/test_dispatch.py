@@ -45,8 +45,9 @@ def test_importing_formats_and_kernels_loads_neither_triton_nor_transformers():
     assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
 
 
-def test_mma4_self_check_runs(ops):
-    """The dispatcher's one-time check of the int4 tensor-core kernel (here: its interpreter form) passes."""
+def test_self_checks_run(ops):
+    """The dispatcher's one-time checks of the inline-PTX kernels (here: their interpreter form) pass."""
     from tensorslim.kernels import dispatch
 
-    assert dispatch.mma4_verified(torch.device("cpu"), torch.float16)
+    for path, bits in (("mma4", 4), ("wa", 4), ("wa", 2)):
+        assert dispatch.kernel_verified(path, bits, torch.device("cpu"), torch.float16), (path, bits)

@@ -12,6 +12,7 @@ import torch
 
 from tensorslim.formats import IntGroup, SumWeight, parse_format, quantize_rtn
 from tensorslim.formats.lowrank import LowRank, LowRankWeight
+from tensorslim.formats.ternary import Ternary, quantize_ternary
 from tensorslim.kernels import dispatch
 from tensorslim.kernels.layout import unpack_plane, wa_block_words, wa_layout, wa_reason
 from tensorslim.kernels.reference import reference_fp32, relative_error
@@ -30,7 +31,7 @@ def run_wa(ops, cw, x, config):
         t, u = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).float(), cw.extra.v.float()), cw.extra.u
     wl = dispatch.wa_of(lay)
     out = torch.zeros(x.shape[0], lay.n) if config[2] > 1 else torch.full((x.shape[0], lay.n), float("nan"))
-    ops.launch_int4_wa(x2d.contiguous(), wl.q, wl.scales, wl.zeros, t, u, [wl.k, wl.group, int(wl.symmetric), wl.j],
+    ops.launch_int4_wa(x2d.contiguous(), wl.q, wl.scales, wl.zeros, t, u, dispatch.wa_meta(wl),
                        list(config), out)
     return out
 
@@ -47,6 +48,12 @@ def test_wa_layout_holds_the_codes(gen):
         codes, _, zero = w.unpacked()
         assert torch.equal(q, codes) and torch.equal(q, unpack_plane(lay.qa, 4, K))
         assert torch.equal(wl.zeros.long(), zero.long()) and torch.equal(wl.scales, w.scales)
+    w = quantize_rtn(torch.randn(N, K, generator=gen), IntGroup(bits=2, group_size=128))
+    wl = wa_layout(dispatch.layout(w), 32)  # int2: input 32 t + 2p + e is code 8e + t of word p
+    assert wl.bits == 2 and wl.q.shape == (N, K // 16)
+    q = (wl.q.view(torch.uint8).long().reshape(N, K // 4, 1) >> torch.tensor([0, 2, 4, 6])) & 3
+    q = q.reshape(N, K // 256, 16, 2, 8).permute(0, 1, 4, 2, 3).reshape(N, K)
+    assert torch.equal(q, w.unpacked()[0])
 
 
 @pytest.mark.parametrize("group,sym", [(128, False), (64, True), (32, False), (256, False), (None, True)])
@@ -56,6 +63,23 @@ def test_wa_matches_reference(ops, group, sym, gen):
         x = torch.randn(m, K, generator=gen).to(torch.float16)
         err = relative_error(run_wa(ops, w, x, config), reference_fp32(w, x))
         assert err <= TOL, f"g={group} sym={sym} m={m} {config}: {err:.2e} (seed {gen.seed_})"
+
+
+@pytest.mark.parametrize("fmt", ["int2:g128", "int2:g64:sym", "int2:pc", "ternary:g128", "ternary"])
+def test_wa_two_bit_matches_reference(ops, fmt, gen):
+    """2-bit codes (int2 and ternary, whose codes t + 1 are int2 with zero point 1) on the same kernel."""
+    w = torch.randn(N, K, generator=gen)
+    if fmt.startswith("ternary"):
+        g = fmt.partition(":g")[2]
+        cw = quantize_ternary(w, Ternary(group_size=int(g) if g else None))
+    else:
+        cw = quantize_rtn(w, parse_format(fmt))
+    lay = dispatch.layout(cw)
+    assert wa_reason(lay) is None and dispatch.wa_of(lay).bits == 2
+    for m, config in [(1, (8, 64, 2, 4, 3)), (6, (16, 32, 1, 2, 2)), (33, (32, 64, 2, 4, 3))]:
+        x = torch.randn(m, K, generator=gen).to(torch.float16)
+        err = relative_error(run_wa(ops, cw, x, config), reference_fp32(cw, x))
+        assert err <= TOL, f"{fmt} m={m} {config}: {err:.2e} (seed {gen.seed_})"
 
 
 def test_wa_uneven_split_k(ops, gen):

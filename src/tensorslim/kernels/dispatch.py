@@ -162,6 +162,11 @@ def layout(base: CompressedWeight) -> IntKernelLayout:
     return lay
 
 
+def wa_meta(wl: Int4WALayout) -> list[int]:
+    """``meta`` of :func:`.ops.launch_int4_wa` for a weights-as-A layout."""
+    return [wl.k, wl.group, int(wl.symmetric), wl.j, wl.bits]
+
+
 def wa_of(lay: IntKernelLayout) -> Int4WALayout:
     """The weights-as-A layout of an int4 kernel layout, repacked once and memoized with it."""
     wl = _WA.get(lay)
@@ -179,8 +184,7 @@ def run_choice(choice: Choice, lay: IntKernelLayout, x2d: torch.Tensor, lr: tupl
     if path == "wa":
         wl = wa_of(lay)
         t, u = lr if lr is not None else (None, None)
-        return ops.int4_wa_mm(x2d, wl.q, wl.scales, wl.zeros, t, u, [wl.k, wl.group, int(wl.symmetric), wl.j],
-                              list(config), out_dtype)
+        return ops.int4_wa_mm(x2d, wl.q, wl.scales, wl.zeros, t, u, wa_meta(wl), list(config), out_dtype)
     meta = [lay.k, lay.bits, lay.bits_a, lay.bits_b, lay.group, int(lay.symmetric)]
     if path == "dequant":
         w_t = ops.int_dequant(lay.qa, lay.qb, lay.scales, lay.zeros, meta, x2d.dtype)  # [K, N]
@@ -241,7 +245,8 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
     # Where "wa" runs (int4, in % 256 == 0), "mma4" and "gemmp" are not offered: on the H100 and the H200 "wa" beat
     # them at every batch size and issue shape (session 5), and each costs ~12-18 more compiles and timings a key.
     wa_ok = wa_reason(lay) is None
-    if _mma4_ok(lay) and not wa_ok:
+    measured_wa = wa_ok and lay.bits == 4  # 2-bit "wa" is new and unmeasured: it replaces nothing yet
+    if _mma4_ok(lay) and not measured_wa:
         bm = min(max(16, _pow2(m)), 128)
         for bn, warps, stages in ((128, 4, 4), (64, 4, 4), (256, 8, 3), (128, 8, 3)):
             tiles = -(-m // bm) * -(-n // bn)
@@ -261,7 +266,7 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
                 c = ("gemm", (bm, bn, bk, split, warps, stages))
                 if c not in out:
                     out.append(c)
-    if m >= 2 and lay.qb is None and not wa_ok:  # one dot per code position: no [BK, BN] reshape of the codes
+    if m >= 2 and lay.qb is None and not measured_wa:  # one dot per code position: no [BK, BN] reshape of codes
         bm = min(max(16, _pow2(m)), 128)
         pa = 32 // lay.bits_a
         for bk in (b for b in (16 * pa, 32 * pa) if b <= g and g % b == 0 and k % b == 0):
@@ -292,15 +297,16 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
     return out
 
 
-_MMA4_OK: dict[tuple, bool] = {}
+_CHECKED: dict[tuple, bool] = {}
+_SELF_CHECKED = ("mma4", "wa")  # paths with inline PTX, which the CPU tests run only in a plain-Triton form
 
 
-def mma4_verified(device: torch.device, dtype: torch.dtype) -> bool:
-    """Once per (device, dtype): does the int4 tensor-core kernel (inline PTX on the GPU, which the CPU interpreter
-    cannot run) match ``x @ decode()^T`` in fp32 on a small problem with a poisoned output? If not, the dispatcher
-    never picks it (logged), so a miscompiled bit trick costs speed, never results."""
-    key = (str(device), dtype)
-    ok = _MMA4_OK.get(key)
+def kernel_verified(path: str, bits: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """Once per (path, bits, device, dtype): does a kernel with inline PTX ("mma4", "wa") match ``x @ decode()^T`` in
+    fp32 on a small problem with a poisoned output? If not, the dispatcher never picks it (logged), so a miscompiled
+    bit trick or a compiler bug costs speed, never results."""
+    key = (path, bits, str(device), dtype)
+    ok = _CHECKED.get(key)
     if ok is None:
         from ..formats import IntGroup, quantize_rtn
         from .reference import reference_fp32, relative_error
@@ -311,38 +317,45 @@ def mma4_verified(device: torch.device, dtype: torch.dtype) -> bool:
         for sym in (False, True):
             if not ok:
                 break
-            w = quantize_rtn(torch.randn(96, 512, device=device, generator=g), IntGroup(bits=4, group_size=128,
-                                                                                         symmetric=sym))
+            w = quantize_rtn(torch.randn(96, 512, device=device, generator=g),
+                             IntGroup(bits=bits, group_size=128, symmetric=sym))
             lay = layout(w)
             x = torch.randn(5, 512, device=device, generator=g).to(dtype)
             out = torch.full((5, 96), float("nan"), device=device)
-            meta = [lay.k, lay.bits, lay.bits_a, lay.bits_b, lay.group, int(lay.symmetric)]
             try:
-                ops.launch_int_mm(x, lay.qa, lay.qb, lay.scales, lay.zeros, None, None, meta, "mma4",
-                                  [16, 64, 128, 1, 4, 3], out)
+                if path == "mma4":
+                    meta = [lay.k, lay.bits, lay.bits_a, lay.bits_b, lay.group, int(lay.symmetric)]
+                    ops.launch_int_mm(x, lay.qa, lay.qb, lay.scales, lay.zeros, None, None, meta, "mma4",
+                                      [16, 64, 128, 1, 4, 3], out)
+                else:
+                    wl = wa_of(lay)
+                    ops.launch_int4_wa(x, wl.q, wl.scales, wl.zeros, None, None, wa_meta(wl), [16, 64, 1, 4, 3], out)
                 err = relative_error(out, reference_fp32(w, x))
             except Exception as e:  # compiler or launch failure
-                log.warning("int4 tensor-core kernel unavailable on %s: %s", device, e)
+                log.warning("%s kernel (int%d) unavailable on %s: %s", path, bits, device, e)
                 err = float("inf")
             ok = err <= 1e-3
             if not ok:
-                log.warning("int4 tensor-core kernel failed its self-check on %s (%s, rel err %.2e); not used",
-                            device, dtype, err)
-        _MMA4_OK[key] = ok
+                log.warning("%s kernel (int%d) failed its self-check on %s (%s, rel err %.2e); not used",
+                            path, bits, device, dtype, err)
+        _CHECKED[key] = ok
     return ok
 
 
 def usable_candidates(lay: IntKernelLayout, m: int, x2d: torch.Tensor, sms: int = 132) -> list[Choice]:
-    """:func:`candidates` less "mma4" where its self-check failed (inside a CUDA-graph capture, where the check
-    cannot run, "mma4" stays only if it already passed)."""
+    """:func:`candidates` less the paths whose self-check failed (:func:`kernel_verified`; inside a CUDA-graph capture,
+    where the check cannot run, such a path stays only if it already passed)."""
     cands = candidates(lay, m, sms)
-    if x2d.device.type == "cuda" and any(c[0] == "mma4" for c in cands):
-        if torch.cuda.is_current_stream_capturing():
-            ok = _MMA4_OK.get((str(x2d.device), x2d.dtype), False)
-        else:
-            ok = mma4_verified(x2d.device, x2d.dtype)
-        if not ok:
-            cands = [c for c in cands if c[0] != "mma4"] or [("dequant", ())]
+    if x2d.device.type == "cuda":
+        for path in _SELF_CHECKED:
+            if not any(c[0] == path for c in cands):
+                continue
+            if torch.cuda.is_current_stream_capturing():
+                ok = _CHECKED.get((path, lay.bits, str(x2d.device), x2d.dtype), False)
+            else:
+                ok = kernel_verified(path, lay.bits, x2d.device, x2d.dtype)
+            if not ok:
+                cands = [c for c in cands if c[0] != path] or [("dequant", ())]
     return cands
 
 

@@ -122,17 +122,19 @@ def int_layout(w: IntGroupWeight) -> IntKernelLayout:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class Int4WALayout:
-    """What the weights-as-A int4 kernel (:mod:`.triton.int4_wa`) reads: row-major words, ``j`` words per block of ``8
-    j`` inputs. Input ``j t + 2 p + e`` of a block (code position ``t = 4 h + u``, ``p < j / 2``, ``e`` in 0, 1) is
-    nibble ``4 e + u`` of the block's word ``h j / 2 + p``: one ``lop3`` of a word shifted by ``4 u`` gives the pair of
-    adjacent inputs ``(2p, 2p + 1)`` of position ``t`` in one register."""
+    """What the weights-as-A kernel (:mod:`.triton.int4_wa`) reads: row-major words, ``j * bits / 4`` words per block
+    of ``8 j`` inputs (code positions ``t = 0..7`` of ``j`` inputs each). int4: input ``j t + 2 p + e`` (``t = 4 h +
+    u``, ``p < j / 2``, ``e`` in 0, 1) is nibble ``4 e + u`` of the block's word ``h j / 2 + p``. int2 (and ternary):
+    input ``j t + 2 p + e`` is code ``8 e + t`` of word ``p``. Either way one ``lop3`` of a word shifted by ``bits *
+    u`` gives the pair of adjacent inputs ``(2p, 2p + 1)`` of a position in one register."""
 
     n: int
     k: int
     j: int
+    bits: int  # 4 or 2
     group: int
     symmetric: bool
-    q: torch.Tensor  # int32 [n, k / 8]
+    q: torch.Tensor  # int32 [n, k * bits / 32]
     scales: torch.Tensor  # [n, n_groups], stored dtype
     zeros: torch.Tensor | None  # uint8 [n, n_groups], or None when symmetric
 
@@ -154,8 +156,8 @@ def wa_block_words(k: int, group: int) -> int | None:
 def wa_reason(lay: IntKernelLayout, j: int | None = None) -> str | None:
     """``None`` if the weights-as-A int4 kernel can run the weight behind ``lay`` (with blocks of ``8 j`` inputs, or
     the preferred ``j`` that fits)."""
-    if lay.bits != 4 or lay.qb is not None:
-        return f"{lay.bits}-bit codes (the weights-as-A kernel takes 4-bit codes)"
+    if lay.bits not in (2, 4) or lay.qb is not None:
+        return f"{lay.bits}-bit codes (the weights-as-A kernel takes 2- and 4-bit codes)"
     if not (_wa_fits(lay.k, lay.group, j) if j else wa_block_words(lay.k, lay.group)):
         return (f"in_features {lay.k} / group {lay.group} do not fit blocks of "
                 f"{8 * j if j else ' or '.join(str(8 * v) for v in WA_JS)} inputs")
@@ -168,13 +170,15 @@ def wa_layout(lay: IntKernelLayout, j: int | None = None) -> Int4WALayout:
     assert wa_reason(lay, j) is None, wa_reason(lay, j)
     j = j or wa_block_words(lay.k, lay.group)
     assert j is not None
-    n, k = lay.n, lay.k
-    codes = unpack_plane(lay.qa, 4, k)  # [n, k] stored input order
-    # block input j t + 2p + e, t = 4h + u -> word h j/2 + p, nibble 4e + u
-    blocks = codes.reshape(n, k // (8 * j), 2, 4, j // 2, 2).permute(0, 1, 2, 4, 5, 3).reshape(n, k)
+    n, k, bits = lay.n, lay.k, lay.bits
+    codes = unpack_plane(lay.qa, bits, k)  # [n, k] stored input order
+    if bits == 4:  # block input j t + 2p + e, t = 4h + u -> word h j/2 + p, nibble 4e + u
+        blocks = codes.reshape(n, k // (8 * j), 2, 4, j // 2, 2).permute(0, 1, 2, 4, 5, 3)
+    else:  # block input j t + 2p + e -> word p, code 8e + t
+        blocks = codes.reshape(n, k // (8 * j), 8, j // 2, 2).permute(0, 1, 3, 4, 2)
     return Int4WALayout(
-        n=n, k=k, j=j, group=lay.group, symmetric=lay.symmetric,
-        q=pack_codes(blocks, 4).view(torch.int32).reshape(n, k // 8).contiguous(),
+        n=n, k=k, j=j, bits=bits, group=lay.group, symmetric=lay.symmetric,
+        q=pack_codes(blocks.reshape(n, k), bits).view(torch.int32).reshape(n, k * bits // 32).contiguous(),
         scales=lay.scales.t().contiguous(), zeros=None if lay.zeros is None else lay.zeros.t().contiguous(),
     )
 
@@ -208,7 +212,7 @@ def check_config(path: str, meta: list[int], config: list[int], m: int) -> None:
     if path == "wa":  # (BM, BN, SPLIT_K, warps, stages) on the weights-as-A layout (blocks of 8 J inputs)
         bm, bn, split_k, _, _ = config
         j = wa_block_words(k, group)
-        assert bits == 4 and bits_b == 0 and j is not None, (bits, k, group)
+        assert bits in (2, 4) and bits_b == 0 and j is not None, (bits, k, group)
         blk = 8 * j
         assert bm >= 8 and bm & (bm - 1) == 0 and bn >= 32 and bn & (bn - 1) == 0, (bm, bn)
         assert 1 <= split_k <= k // blk, (k, split_k)

@@ -80,8 +80,10 @@ def launch_int4_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t
                    meta: list[int], config: list[int], out: Tensor) -> None:
     """Run the weights-as-A int4 kernel (:mod:`.triton.int4_wa`) into ``out`` ``[M, N]`` (fp32 and zeroed when
     ``SPLIT_K > 1``). ``meta = [k, group, symmetric, j]`` (layout blocks of ``8 j`` inputs); ``config = [BM, BN,
-    SPLIT_K, num_warps, num_stages]``; optional low-rank term ``t @ u^T`` as in :func:`int_mm`."""
-    k, group, symmetric, j = meta
+    SPLIT_K, num_warps, num_stages]``; optional low-rank term ``t @ u^T`` as in :func:`int_mm`. ``meta`` may add the
+    code width (4, the default, or 2)."""
+    k, group, symmetric, j = meta[:4]
+    bits = meta[4] if len(meta) > 4 else 4
     bm, bn, split_k, num_warps, num_stages = config
     m, n = x.shape[0], q.shape[0]
     blocks = k // (8 * j)
@@ -96,10 +98,11 @@ def launch_int4_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t
     tt = t.contiguous() if has_lr else x
     uu = u.contiguous() if has_lr else x
     int4_wa_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), split_k)](
-        x, out, q, scales, zeros if zeros is not None else scales, tt, uu, m, n, k // 8, blocks, -(-blocks // split_k),
+        x, out, q, scales, zeros if zeros is not None else scales, tt, uu, m, n, k * bits // 32, blocks,
+        -(-blocks // split_k),
         k // group, r, x.stride(0), out.stride(0), tt.stride(0), uu.stride(0),
         SYMMETRIC=bool(symmetric), GROUP=group, J=j, HAS_LR=has_lr, BR=max(16, _next_pow2(r)), BM=bm, BN=bn,
-        USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, num_warps=num_warps, num_stages=num_stages)
+        USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, BITS=bits, num_warps=num_warps, num_stages=num_stages)
 
 
 @torch.library.custom_op("tensorslim::int4_wa_mm", mutates_args=())

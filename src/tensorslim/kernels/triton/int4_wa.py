@@ -32,35 +32,45 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_LOP_BF16 = tl.constexpr("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;")
-_LOP_FP16 = tl.constexpr("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xea;")
+_LOP4_BF16 = tl.constexpr("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;")
+_LOP4_FP16 = tl.constexpr("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xea;")
+_LOP2_BF16 = tl.constexpr("lop3.b32 $0, $1, 0x00030003, 0x43004300, 0xea;")
+_LOP2_FP16 = tl.constexpr("lop3.b32 $0, $1, 0x00030003, 0x64006400, 0xea;")
 
 
 @triton.jit
-def pair_tile(w, u: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr):
-    """Words ``[BN, J/2]`` -> the ``[BN, J]`` tile ``c + q`` of code position ``u`` (0..3) in ``DT``: element ``(n, 2p
-    + e)`` is bits ``4u + 16e`` of word ``(n, p)``. On the GPU one ``lop3`` per word makes the pair ``(2p, 2p + 1)``
-    in one register (``pack=2``), which is already the dot operand's register, so no repacking follows."""
-    v = w >> (4 * u)
+def pair_tile(w, u: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr,
+              BITS: tl.constexpr = 4):
+    """Words ``[BN, J/2]`` -> the ``[BN, J]`` tile ``c + q`` of code position ``u`` in ``DT``: element ``(n, 2p + e)``
+    is the ``BITS``-bit code at bit ``BITS u + 16 e`` of word ``(n, p)``. On the GPU one ``lop3`` per word makes the
+    pair ``(2p, 2p + 1)`` in one register (``pack=2``), which is already the dot operand's register."""
+    v = w >> (BITS * u)
     v2 = tl.reshape(tl.join(v, v), (BN, J))  # each word twice: elements 2p and 2p + 1
     if USE_ASM:
-        if DT == tl.bfloat16:
-            return tl.inline_asm_elementwise(_LOP_BF16, "=r,r,r", [v2], dtype=tl.bfloat16, is_pure=True, pack=2)
+        if BITS == 4:
+            if DT == tl.bfloat16:
+                return tl.inline_asm_elementwise(_LOP4_BF16, "=r,r,r", [v2], dtype=tl.bfloat16, is_pure=True, pack=2)
+            else:
+                return tl.inline_asm_elementwise(_LOP4_FP16, "=r,r,r", [v2], dtype=tl.float16, is_pure=True, pack=2)
         else:
-            return tl.inline_asm_elementwise(_LOP_FP16, "=r,r,r", [v2], dtype=tl.float16, is_pure=True, pack=2)
+            if DT == tl.bfloat16:
+                return tl.inline_asm_elementwise(_LOP2_BF16, "=r,r,r", [v2], dtype=tl.bfloat16, is_pure=True, pack=2)
+            else:
+                return tl.inline_asm_elementwise(_LOP2_FP16, "=r,r,r", [v2], dtype=tl.float16, is_pure=True, pack=2)
     else:  # via float32: the interpreter's int32 -> bfloat16 cast reinterprets bits (Triton 3.9)
         C: tl.constexpr = 128 if DT == tl.bfloat16 else 1024
         e = tl.arange(0, J) % 2
-        return (((v2 >> (16 * e)[None, :]) & 15) + C).to(tl.float32).to(DT)
+        return (((v2 >> (16 * e)[None, :]) & ((1 << BITS) - 1)) + C).to(tl.float32).to(DT)
 
 
 @triton.jit
-def load_group_rows(srow, zrow, g, nmask, DT: tl.constexpr, C: tl.constexpr, SYMMETRIC: tl.constexpr):
+def load_group_rows(srow, zrow, g, nmask, DT: tl.constexpr, C: tl.constexpr, SYMMETRIC: tl.constexpr,
+                    BITS: tl.constexpr = 4):
     """Scale (fp32) and ``c + z`` (in ``DT``, exact) ``[BN]`` of group ``g`` for rows whose group vectors start at
     ``srow`` / ``zrow``."""
     s = tl.load(srow + g, mask=nmask, other=0.0).to(tl.float32)
     if SYMMETRIC:
-        zc = tl.full(s.shape, 8.0 + C, tl.float32)
+        zc = tl.full(s.shape, (1 << (BITS - 1)) + C, tl.float32)
     else:
         zc = tl.load(zrow + g, mask=nmask, other=0).to(tl.float32) + C
     return s, zc.to(DT)
@@ -72,7 +82,7 @@ def int4_wa_kernel(
     M, N, KW, NB, blocks_per_split, G, R,
     stride_xm, stride_om, stride_tm, stride_un,
     SYMMETRIC: tl.constexpr, GROUP: tl.constexpr, J: tl.constexpr, HAS_LR: tl.constexpr, BR: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr, ATOMIC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr, ATOMIC: tl.constexpr, BITS: tl.constexpr = 4,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -95,20 +105,26 @@ def int4_wa_kernel(
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     b_lo = pid_k * blocks_per_split
     for b in range(b_lo, tl.minimum(b_lo + blocks_per_split, NB)):  # the last split may hold fewer blocks
-        w_lo = tl.load(wrow + b * J, mask=nmask[:, None], other=0)  # positions 0..3
-        w_hi = tl.load(wrow + b * J + H, mask=nmask[:, None], other=0)  # positions 4..7
+        WPB: tl.constexpr = J * BITS // 4  # words a row per block
+        w_lo = tl.load(wrow + b * WPB, mask=nmask[:, None], other=0)  # int4: positions 0..3; int2: all eight
+        if BITS == 4:
+            w_hi = tl.load(wrow + b * WPB + H, mask=nmask[:, None], other=0)  # positions 4..7
         xb = xrow + b * BK
         # two dot chains (positions u and u + 4), one when the whole block is one group
         for u in tl.static_range(4):
             if u % SEG == 0:
-                s_lo, z_lo = load_group_rows(srow, zrow, (b * BK + u * J) // GROUP, nmask, DT, C, SYMMETRIC)
+                s_lo, z_lo = load_group_rows(srow, zrow, (b * BK + u * J) // GROUP, nmask, DT, C, SYMMETRIC,
+                                               BITS)
                 if SEG < 8:
                     s_hi, z_hi = load_group_rows(srow, zrow, (b * BK + (u + 4) * J) // GROUP, nmask, DT, C,
-                                                 SYMMETRIC)
+                                                 SYMMETRIC, BITS)
                 else:
                     s_hi, z_hi = s_lo, z_lo
-            lo = pair_tile(w_lo, u, DT, USE_ASM, BN, J) - z_lo[:, None]  # (c + q) - (c + z) = q - z, exact
-            hi = pair_tile(w_hi, u, DT, USE_ASM, BN, J) - z_hi[:, None]
+            lo = pair_tile(w_lo, u, DT, USE_ASM, BN, J, BITS) - z_lo[:, None]  # (c + q) - (c + z) = q - z, exact
+            if BITS == 4:
+                hi = pair_tile(w_hi, u, DT, USE_ASM, BN, J, BITS) - z_hi[:, None]
+            else:
+                hi = pair_tile(w_lo, u + 4, DT, USE_ASM, BN, J, BITS) - z_hi[:, None]
             x_lo = tl.trans(tl.load(xb + u * J, mask=mmask[:, None], other=0.0))  # [J, BM]: rows contiguous in x
             x_hi = tl.trans(tl.load(xb + (u + 4) * J, mask=mmask[:, None], other=0.0))
             if SEG == 8:
