@@ -94,7 +94,7 @@ def check_choice(cw, x, choice) -> float:
         torch.full((x.shape[0], lay.n), float("nan"), device=x.device)
     if path == "wa":
         wl = dispatch.wa_of(lay)
-        ops.launch_int4_wa(x2d.contiguous(), wl.q, wl.scales, wl.zeros, *(lr or (None, None)),
+        ops.launch_wa(x2d.contiguous(), wl.q, wl.scales, wl.zeros, *(lr or (None, None)),
                            dispatch.wa_meta(wl), list(config), out)
         return relative_error(out, ref)
     ops.launch_int_mm(x2d.contiguous(), lay.qa, lay.qb, lay.scales, lay.zeros, *(lr or (None, None)), meta, path,
@@ -156,7 +156,7 @@ def n_copies(nbytes: int) -> int:
 
 def _warm_task(task) -> int:
     """Compile every dispatcher candidate for one (shape, format, batches) in a worker process, so the timing
-    process finds them in Triton's disk cache (tuning compiles ~40 configs per batch bucket otherwise)."""
+    process finds them in Triton's disk cache (tuning compiles 30-90 configs per batch bucket otherwise)."""
     k, n, spec, ms = task
     from tensorslim.formats import SumWeight, parse_format
     from tensorslim.kernels import dispatch

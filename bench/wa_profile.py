@@ -27,13 +27,13 @@ def main() -> None:
         lay = wa_layout(dispatch.layout(w), j)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         out = torch.zeros(m, n, device="cuda", dtype=torch.float32 if cfg[2] > 1 else torch.bfloat16)
-        ops.launch_int4_wa(x, lay.q, lay.scales, lay.zeros, None, None, [k, 128, 0, j], cfg, out)  # compile
+        ops.launch_wa(x, lay.q, lay.scales, lay.zeros, None, None, [k, 128, 0, j], cfg, out)  # compile
         torch.cuda.synchronize()
         torch.cuda.profiler.start()
-        ops.launch_int4_wa(x, lay.q, lay.scales, lay.zeros, None, None, [k, 128, 0, j], cfg, out)
+        ops.launch_wa(x, lay.q, lay.scales, lay.zeros, None, None, [k, 128, 0, j], cfg, out)
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
-        kern = ops.int4_wa_kernel
+        kern = ops.wa_kernel
         for c in kern.device_caches[0][0].values() if hasattr(kern, "device_caches") else []:
             print(arg, "regs", getattr(c, "n_regs", "?"), "spills", getattr(c, "n_spills", "?"),
                   "shared", c.metadata.shared, "warps", c.metadata.num_warps, flush=True)

@@ -1,6 +1,7 @@
 """Sweep the weights-as-A int4 kernel's configs on the issue-7 shapes against cuBLAS bf16 and tinygemm (GPU only).
 
-    python bench/wa_sweep.py [--shapes 4096x14336,...] [--batches 1,16,64,128] [--quick]
+    python bench/wa_sweep.py [--shapes 4096x14336,...] [--batches 1,16,64,128] [--pairs 8192x28672:1,...]
+                             [--js 32,64] [--sym] [--jobs 12]
 
 Every config is checked against ``x @ decode()^T`` in fp32 (NaN-poisoned output, relative error <= 1e-3) before it
 is timed; times are CUDA-graph replays over rotating weight copies (cold L2), median, microseconds, with split-K's
@@ -23,7 +24,7 @@ import torch  # noqa: E402
 from kernels import bench_graph, n_copies, tinygemm_fns  # noqa: E402
 
 
-def configs(m: int, k: int, n: int, sms: int, quick: bool) -> list[tuple[int, list[int]]]:
+def configs(m: int, k: int, n: int, sms: int) -> list[tuple[int, list[int]]]:
     """(j, [BM, BN, SPLIT_K, warps, stages]) candidates for ``m`` rows."""
     bms = [min(max(16, 1 << (m - 1).bit_length()), 128)]
     if m >= 128:
@@ -37,7 +38,7 @@ def configs(m: int, k: int, n: int, sms: int, quick: bool) -> list[tuple[int, li
             sets = ((64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 4, 2), (32, 2, 3), (64, 2, 3), (32, 4, 4), (32, 2, 2)) \
                 if bm <= 16 else ((64, 4, 2), (64, 4, 3), (32, 4, 3), (32, 2, 3))
             for bn, warps, stages in sets:
-                if stages * (bn * j * 4 + 8 * j * bm * 2) > 200_000 or (bm > 16 and j > 32) or (j, bm) == (16, 8):
+                if stages * (bn * j * 4 + 8 * j * bm * 2) > 200_000 or (bm > 16 and j > 32):
                     continue
                 tiles = -(-m // bm) * -(-n // bn)
                 ok = [s for s in (1, 2, 4, 8, 16) if blocks // s >= 2]
@@ -60,7 +61,7 @@ def _warm(task) -> str | None:
         s = torch.rand(n, k // 128, device="cuda", dtype=torch.float16)
         z = None if sym else torch.randint(0, 16, (n, k // 128), device="cuda", dtype=torch.uint8)
         out = torch.zeros(m, n, device="cuda", dtype=torch.float32 if cfg[2] > 1 else torch.bfloat16)
-        ops.launch_int4_wa(x, q, s, z, None, None, [k, 128, int(sym), j], cfg, out)
+        ops.launch_wa(x, q, s, z, None, None, [k, 128, int(sym), j], cfg, out)
         torch.cuda.synchronize()
         return None
     except Exception as e:
@@ -71,10 +72,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4096x14336,14336x4096,8192x28672,28672x8192")
     ap.add_argument("--batches", default="1,16,64,128")
-    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sym", action="store_true")
     ap.add_argument("--jobs", type=int, default=12, help="processes compiling configs before the timing pass")
-    ap.add_argument("--js", default="16,32,64,128")
+    ap.add_argument("--js", default="32,64", help="words a row per block of the layouts to sweep")
     ap.add_argument("--pairs", default="", help="shape:batch pairs instead of shapes x batches")
     args = ap.parse_args()
     from tensorslim.formats import IntGroup, quantize_rtn
@@ -92,7 +92,7 @@ def main() -> None:
     if args.pairs:
         pairs = [(p.split(":")[0], int(p.split(":")[1])) for p in args.pairs.split(",")]
     tasks = [(shape, m, args.sym, j, cfg) for shape, m in pairs
-             for j, cfg in configs(m, *(int(v) for v in shape.split("x")), sms, args.quick) if j in js]
+             for j, cfg in configs(m, *(int(v) for v in shape.split("x")), sms) if j in js]
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(args.jobs) as pool:
@@ -117,25 +117,19 @@ def main() -> None:
             t_bf16 = bench_graph([lambda w=w: torch.nn.functional.linear(x, w) for w in dense])
             t_tiny = bench_graph(tinygemm_fns(n, k, x, n_copies(n * k // 2), 128)) if m <= 16 else None
             rows = []
-            for j, cfg in configs(m, k, n, sms, args.quick):
+            for j, cfg in configs(m, k, n, sms):
                 if j not in js or (shape, m, j, tuple(cfg)) in failed:
                     continue
                 split = cfg[2]
 
-                def call(L, cfg=cfg, split=split, j=j):
-                    if split > 1:
-                        out = torch.zeros(m, n, device="cuda", dtype=torch.float32)
-                        ops.launch_int4_wa(x, L.q, L.scales, L.zeros, None, None, [k, 128, int(args.sym), j], cfg, out)
-                        return out.to(torch.bfloat16)
-                    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-                    ops.launch_int4_wa(x, L.q, L.scales, L.zeros, None, None, [k, 128, int(args.sym), j], cfg, out)
-                    return out
+                def call(L, cfg=cfg):  # the dispatcher's op: split-K's zeroing and cast included
+                    return ops.wa_mm(x, L.q, L.scales, L.zeros, None, None, dispatch.wa_meta(L), cfg, torch.bfloat16)
 
                 try:
                     lay = lays[j][0]
                     chk = torch.full((m, n), float("nan"), device="cuda") if split == 1 else \
                         torch.zeros(m, n, device="cuda")
-                    ops.launch_int4_wa(x, lay.q, lay.scales, lay.zeros, None, None, [k, 128, int(args.sym), j], cfg, chk)
+                    ops.launch_wa(x, lay.q, lay.scales, lay.zeros, None, None, dispatch.wa_meta(lay), cfg, chk)
                     err = relative_error(chk, ref)
                     us = bench_graph([lambda L=L: call(L) for L in lays[j]])
                 except Exception as e:  # compile / shared-memory limits
@@ -147,8 +141,8 @@ def main() -> None:
             best = rows[0] if rows else None
             tiny = f"{t_tiny:.1f} ({t_bf16 / t_tiny:.2f}x)" if t_tiny else "-"
             print(f"{shape} m={m}: bf16 {t_bf16:.1f} us, tinygemm {tiny}, wa best {best['us']:.1f} us "
-                  f"({t_bf16 / best['us']:.2f}x) j{best['j']} {best['config']} err {best['err']:.1e}; {len(rows)} configs, "
-                  f"{len(bad)} over 1e-3; [{time.time() - t0:.0f} s]", flush=True)
+                  f"({t_bf16 / best['us']:.2f}x) j{best['j']} {best['config']} err {best['err']:.1e}; "
+                  f"{len(rows)} configs, {len(bad)} over 1e-3; [{time.time() - t0:.0f} s]", flush=True)
             for r in rows[1:6]:
                 print(f"    {r['us']:.1f} us j{r['j']} {r['config']}", flush=True)
             results.append({"shape": shape, "m": m, "bf16_us": t_bf16, "tiny_us": t_tiny, "rows": rows,

@@ -32,9 +32,9 @@ def run_poisoned(ops, cw, x, path, config):
     meta = [lay.k, lay.bits, lay.bits_a, lay.bits_b, lay.group, int(lay.symmetric)]
     split = config[2] if path == "wa" else config[3]
     out = torch.zeros(x.shape[0], lay.n) if split > 1 else torch.full((x.shape[0], lay.n), float("nan"))
-    if path == "wa":  # the weights-as-A kernel reads its own layout (tests/kernels/test_int4_wa.py)
+    if path == "wa":  # the weights-as-A kernel reads its own layout (tests/kernels/test_wa.py)
         wl = dispatch.wa_of(lay)
-        ops.launch_int4_wa(x2d.contiguous(), wl.q, wl.scales, wl.zeros, *lr, dispatch.wa_meta(wl),
+        ops.launch_wa(x2d.contiguous(), wl.q, wl.scales, wl.zeros, *lr, dispatch.wa_meta(wl),
                            list(config), out)
         return out
     ops.launch_int_mm(x2d.contiguous(), lay.qa, lay.qb, lay.scales, lay.zeros, *lr, meta, path, list(config), out)

@@ -2,9 +2,10 @@
 
 ``linear(cw, x, bias)`` is what ``CompressedWeight.linear`` calls for CUDA activations. Paths:
 - ``IntGroupWeight`` (1-6 and 8 bits, ``in % 32 == 0``, fp16/bf16 activations): "gemv" (1-16 rows, one row a
-  program, CUDA cores, optional split-K), "wa" (int4, ``in % 256 == 0``, groups of 32 or more: the weights as the
-  tensor cores' A operand from registers, :mod:`.triton.int4_wa`, any batch; its own repacked layout, memoized with
-  the integer layout), "mma4" (int4 with groups >= 128: tensor cores on bit-trick operands, any batch), "gemm" (tensor-core tiles for the other widths, optional split-K), "gemmp" (tensor-core tiles for
+  program, CUDA cores, optional split-K), "wa" (int4 and int2, ``in % 256 == 0``, power-of-two groups of 32 or
+  more: the weights as the tensor cores' A operand from registers, :mod:`.triton.wa`, any batch; its own repacked
+  layout, memoized with the integer layout), "mma4" (int4 with groups >= 128: tensor cores on bit-trick operands,
+  any batch), "gemm" (tensor-core tiles for the other widths, optional split-K), "gemmp" (tensor-core tiles for
   single-plane codes, one dot per code position, no reshape of the unpacked codes) or "dequant" (dequantize to the
   activation dtype, then cuBLAS; 64 rows or more);
 - ``TernaryWeight``: the same kernels (2-bit codes ``t + 1``, zero point 1; :func:`.layout.ternary_layout`);
@@ -36,7 +37,7 @@ import torch
 from ..formats.base import CompressedWeight
 from ..formats.intgroup import IntGroupWeight
 from .layout import (
-    Int4WALayout, IntKernelLayout, int_layout, int_layout_reason, ternary_layout, ternary_layout_reason, wa_block_words,
+    WALayout, IntKernelLayout, int_layout, int_layout_reason, ternary_layout, ternary_layout_reason, wa_block_words,
     wa_layout, wa_reason,
 )
 from .reference import reference_linear
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 Choice = tuple[str, tuple[int, ...]]
 _LAYOUTS: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
 _V32: "weakref.WeakKeyDictionary[CompressedWeight, torch.Tensor]" = weakref.WeakKeyDictionary()
-_WA: "weakref.WeakKeyDictionary[IntKernelLayout, Int4WALayout]" = weakref.WeakKeyDictionary()
+_WA: "weakref.WeakKeyDictionary[IntKernelLayout, WALayout]" = weakref.WeakKeyDictionary()
 _TUNED: dict[tuple, Choice] = {}
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -162,13 +163,13 @@ def layout(base: CompressedWeight) -> IntKernelLayout:
     return lay
 
 
-def wa_meta(wl: Int4WALayout) -> list[int]:
-    """``meta`` of :func:`.ops.launch_int4_wa` for a weights-as-A layout."""
+def wa_meta(wl: WALayout) -> list[int]:
+    """``meta`` of :func:`.ops.launch_wa` for a weights-as-A layout."""
     return [wl.k, wl.group, int(wl.symmetric), wl.j, wl.bits]
 
 
-def wa_of(lay: IntKernelLayout) -> Int4WALayout:
-    """The weights-as-A layout of an int4 kernel layout, repacked once and memoized with it."""
+def wa_of(lay: IntKernelLayout) -> WALayout:
+    """The weights-as-A layout of a 2- or 4-bit kernel layout, repacked once and memoized with it."""
     wl = _WA.get(lay)
     if wl is None:
         wl = wa_layout(lay)
@@ -184,7 +185,7 @@ def run_choice(choice: Choice, lay: IntKernelLayout, x2d: torch.Tensor, lr: tupl
     if path == "wa":
         wl = wa_of(lay)
         t, u = lr if lr is not None else (None, None)
-        return ops.int4_wa_mm(x2d, wl.q, wl.scales, wl.zeros, t, u, wa_meta(wl), list(config), out_dtype)
+        return ops.wa_mm(x2d, wl.q, wl.scales, wl.zeros, t, u, wa_meta(wl), list(config), out_dtype)
     meta = [lay.k, lay.bits, lay.bits_a, lay.bits_b, lay.group, int(lay.symmetric)]
     if path == "dequant":
         w_t = ops.int_dequant(lay.qa, lay.qb, lay.scales, lay.zeros, meta, x2d.dtype)  # [K, N]
@@ -226,7 +227,8 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
 
     config = (BM, BN, BK, SPLIT_K, num_warps, num_stages); BM is unused by "gemv" (one row a program); "wa" takes
     (BM, BN, SPLIT_K, num_warps, num_stages) (its block is fixed by the layout). The first guesses come from the
-    instruction counts of the sm_90a builds (docs/kernels.md); the "wa" sets from its H200 sweep (docs/results/kernels.md).
+    instruction counts of the sm_90a builds (docs/kernels.md); the "wa" sets from its H200 and H100 sweeps
+    (docs/results/kernels.md).
     """
     n, k, g = lay.n, lay.k, lay.group
     bks = [b for b in (128, 64, 32) if g % b == 0 and k % b == 0]
@@ -329,7 +331,7 @@ def kernel_verified(path: str, bits: int, device: torch.device, dtype: torch.dty
                                       [16, 64, 128, 1, 4, 3], out)
                 else:
                     wl = wa_of(lay)
-                    ops.launch_int4_wa(x, wl.q, wl.scales, wl.zeros, None, None, wa_meta(wl), [16, 64, 1, 4, 3], out)
+                    ops.launch_wa(x, wl.q, wl.scales, wl.zeros, None, None, wa_meta(wl), [16, 64, 1, 4, 3], out)
                 err = relative_error(out, reference_fp32(w, x))
             except Exception as e:  # compiler or launch failure
                 log.warning("%s kernel (int%d) unavailable on %s: %s", path, bits, device, e)

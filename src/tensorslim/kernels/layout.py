@@ -121,8 +121,8 @@ def int_layout(w: IntGroupWeight) -> IntKernelLayout:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class Int4WALayout:
-    """What the weights-as-A kernel (:mod:`.triton.int4_wa`) reads: row-major words, ``j * bits / 4`` words per block
+class WALayout:
+    """What the weights-as-A kernel (:mod:`.triton.wa`) reads: row-major words, ``j * bits / 4`` words per block
     of ``8 j`` inputs (code positions ``t = 0..7`` of ``j`` inputs each). int4: input ``j t + 2 p + e`` (``t = 4 h +
     u``, ``p < j / 2``, ``e`` in 0, 1) is nibble ``4 e + u`` of the block's word ``h j / 2 + p``. int2 (and ternary):
     input ``j t + 2 p + e`` is code ``8 e + t`` of word ``p``. Either way one ``lop3`` of a word shifted by ``bits *
@@ -154,7 +154,7 @@ def wa_block_words(k: int, group: int) -> int | None:
 
 
 def wa_reason(lay: IntKernelLayout, j: int | None = None) -> str | None:
-    """``None`` if the weights-as-A int4 kernel can run the weight behind ``lay`` (with blocks of ``8 j`` inputs, or
+    """``None`` if the weights-as-A kernel can run the weight behind ``lay`` (with blocks of ``8 j`` inputs, or
     the preferred ``j`` that fits)."""
     if lay.bits not in (2, 4) or lay.qb is not None:
         return f"{lay.bits}-bit codes (the weights-as-A kernel takes 2- and 4-bit codes)"
@@ -164,8 +164,18 @@ def wa_reason(lay: IntKernelLayout, j: int | None = None) -> str | None:
     return None
 
 
-def wa_layout(lay: IntKernelLayout, j: int | None = None) -> Int4WALayout:
-    """One-time repack for :mod:`.triton.int4_wa` from the integer kernel layout (same bytes as the codes); ``j``
+def check_wa_launch(k: int, group: int, bits: int, j: int, config) -> None:
+    """Invariants of a "wa" launch, ``config = (BM, BN, SPLIT_K, warps, stages)`` on blocks of ``8 j`` inputs."""
+    bm, bn, split_k = config[:3]
+    assert bits in (2, 4) and j >= 16 and _wa_fits(k, group, j), (bits, k, group, j)
+    assert bm >= 8 and bm & (bm - 1) == 0 and bn >= 32 and bn & (bn - 1) == 0, (bm, bn)
+    assert 1 <= split_k <= k // (8 * j), (k, j, split_k)  # uneven splits are fine
+    # Triton 3.6 miscompiles the K = 16 dot with N = 8 here (wrong results on the H200, session 5): never launch it
+    assert not (j == 16 and bm == 8), "J = 16 with BM = 8 is miscompiled by Triton 3.6"
+
+
+def wa_layout(lay: IntKernelLayout, j: int | None = None) -> WALayout:
+    """One-time repack for :mod:`.triton.wa` from the integer kernel layout (same bytes as the codes); ``j``
     defaults to :func:`wa_block_words`."""
     assert wa_reason(lay, j) is None, wa_reason(lay, j)
     j = j or wa_block_words(lay.k, lay.group)
@@ -176,7 +186,7 @@ def wa_layout(lay: IntKernelLayout, j: int | None = None) -> Int4WALayout:
         blocks = codes.reshape(n, k // (8 * j), 2, 4, j // 2, 2).permute(0, 1, 2, 4, 5, 3)
     else:  # block input j t + 2p + e -> word p, code 8e + t
         blocks = codes.reshape(n, k // (8 * j), 8, j // 2, 2).permute(0, 1, 3, 4, 2)
-    return Int4WALayout(
+    return WALayout(
         n=n, k=k, j=j, bits=bits, group=lay.group, symmetric=lay.symmetric,
         q=pack_codes(blocks.reshape(n, k), bits).view(torch.int32).reshape(n, k * bits // 32).contiguous(),
         scales=lay.scales.t().contiguous(), zeros=None if lay.zeros is None else lay.zeros.t().contiguous(),
@@ -209,13 +219,10 @@ def layout_decode(lay: IntKernelLayout, dtype: torch.dtype = torch.float32) -> t
 def check_config(path: str, meta: list[int], config: list[int], m: int) -> None:
     """Internal invariants of a kernel launch (the dispatcher only builds valid ones; tests check that it does)."""
     k, bits, bits_a, bits_b, group, _ = meta
-    if path == "wa":  # (BM, BN, SPLIT_K, warps, stages) on the weights-as-A layout (blocks of 8 J inputs)
-        bm, bn, split_k, _, _ = config
+    if path == "wa":  # on the weights-as-A layout of this weight (blocks of 8 J inputs)
         j = wa_block_words(k, group)
-        assert bits in (2, 4) and bits_b == 0 and j is not None, (bits, k, group)
-        blk = 8 * j
-        assert bm >= 8 and bm & (bm - 1) == 0 and bn >= 32 and bn & (bn - 1) == 0, (bm, bn)
-        assert 1 <= split_k <= k // blk, (k, split_k)
+        assert bits_b == 0 and j is not None, (bits, bits_b, k, group)
+        check_wa_launch(k, group, bits, j, config)
         return
     bm, bn, bk, split_k, _, _ = config
     assert path in ("gemv", "gemm", "gemmp", "mma4"), path

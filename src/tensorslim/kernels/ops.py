@@ -2,11 +2,11 @@
 
 Ops (namespace ``tensorslim``):
 - ``int_mm(x2d, qa, qb?, scales, zeros?, t?, u?, meta, path, config, out_dtype)`` -> ``[M, N]``: integer-group
-  multiply from the kernel layout (:mod:`.layout`), ``path`` "gemv", "gemm", "gemmp" (single-plane codes, one dot per code
-  position) or "mma4" (int4, groups >= 128), optional fused low-rank term
+  multiply from the kernel layout (:mod:`.layout`), ``path`` "gemv", "gemm", "gemmp" (single-plane codes, one dot
+  per code position) or "mma4" (int4, groups >= 128), optional fused low-rank term
   ``t @ u^T`` (``t = x V^T`` in fp32, ``u [N, r]``);
-- ``int4_wa_mm(x2d, q, scales, zeros?, t?, u?, meta, config, out_dtype)``: int4 with the weights as the tensor-core A
-  operand (:mod:`.triton.int4_wa`, its own layout :func:`.layout.wa_layout`), any batch;
+- ``wa_mm(x2d, q, scales, zeros?, t?, u?, meta, config, out_dtype)``: int4 or int2 (and ternary) with the weights
+  as the tensor-core A operand (:mod:`.triton.wa`, its own layout :func:`.layout.wa_layout`), any batch;
 - ``int_dequant(qa, qb?, scales, zeros?, meta, out_dtype)`` -> dense ``W^T [K, N]`` (stored column order).
 ``meta = [k, bits, bits_a, bits_b, group, symmetric]``; ``config = [BM, BN, BK, SPLIT_K, num_warps, num_stages]``.
 
@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 import triton
 
-from .layout import check_config
+from .layout import check_config, check_wa_launch
 from .triton.int_gemm import int_dequant_kernel, int_gemm_kernel
 from .triton.int4_mma import int4_mma_kernel
-from .triton.int4_wa import int4_wa_kernel
+from .triton.wa import wa_kernel
 from .triton.int_gemv import int_gemv_kernel
 
 Tensor = torch.Tensor
@@ -76,44 +76,39 @@ def launch_int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zero
         int_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](*common, **consts, PLANES=path == "gemmp")
 
 
-def launch_int4_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Tensor | None, u: Tensor | None,
+def launch_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Tensor | None, u: Tensor | None,
                    meta: list[int], config: list[int], out: Tensor) -> None:
-    """Run the weights-as-A int4 kernel (:mod:`.triton.int4_wa`) into ``out`` ``[M, N]`` (fp32 and zeroed when
-    ``SPLIT_K > 1``). ``meta = [k, group, symmetric, j]`` (layout blocks of ``8 j`` inputs); ``config = [BM, BN,
-    SPLIT_K, num_warps, num_stages]``; optional low-rank term ``t @ u^T`` as in :func:`int_mm`. ``meta`` may add the
-    code width (4, the default, or 2)."""
+    """Run the weights-as-A kernel (:mod:`.triton.wa`) into ``out`` ``[M, N]`` (fp32 and zeroed when ``SPLIT_K >
+    1``). ``meta = [k, group, symmetric, j(, bits)]`` (layout blocks of ``8 j`` inputs; codes of 4 bits, the default,
+    or 2); ``config = [BM, BN, SPLIT_K, num_warps, num_stages]``; optional low-rank term ``t @ u^T`` as in
+    :func:`int_mm`."""
     k, group, symmetric, j = meta[:4]
     bits = meta[4] if len(meta) > 4 else 4
     bm, bn, split_k, num_warps, num_stages = config
     m, n = x.shape[0], q.shape[0]
-    blocks = k // (8 * j)
-    assert k % (8 * j) == 0 and group % j == 0 and (group % (8 * j) == 0 or (8 * j) % group == 0), (k, group, j)
-    assert 1 <= split_k <= blocks and bm >= 8 and bn >= 32 and j >= 16, (blocks, config)
-    # Triton 3.6 miscompiles K = 16 dots with N = 8 here (wrong results on the H200, session 5): never launch that
-    assert not (j == 16 and bm == 8), "J = 16 with BM = 8 is miscompiled by Triton 3.6"
-
+    check_wa_launch(k, group, bits, j, config)
     assert split_k == 1 or out.dtype == torch.float32
+    blocks = k // (8 * j)
     has_lr = t is not None and u is not None
     r = t.shape[1] if has_lr else 1
     tt = t.contiguous() if has_lr else x
     uu = u.contiguous() if has_lr else x
-    int4_wa_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), split_k)](
+    wa_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), split_k)](
         x, out, q, scales, zeros if zeros is not None else scales, tt, uu, m, n, k * bits // 32, blocks,
-        -(-blocks // split_k),
-        k // group, r, x.stride(0), out.stride(0), tt.stride(0), uu.stride(0),
+        -(-blocks // split_k), k // group, r, x.stride(0), out.stride(0), tt.stride(0), uu.stride(0),
         SYMMETRIC=bool(symmetric), GROUP=group, J=j, HAS_LR=has_lr, BR=max(16, _next_pow2(r)), BM=bm, BN=bn,
         USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, BITS=bits, num_warps=num_warps, num_stages=num_stages)
 
 
-@torch.library.custom_op("tensorslim::int4_wa_mm", mutates_args=())
-def int4_wa_mm(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Tensor | None, u: Tensor | None,
+@torch.library.custom_op("tensorslim::wa_mm", mutates_args=())
+def wa_mm(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Tensor | None, u: Tensor | None,
                meta: list[int], config: list[int], out_dtype: torch.dtype) -> Tensor:
     return _into_new(x, q.shape[0], config[2], out_dtype,
-                     lambda xc, out: launch_int4_wa(xc, q, scales, zeros, t, u, meta, config, out))
+                     lambda xc, out: launch_wa(xc, q, scales, zeros, t, u, meta, config, out))
 
 
-@int4_wa_mm.register_fake
-def _int4_wa_mm_fake(x, q, scales, zeros, t, u, meta, config, out_dtype):
+@wa_mm.register_fake
+def _wa_mm_fake(x, q, scales, zeros, t, u, meta, config, out_dtype):
     return x.new_empty((x.shape[0], q.shape[0]), dtype=out_dtype)
 
 

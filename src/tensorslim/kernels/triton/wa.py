@@ -1,4 +1,4 @@
-"""int4 tensor-core GEMM with the *weights as the A operand* ("wa"; any batch; power-of-two groups >= 32).
+"""int4 / int2 tensor-core GEMM with the *weights as the A operand* ("wa"; any batch; power-of-two groups >= 32).
 
 The other tiled kernels compute ``y[BM, BN] = x[BM, BK] @ W^T[BK, BN]``: the weights are the B operand, which the
 tensor cores read from shared memory, so every dequantized weight tile makes a round trip through shared memory,
@@ -16,6 +16,10 @@ word give the ``[BN, J]`` weight tiles of positions ``u`` and ``u + 4`` with eac
 register, which is how the dot operand holds it: eight ``tl.dot`` s with K = J per block, each against a contiguous
 slice of the activations, and no reshuffling of the unpacked codes. ``J = 64`` measured best at 1-16 rows on the
 H200 and H100 (session 5, ``bench/wa_sweep.py``); ``J = 32`` where 512-input blocks do not fit.
+
+int2 and ternary (``BITS = 2``): one ``[BN, J/2]`` word tile a block holds all eight positions, input ``J t + 2p +
+e`` at bit ``2t + 16e`` of word ``p``; the same shift-and-``lop3`` (mask ``0x00030003``) makes the pairs. Written and
+tested under the interpreter after the session-5 device time was spent: not yet run on a GPU.
 
 Arithmetic: the ``lop3`` ORs the nibble pair into the mantissas of bf16 ``c = 128`` (fp16 ``c = 1024``), giving ``c +
 q`` exactly; ``- (c + z)`` in the activation dtype (one packed subtraction per pair) gives ``q - z`` exactly; the
@@ -77,7 +81,7 @@ def load_group_rows(srow, zrow, g, nmask, DT: tl.constexpr, C: tl.constexpr, SYM
 
 
 @triton.jit
-def int4_wa_kernel(
+def wa_kernel(
     x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr,
     M, N, KW, NB, blocks_per_split, G, R,
     stride_xm, stride_om, stride_tm, stride_un,

@@ -1,5 +1,6 @@
-"""The weights-as-A int4 kernel ("wa", :mod:`tensorslim.kernels.triton.int4_wa`) under the interpreter against
-``x @ decode()^T`` in fp32, with poisoned outputs; its layout against the stored codes; its place in dispatch.
+"""The weights-as-A kernel ("wa", int4 and int2 / ternary, :mod:`tensorslim.kernels.triton.wa`) under the interpreter
+against ``x @ decode()^T`` in fp32, with poisoned outputs; its layout against the stored codes; its place in
+dispatch.
 
 fp16 activations (the interpreter mishandles bf16 ``tl.dot``; the GPU bench checks bf16). 40 outputs: not a multiple
 of any tile. K = 1024: two blocks of 512 inputs (J = 64), so split-K runs.
@@ -31,7 +32,7 @@ def run_wa(ops, cw, x, config):
         t, u = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).float(), cw.extra.v.float()), cw.extra.u
     wl = dispatch.wa_of(lay)
     out = torch.zeros(x.shape[0], lay.n) if config[2] > 1 else torch.full((x.shape[0], lay.n), float("nan"))
-    ops.launch_int4_wa(x2d.contiguous(), wl.q, wl.scales, wl.zeros, t, u, dispatch.wa_meta(wl),
+    ops.launch_wa(x2d.contiguous(), wl.q, wl.scales, wl.zeros, t, u, dispatch.wa_meta(wl),
                        list(config), out)
     return out
 
