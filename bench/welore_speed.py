@@ -1,8 +1,8 @@
 """Speed of the full WeLore + activation-whitened SVD pass over SmolLM2-135M (target: under 3 minutes, 2 CPU cores).
 
 Times, separately: the rank allocation inside ``prepare_assign`` (WeLore: one ``svdvals`` per block linear + the
-threshold bisection; with ``--spectra whitened`` also one dense-model Gram pass, float32), the per-layer solves (whitening + one decomposition per compressed layer, summed
-from the runner's results) and the whole compression (allocation + the runner's calibration forwards and Gram
+threshold bisection; with ``--spectra whitened`` also one dense-model Gram pass, float32), the per-layer solves
+(whitening + one decomposition per compressed layer, summed from the runner's results) and the whole compression (allocation + the runner's calibration forwards and Gram
 statistics + solves). Nothing is decomposed twice beyond WeLore's own ``svdvals``.
 Prints a markdown table; writes JSON under runs/.
 

@@ -126,3 +126,13 @@ def test_wa_in_dispatch(ops):
     assert wa_reason(lay(3, 128)) and wa_reason(lay(4, 64, k=576)) and wa_reason(lay(4, 128)) is None
     assert wa_block_words(512, 128) == 64 and wa_block_words(768, 128) == 32 and wa_block_words(512, 32) == 32
     assert wa_block_words(576, 64) is None and wa_block_words(11008, 128) == 32 and wa_block_words(512, 96) is None
+
+
+def test_wa_mm_op_registration(ops, gen):
+    """The custom op has a consistent schema and fake implementation (what torch.compile traces), split-K included."""
+    w = quantize_rtn(torch.randn(N, K, generator=gen), IntGroup(bits=4, group_size=128))
+    wl = dispatch.wa_of(dispatch.layout(w))
+    x = torch.randn(3, K, generator=gen).to(torch.float16)
+    for config in ([16, 64, 1, 4, 3], [16, 64, 2, 4, 3]):
+        args = (x, wl.q, wl.scales, wl.zeros, None, None, dispatch.wa_meta(wl), config, torch.float16)
+        torch.library.opcheck(ops.wa_mm, args, test_utils=("test_schema", "test_faketensor"))

@@ -5,11 +5,11 @@ GROUP``) it unpacks the ``[BK, BN]`` codes (transposed word layout, coalesced al
 ``q - z`` in the activation dtype (exact in bf16/fp16 for up to 8 bits: ``|q - z| <= 255``), runs one tensor-core
 ``tl.dot`` with fp32 accumulation and scales the partial product by the group scales in fp32. So the only rounding
 is the fp32 accumulation: the result matches ``x @ decode()^T`` in fp32 to accumulation-order error. ``SPLIT_K > 1``
-adds partial sums atomically into a zeroed fp32 output (for few output tiles). ``PLANES`` ("gemmp", single-plane codes only)
-multiplies per code position instead: ``32 / BITS_A`` dots of ``K = BK * BITS_A / 32 >= 16`` against the
-activations of inputs ``j * PA + t`` (strided loads), so the unpacked codes are never reshaped; same numerics. The ``m`` index varies fastest over
-the grid, so programs sharing a weight tile run together and read it from L2. An optional low-rank epilogue adds ``t
-U^T`` (fp32, ``pid_k == 0`` only).
+adds partial sums atomically into a zeroed fp32 output (for few output tiles). ``PLANES`` ("gemmp", single-plane
+codes only) multiplies per code position instead: ``32 / BITS_A`` dots of ``K = BK * BITS_A / 32 >= 16`` against
+the activations of inputs ``j * PA + t`` (strided loads), so the unpacked codes are never reshaped; same numerics.
+The ``m`` index varies fastest over the grid, so programs sharing a weight tile run together and read it from L2.
+An optional low-rank epilogue adds ``t U^T`` (fp32, ``pid_k == 0`` only).
 
 Dequantize: writes the dense ``W^T [K, N]`` in the activation dtype (bf16 rounding of the weights, as a bf16 model
 has), for large batches where cuBLAS on the dense matrix beats the fused kernel.

@@ -1,5 +1,6 @@
 """Tile bookkeeping shared by the tiled kernels (integer, float, binary-coded, 2:4): output offsets and masks, and
-the stores of the float, binary-coded and 2:4 kernels (the integer ones add a low-rank epilogue: ``int_gemm.store_tile``).
+the stores of the float, binary-coded and 2:4 kernels (the integer ones add a low-rank epilogue:
+``int_gemm.store_tile``).
 
 ``ATOMIC`` kernels run split-K: each program adds its partial sum into a zeroed fp32 output instead of storing it.
 """
