@@ -1,7 +1,7 @@
 """Sweep the weights-as-A int4 kernel's configs on the issue-7 shapes against cuBLAS bf16 and tinygemm (GPU only).
 
     python bench/wa_sweep.py [--shapes 4096x14336,...] [--batches 1,16,64,128] [--pairs 8192x28672:1,...]
-                             [--js 32,64] [--sym] [--jobs 12]
+                             [--js 64] [--sym] [--jobs 12]
 
 Every config is checked against ``x @ decode()^T`` in fp32 (NaN-poisoned output, relative error <= 1e-3) before it
 is timed; times are CUDA-graph replays over rotating weight copies (cold L2), median, microseconds, with split-K's
@@ -24,28 +24,12 @@ import torch  # noqa: E402
 from kernels import bench_graph, n_copies, tinygemm_fns  # noqa: E402
 
 
-def configs(m: int, k: int, n: int, sms: int) -> list[tuple[int, list[int]]]:
-    """(j, [BM, BN, SPLIT_K, warps, stages]) candidates for ``m`` rows."""
-    bms = [min(max(16, 1 << (m - 1).bit_length()), 128)]
-    if m >= 128:
-        bms.append(64)
-    if m <= 8:
-        bms = [8]
-    out = []
-    for j in (32, 64):
-        blocks = k // (8 * j)
-        for bm in bms:
-            sets = ((64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 4, 2), (32, 2, 3), (64, 2, 3), (32, 4, 4), (32, 2, 2)) \
-                if bm <= 16 else ((64, 4, 2), (64, 4, 3), (32, 4, 3), (32, 2, 3))
-            for bn, warps, stages in sets:
-                if stages * (bn * j * 4 + 8 * j * bm * 2) > 200_000 or (bm > 16 and j > 32):
-                    continue
-                tiles = -(-m // bm) * -(-n // bn)
-                ok = [s for s in (1, 2, 4, 8, 16) if blocks // s >= 2]
-                fill = [s for s in ok if tiles * s >= sms]  # the first split filling the SMs, and twice it
-                for split in dict.fromkeys([ok[0]] + fill[:2]):
-                    out.append((j, [bm, bn, split, warps, stages]))
-    return out
+def configs(m: int, k: int, n: int, sms: int, js=(64, 32)) -> list[tuple[int, list[int]]]:
+    """(j, [BM, BN, SPLIT_K, warps, stages, half]) candidates for ``m`` rows: the dispatcher's, for each layout ``j``
+    that fits ``k``."""
+    from tensorslim.kernels.dispatch import wa_candidates
+
+    return [(j, list(c)) for j in js if k % (8 * j) == 0 for c in wa_candidates(n, k, 4, j, m, sms)]
 
 
 def _warm(task) -> str | None:
@@ -74,7 +58,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,64,128")
     ap.add_argument("--sym", action="store_true")
     ap.add_argument("--jobs", type=int, default=12, help="processes compiling configs before the timing pass")
-    ap.add_argument("--js", default="32,64", help="words a row per block of the layouts to sweep")
+    ap.add_argument("--js", default="64", help="words a row per block of the layouts to sweep")
     ap.add_argument("--pairs", default="", help="shape:batch pairs instead of shapes x batches")
     args = ap.parse_args()
     from tensorslim.formats import IntGroup, quantize_rtn
@@ -92,14 +76,20 @@ def main() -> None:
     if args.pairs:
         pairs = [(p.split(":")[0], int(p.split(":")[1])) for p in args.pairs.split(",")]
     tasks = [(shape, m, args.sym, j, cfg) for shape, m in pairs
-             for j, cfg in configs(m, *(int(v) for v in shape.split("x")), sms) if j in js]
+             for j, cfg in configs(m, *(int(v) for v in shape.split("x")), sms, js)]
+    # one compile per specialization: Triton keys on the constexprs, M == 1, and split-K (fp32 atomics) or not
+    distinct = {(t[1] == 1, t[3], tuple(t[4][:2]), t[4][2] > 1, *t[4][3:]): t for t in tasks}
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(args.jobs) as pool:
-        errs = pool.map(_warm, tasks, chunksize=1)
-    failed = {(t[0], t[1], t[3], tuple(t[4])): e for t, e in zip(tasks, errs) if e}
-    print(f"compiled {len(tasks)} configs in {time.time() - t0:.0f} s, {len(failed)} failed "
-          f"{sorted(set(failed.values()))[:3]}", flush=True)
+        errs = pool.map(_warm, list(distinct.values()), chunksize=1)
+    bad_keys = {key: e for key, e in zip(distinct, errs) if e}
+    failed = {(t[0], t[1], t[3], tuple(t[4])): bad_keys[key] for t in tasks
+              if (key := (t[1] == 1, t[3], tuple(t[4][:2]), t[4][2] > 1, *t[4][3:])) in bad_keys}
+    print(f"compiled {len(distinct)} distinct configs ({len(tasks)} tasks) in {time.time() - t0:.0f} s, "
+          f"{len(failed)} tasks failed {sorted(set(failed.values()))[:3]}", flush=True)
+    path = os.path.join(os.environ.get("OUT", "runs"), "wa_sweep.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     for shape in dict.fromkeys(p[0] for p in pairs):
         k, n = (int(v) for v in shape.split("x"))
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -117,8 +107,8 @@ def main() -> None:
             t_bf16 = bench_graph([lambda w=w: torch.nn.functional.linear(x, w) for w in dense])
             t_tiny = bench_graph(tinygemm_fns(n, k, x, n_copies(n * k // 2), 128)) if m <= 16 else None
             rows = []
-            for j, cfg in configs(m, k, n, sms):
-                if j not in js or (shape, m, j, tuple(cfg)) in failed:
+            for j, cfg in configs(m, k, n, sms, js):
+                if (shape, m, j, tuple(cfg)) in failed:
                     continue
                 split = cfg[2]
 
@@ -147,10 +137,9 @@ def main() -> None:
                 print(f"    {r['us']:.1f} us j{r['j']} {r['config']}", flush=True)
             results.append({"shape": shape, "m": m, "bf16_us": t_bf16, "tiny_us": t_tiny, "rows": rows,
                             "bad": len(bad)})
-    path = os.path.join(os.environ.get("OUT", "runs"), "wa_sweep.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"device": dev, "torch": torch.__version__, "results": results}, f, indent=1)
+            with open(path + ".tmp", "w") as f:  # after every pair: a run cut short keeps what it measured
+                json.dump({"device": dev, "torch": torch.__version__, "results": results}, f, indent=1)
+            os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

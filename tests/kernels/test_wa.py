@@ -60,7 +60,8 @@ def test_wa_layout_holds_the_codes(gen):
 @pytest.mark.parametrize("group,sym", [(128, False), (64, True), (32, False), (256, False), (None, True)])
 def test_wa_matches_reference(ops, group, sym, gen):
     w = quantize_rtn(torch.randn(N, K, generator=gen), IntGroup(bits=4, group_size=group, symmetric=sym))
-    for m, config in [(1, (16, 64, 1, 4, 3)), (5, (8, 64, 2, 4, 2)), (33, (32, 128, 2, 8, 3)), (7, (8, 32, 2, 2, 3))]:
+    for m, config in [(1, (16, 64, 1, 4, 3)), (5, (8, 64, 2, 4, 2)), (33, (32, 128, 2, 8, 3)), (7, (8, 32, 2, 2, 3)),
+                      (33, (16, 128, 2, 8, 2, 1)), (2, (8, 16, 1, 1, 3, 1))]:  # half-block iterations; 16 rows
         x = torch.randn(m, K, generator=gen).to(torch.float16)
         err = relative_error(run_wa(ops, w, x, config), reference_fp32(w, x))
         assert err <= TOL, f"g={group} sym={sym} m={m} {config}: {err:.2e} (seed {gen.seed_})"
@@ -87,7 +88,7 @@ def test_wa_uneven_split_k(ops, gen):
     """3 blocks of 512 inputs in 2 splits (2 + 1 blocks), as Llama-2's 11008 inputs (43 blocks of 256) need."""
     k = 1536
     w = quantize_rtn(torch.randn(N, k, generator=gen), IntGroup(bits=4, group_size=128))
-    for m, config in [(1, (8, 64, 2, 4, 3)), (4, (16, 64, 3, 4, 2))]:
+    for m, config in [(1, (8, 64, 2, 4, 3)), (4, (16, 64, 3, 4, 2)), (3, (16, 32, 2, 4, 2, 1))]:
         x = torch.randn(m, k, generator=gen).to(torch.float16)
         err = relative_error(run_wa(ops, w, x, config), reference_fp32(w, x))
         assert err <= TOL, f"m={m} {config}: {err:.2e} (seed {gen.seed_})"
@@ -102,7 +103,7 @@ def test_wa_sum_epilogue_and_act_order(ops, gen):
                                        torch.randn(8, K, generator=gen) * 0.3)
     sw = SumWeight(format=parse_format(f"{w.format.spec()}+lowrank:r8"), shape=(N, K), base=w, extra=extra)
     for cw in (w, sw):
-        for m, config in [(3, (16, 64, 1, 4, 3)), (17, (32, 64, 2, 4, 3))]:
+        for m, config in [(3, (16, 64, 1, 4, 3)), (17, (32, 64, 2, 4, 3)), (17, (16, 64, 2, 4, 3, 1))]:
             x = torch.randn(m, K, generator=gen).to(torch.float16)
             err = relative_error(run_wa(ops, cw, x, config), reference_fp32(cw, x))
             assert err <= TOL, f"{type(cw).__name__} m={m} {config}: {err:.2e} (seed {gen.seed_})"

@@ -279,27 +279,46 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
                     if c not in out:
                         out.append(c)
     if wa_ok:  # int4 with the weights as the A operand (any batch): best measured from 1 to 64 rows
-        j = wa_block_words(k, g)
-        bms = [8, 16] if m <= 8 else [min(m, 32)] if m <= 32 else [32, 64] if m <= 64 else [64, 128]
-        blocks = k // (8 * j)
-        for bm in bms:
-            # BN = 64 with 4 warps runs Hopper's wgmma; BN = 32 or 2 warps run mma.sync (no async waits), which
-            # won at 1 and 16 rows on some H100 shapes (docs/results/kernels.md, session 5)
-            for bn, warps, stages in ((64, 4, 3), (64, 4, 2), (64, 4, 4), (128, 8, 3), (32, 2, 3), (32, 2, 2),
-                                      (64, 2, 3), (32, 4, 3)):
-                if stages * (bn * j * 4 + 8 * j * bm * 2) > 200_000:  # shared memory: weight + activation tiles
-                    continue
-                tiles = -(-m // bm) * -(-n // bn)
-                ok = [s for s in (1, 2, 4, 8, 16) if blocks // s >= 2] or [1]  # uneven splits are fine
-                fill = [s for s in ok if tiles * s >= sms]  # the first split that fills the SMs, and twice it
-                for split in dict.fromkeys([ok[0]] + fill[:2]):
-                    out.append(("wa", (bm, bn, split, warps, stages)))
+        out += [("wa", c) for c in wa_candidates(n, k, lay.bits, wa_block_words(k, g), m, sms)]
     if m >= 64:
         out.append(("dequant", ()))
     return out
 
 
 _CHECKED: dict[tuple, bool] = {}
+def wa_candidates(n: int, k: int, bits: int, j: int, m: int, sms: int = 132) -> list[tuple[int, ...]]:
+    """"wa" configs ``(BM, BN, SPLIT_K, warps, stages, half)`` for ``m`` rows on blocks of ``8 j`` inputs.
+
+    BN = 64 with 4 warps runs Hopper's ``wgmma``; BN = 32 or 2 warps run ``mma.sync`` (no async waits), which won at
+    1 and 16 rows on some H100 shapes (session 5). ``half`` (int4): half-block iterations, half the shared memory a
+    pipeline stage and one live word tile, which is what lets BN = 128-256 with BM = 64-128 fit for 64+ rows, where
+    the activations re-read per output tile (``K BM`` a program) dominate the traffic unless BN is large.
+    """
+    blocks = k // (8 * j)
+    if m <= 32:
+        bms = [8, 16] if m <= 8 else [min(_pow2(m), 32)]
+        sets = [(64, 4, 3, 0), (64, 4, 2, 0), (64, 4, 4, 0), (128, 8, 3, 0), (32, 2, 3, 0), (32, 2, 2, 0),
+                (64, 2, 3, 0), (32, 4, 3, 0), (64, 4, 4, 1), (128, 4, 4, 1), (16, 1, 4, 1)]
+    else:
+        bms = [32, 64] if m <= 64 else [64, 128]
+        sets = [(64, 4, 3, 0), (64, 4, 2, 0), (128, 8, 3, 0), (128, 8, 2, 1), (128, 8, 3, 1), (256, 8, 2, 1),
+                (128, 4, 3, 1), (256, 16, 2, 1)]
+    out: list[tuple[int, ...]] = []
+    for bm in bms:
+        for bn, warps, stages, half in sets:
+            if half and bits != 4:
+                continue
+            stage_bytes = bn * j * 4 * bits // 4 // (1 + half) + 8 * j * bm * 2 // (1 + half)  # words + activations
+            if stages * stage_bytes > 200_000:
+                continue
+            tiles = -(-m // bm) * -(-n // bn)
+            ok = [s for s in (1, 2, 4, 8, 16) if blocks // s >= 2] or [1]  # uneven splits are fine
+            fill = [s for s in ok if tiles * s >= sms]  # the first split that fills the SMs, and twice it
+            for split in dict.fromkeys([ok[0]] + fill[:2]):
+                out.append((bm, bn, split, warps, stages, half))
+    return out
+
+
 _SELF_CHECKED = ("mma4", "wa")  # paths with inline PTX, which the CPU tests run only in a plain-Triton form
 
 

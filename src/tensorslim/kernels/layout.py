@@ -165,10 +165,12 @@ def wa_reason(lay: IntKernelLayout, j: int | None = None) -> str | None:
 
 
 def check_wa_launch(k: int, group: int, bits: int, j: int, config) -> None:
-    """Invariants of a "wa" launch, ``config = (BM, BN, SPLIT_K, warps, stages)`` on blocks of ``8 j`` inputs."""
+    """Invariants of a "wa" launch, ``config = (BM, BN, SPLIT_K, warps, stages(, half))`` on blocks of ``8 j``
+    inputs (``half``: int4 only)."""
     bm, bn, split_k = config[:3]
     assert bits in (2, 4) and j >= 16 and _wa_fits(k, group, j), (bits, k, group, j)
-    assert bm >= 8 and bm & (bm - 1) == 0 and bn >= 32 and bn & (bn - 1) == 0, (bm, bn)
+    assert bm >= 8 and bm & (bm - 1) == 0 and bn >= 16 and bn & (bn - 1) == 0, (bm, bn)
+    assert not (len(config) > 5 and config[5] and bits != 4), "half-block iterations are for 4-bit codes"
     assert 1 <= split_k <= k // (8 * j), (k, j, split_k)  # uneven splits are fine
     # Triton 3.6 miscompiles the K = 16 dot with N = 8 here (wrong results on the H200, session 5): never launch it
     assert not (j == 16 and bm == 8), "J = 16 with BM = 8 is miscompiled by Triton 3.6"

@@ -80,11 +80,13 @@ def launch_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Ten
                    meta: list[int], config: list[int], out: Tensor) -> None:
     """Run the weights-as-A kernel (:mod:`.triton.wa`) into ``out`` ``[M, N]`` (fp32 and zeroed when ``SPLIT_K >
     1``). ``meta = [k, group, symmetric, j(, bits)]`` (layout blocks of ``8 j`` inputs; codes of 4 bits, the default,
-    or 2); ``config = [BM, BN, SPLIT_K, num_warps, num_stages]``; optional low-rank term ``t @ u^T`` as in
+    or 2); ``config = [BM, BN, SPLIT_K, num_warps, num_stages(, half)]`` (``half``: int4
+    iterations of half a block, less shared memory a stage); optional low-rank term ``t @ u^T`` as in
     :func:`int_mm`."""
     k, group, symmetric, j = meta[:4]
     bits = meta[4] if len(meta) > 4 else 4
-    bm, bn, split_k, num_warps, num_stages = config
+    bm, bn, split_k, num_warps, num_stages = config[:5]
+    half = bool(config[5]) if len(config) > 5 else False
     m, n = x.shape[0], q.shape[0]
     check_wa_launch(k, group, bits, j, config)
     assert split_k == 1 or out.dtype == torch.float32
@@ -93,11 +95,11 @@ def launch_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Ten
     r = t.shape[1] if has_lr else 1
     tt = t.contiguous() if has_lr else x
     uu = u.contiguous() if has_lr else x
-    wa_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), split_k)](
+    wa_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](
         x, out, q, scales, zeros if zeros is not None else scales, tt, uu, m, n, k * bits // 32, blocks,
         -(-blocks // split_k), k // group, r, x.stride(0), out.stride(0), tt.stride(0), uu.stride(0),
         SYMMETRIC=bool(symmetric), GROUP=group, J=j, HAS_LR=has_lr, BR=max(16, _next_pow2(r)), BM=bm, BN=bn,
-        USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, BITS=bits, num_warps=num_warps, num_stages=num_stages)
+        USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, BITS=bits, HALF=half, num_warps=num_warps, num_stages=num_stages)
 
 
 @torch.library.custom_op("tensorslim::wa_mm", mutates_args=())

@@ -87,9 +87,10 @@ def wa_kernel(
     stride_xm, stride_om, stride_tm, stride_un,
     SYMMETRIC: tl.constexpr, GROUP: tl.constexpr, J: tl.constexpr, HAS_LR: tl.constexpr, BR: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr, ATOMIC: tl.constexpr, BITS: tl.constexpr = 4,
+    HALF: tl.constexpr = False,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m = tl.program_id(0)  # batch tiles fastest: the programs sharing a weight tile run together (one DRAM read)
+    pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     C: tl.constexpr = 128.0 if DT == tl.bfloat16 else 1024.0
@@ -108,46 +109,66 @@ def wa_kernel(
     zrow = z_ptr + rn.to(tl.int64) * G
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     b_lo = pid_k * blocks_per_split
-    for b in range(b_lo, tl.minimum(b_lo + blocks_per_split, NB)):  # the last split may hold fewer blocks
-        WPB: tl.constexpr = J * BITS // 4  # words a row per block
-        w_lo = tl.load(wrow + b * WPB, mask=nmask[:, None], other=0)  # int4: positions 0..3; int2: all eight
-        if BITS == 4:
-            w_hi = tl.load(wrow + b * WPB + H, mask=nmask[:, None], other=0)  # positions 4..7
-        xb = xrow + b * BK
-        # two dot chains (positions u and u + 4), one when the whole block is one group
-        for u in tl.static_range(4):
-            if u % SEG == 0:
-                s_lo, z_lo = load_group_rows(srow, zrow, (b * BK + u * J) // GROUP, nmask, DT, C, SYMMETRIC,
+    b_hi = tl.minimum(b_lo + blocks_per_split, NB)  # the last split may hold fewer blocks
+    if HALF:  # int4, one half-block (one word tile, positions 0..3 or 4..7, 4 J inputs) an iteration: half the
+        # shared memory a pipeline stage and one live word tile, for large BM / BN
+        SEGH: tl.constexpr = GROUP // J if GROUP < 4 * J else 4  # positions a group within a half-block
+        for hb in range(2 * b_lo, 2 * b_hi):
+            w = tl.load(wrow + hb * H, mask=nmask[:, None], other=0)
+            xh = xrow + hb * (4 * J)
+            for u in tl.static_range(4):
+                if u % SEGH == 0:
+                    s_h, z_h = load_group_rows(srow, zrow, (hb * 4 * J + u * J) // GROUP, nmask, DT, C, SYMMETRIC,
                                                BITS)
-                if SEG < 8:
-                    s_hi, z_hi = load_group_rows(srow, zrow, (b * BK + (u + 4) * J) // GROUP, nmask, DT, C,
-                                                 SYMMETRIC, BITS)
+                a = pair_tile(w, u, DT, USE_ASM, BN, J, BITS) - z_h[:, None]
+                xs = tl.trans(tl.load(xh + u * J, mask=mmask[:, None], other=0.0))
+                if u % SEGH == 0:
+                    part = tl.dot(a, xs)
                 else:
-                    s_hi, z_hi = s_lo, z_lo
-            lo = pair_tile(w_lo, u, DT, USE_ASM, BN, J, BITS) - z_lo[:, None]  # (c + q) - (c + z) = q - z, exact
+                    part = tl.dot(a, xs, part)
+                if u % SEGH == SEGH - 1:
+                    acc += part * s_h[:, None]
+    else:
+        for b in range(b_lo, b_hi):
+            WPB: tl.constexpr = J * BITS // 4  # words a row per block
+            w_lo = tl.load(wrow + b * WPB, mask=nmask[:, None], other=0)  # int4: positions 0..3; int2: all eight
             if BITS == 4:
-                hi = pair_tile(w_hi, u, DT, USE_ASM, BN, J, BITS) - z_hi[:, None]
-            else:
-                hi = pair_tile(w_lo, u + 4, DT, USE_ASM, BN, J, BITS) - z_hi[:, None]
-            x_lo = tl.trans(tl.load(xb + u * J, mask=mmask[:, None], other=0.0))  # [J, BM]: rows contiguous in x
-            x_hi = tl.trans(tl.load(xb + (u + 4) * J, mask=mmask[:, None], other=0.0))
-            if SEG == 8:
-                if u == 0:
-                    part = tl.dot(lo, x_lo)
-                else:
-                    part = tl.dot(lo, x_lo, part)
-                part = tl.dot(hi, x_hi, part)
-                if u == 3:
-                    acc += part * s_lo[:, None]
-            else:
+                w_hi = tl.load(wrow + b * WPB + H, mask=nmask[:, None], other=0)  # positions 4..7
+            xb = xrow + b * BK
+            # two dot chains (positions u and u + 4), one when the whole block is one group
+            for u in tl.static_range(4):
                 if u % SEG == 0:
-                    p_lo = tl.dot(lo, x_lo)
-                    p_hi = tl.dot(hi, x_hi)
+                    s_lo, z_lo = load_group_rows(srow, zrow, (b * BK + u * J) // GROUP, nmask, DT, C, SYMMETRIC,
+                                                   BITS)
+                    if SEG < 8:
+                        s_hi, z_hi = load_group_rows(srow, zrow, (b * BK + (u + 4) * J) // GROUP, nmask, DT, C,
+                                                     SYMMETRIC, BITS)
+                    else:
+                        s_hi, z_hi = s_lo, z_lo
+                lo = pair_tile(w_lo, u, DT, USE_ASM, BN, J, BITS) - z_lo[:, None]  # (c + q) - (c + z) = q - z, exact
+                if BITS == 4:
+                    hi = pair_tile(w_hi, u, DT, USE_ASM, BN, J, BITS) - z_hi[:, None]
                 else:
-                    p_lo = tl.dot(lo, x_lo, p_lo)
-                    p_hi = tl.dot(hi, x_hi, p_hi)
-                if u % SEG == SEG - 1:
-                    acc += p_lo * s_lo[:, None] + p_hi * s_hi[:, None]
+                    hi = pair_tile(w_lo, u + 4, DT, USE_ASM, BN, J, BITS) - z_hi[:, None]
+                x_lo = tl.trans(tl.load(xb + u * J, mask=mmask[:, None], other=0.0))  # [J, BM]: rows contiguous in x
+                x_hi = tl.trans(tl.load(xb + (u + 4) * J, mask=mmask[:, None], other=0.0))
+                if SEG == 8:
+                    if u == 0:
+                        part = tl.dot(lo, x_lo)
+                    else:
+                        part = tl.dot(lo, x_lo, part)
+                    part = tl.dot(hi, x_hi, part)
+                    if u == 3:
+                        acc += part * s_lo[:, None]
+                else:
+                    if u % SEG == 0:
+                        p_lo = tl.dot(lo, x_lo)
+                        p_hi = tl.dot(hi, x_hi)
+                    else:
+                        p_lo = tl.dot(lo, x_lo, p_lo)
+                        p_hi = tl.dot(hi, x_hi, p_hi)
+                    if u % SEG == SEG - 1:
+                        acc += p_lo * s_lo[:, None] + p_hi * s_hi[:, None]
     if HAS_LR:  # low-rank term (t U^T)^T = U t^T, once (split 0), fp32
         if pid_k == 0:
             rs = tl.arange(0, BR)
