@@ -135,7 +135,7 @@ class WALayout:
     group: int
     symmetric: bool
     q: torch.Tensor  # int32 [n, k * bits / 32]
-    scales: torch.Tensor  # [n, n_groups], stored dtype
+    scales: torch.Tensor  # [n, n_groups], stored dtype; never 0 (a zero-scale group: codes = zero point, scale 1)
     zeros: torch.Tensor | None  # uint8 [n, n_groups], or None when symmetric
 
 
@@ -184,6 +184,14 @@ def wa_layout(lay: IntKernelLayout, j: int | None = None) -> WALayout:
     assert j is not None
     n, k, bits = lay.n, lay.k, lay.bits
     codes = unpack_plane(lay.qa, bits, k)  # [n, k] stored input order
+    scales = lay.scales.t().contiguous()
+    zeros = None if lay.zeros is None else lay.zeros.t().contiguous()
+    dead = scales == 0  # [n, n_groups]: such a group decodes to 0 whatever its codes
+    if dead.any():  # codes := zero point, scale := 1 decodes to the same 0, and the kernel may divide by scales
+        zp = zeros.long() if zeros is not None else torch.full_like(dead, 1 << (bits - 1), dtype=torch.long)
+        gk = dead.repeat_interleave(lay.group, dim=1)
+        codes = torch.where(gk, zp.repeat_interleave(lay.group, dim=1), codes)
+        scales = scales.masked_fill(dead, 1)
     if bits == 4:  # block input j t + 2p + e, t = 4h + u -> word h j/2 + p, nibble 4e + u
         blocks = codes.reshape(n, k // (8 * j), 2, 4, j // 2, 2).permute(0, 1, 2, 4, 5, 3)
     else:  # block input j t + 2p + e -> word p, code 8e + t
@@ -191,7 +199,7 @@ def wa_layout(lay: IntKernelLayout, j: int | None = None) -> WALayout:
     return WALayout(
         n=n, k=k, j=j, bits=bits, group=lay.group, symmetric=lay.symmetric,
         q=pack_codes(blocks.reshape(n, k), bits).view(torch.int32).reshape(n, k * bits // 32).contiguous(),
-        scales=lay.scales.t().contiguous(), zeros=None if lay.zeros is None else lay.zeros.t().contiguous(),
+        scales=scales, zeros=zeros,
     )
 
 

@@ -72,7 +72,7 @@ def load_group_rows(srow, zrow, g, nmask, DT: tl.constexpr, C: tl.constexpr, SYM
                     BITS: tl.constexpr = 4):
     """Scale (fp32) and ``c + z`` (in ``DT``, exact) ``[BN]`` of group ``g`` for rows whose group vectors start at
     ``srow`` / ``zrow``."""
-    s = tl.load(srow + g, mask=nmask, other=0.0).to(tl.float32)
+    s = tl.load(srow + g, mask=nmask, other=1.0).to(tl.float32)
     if SYMMETRIC:
         zc = tl.full(s.shape, (1 << (BITS - 1)) + C, tl.float32)
     else:
@@ -111,8 +111,12 @@ def wa_kernel(
     b_lo = pid_k * blocks_per_split
     b_hi = tl.minimum(b_lo + blocks_per_split, NB)  # the last split may hold fewer blocks
     if HALF:  # int4, one half-block (one word tile, positions 0..3 or 4..7, 4 J inputs) an iteration: half the
-        # shared memory a pipeline stage and one live word tile, for large BM / BN
+        # shared memory a pipeline stage and one live word tile, for large BM / BN. One accumulator, kept in units of
+        # the current group's scale: at each group change it is multiplied by s_prev / s_new (fp32, exact when the
+        # group repeats), and by the last scale at the end; so no second [BN, BM] register tile for a group's partial
+        # sum. The layout has no zero scales (wa_layout makes such groups' codes equal their zero point, scale 1).
         SEGH: tl.constexpr = GROUP // J if GROUP < 4 * J else 4  # positions a group within a half-block
+        s_acc = tl.full((BN,), 1.0, tl.float32)  # the scale whose units acc is in
         for hb in range(2 * b_lo, 2 * b_hi):
             w = tl.load(wrow + hb * H, mask=nmask[:, None], other=0)
             xh = xrow + hb * (4 * J)
@@ -120,14 +124,12 @@ def wa_kernel(
                 if u % SEGH == 0:
                     s_h, z_h = load_group_rows(srow, zrow, (hb * 4 * J + u * J) // GROUP, nmask, DT, C, SYMMETRIC,
                                                BITS)
+                    acc = acc * (s_acc / s_h)[:, None]
+                    s_acc = s_h
                 a = pair_tile(w, u, DT, USE_ASM, BN, J, BITS) - z_h[:, None]
                 xs = tl.trans(tl.load(xh + u * J, mask=mmask[:, None], other=0.0))
-                if u % SEGH == 0:
-                    part = tl.dot(a, xs)
-                else:
-                    part = tl.dot(a, xs, part)
-                if u % SEGH == SEGH - 1:
-                    acc += part * s_h[:, None]
+                acc = tl.dot(a, xs, acc)
+        acc = acc * s_acc[:, None]
     else:
         for b in range(b_lo, b_hi):
             WPB: tl.constexpr = J * BITS // 4  # words a row per block
