@@ -96,6 +96,22 @@ def main() -> None:
         if args.regs or msg != "ok":
             print(f"  j={key[0]} bits={key[1]} BM={key[2]} BN={key[3]} split={'>1' if key[4] > 1 else 1} "
                   f"warps={key[5]} stages={key[6]} half={key[7]} lr={key[8]} ({where}): {msg}", flush=True)
+    if args.lowrank:  # the t = x V^T partial-sums kernel of the fused Sum
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        from tensorslim.kernels.triton.lowrank_t import lowrank_t_kernel
+
+        names = list(lowrank_t_kernel.arg_names)
+        consts = dict(BM=16, BR=32, BK=64)
+        types = {"x_ptr": "*bf16", "v_ptr": "*fp16", "tp_ptr": "*fp32"}
+        sig = {nm: "constexpr" if nm in consts else types.get(nm, "i32") for nm in names}
+        try:
+            triton.compile(ASTSource(lowrank_t_kernel, sig, consts, {}), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": 4, "num_stages": 3})
+        except Exception as e:
+            fails += 1
+            print(f"  lowrank_t: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
     print(f"{fails} failed", flush=True)
     sys.exit(1 if fails else 0)
 

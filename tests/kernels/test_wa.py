@@ -138,3 +138,31 @@ def test_wa_mm_op_registration(ops, gen):
     for config in ([16, 64, 1, 4, 3], [16, 64, 2, 4, 3]):
         args = (x, wl.q, wl.scales, wl.zeros, None, None, dispatch.wa_meta(wl), config, torch.float16)
         torch.library.opcheck(ops.wa_mm, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("m,k,r", [(1, 1024, 8), (5, 1000, 32), (17, 4096, 70)])
+def test_lowrank_t_partials(ops, m, k, r, gen):
+    """K-chunk partial sums of t = x V^T (bf16/fp16 in, fp32 out) add up to the float64 product; ragged K, r, m."""
+    x = torch.randn(m, k, generator=gen).to(torch.float16)
+    v = (torch.randn(r, k, generator=gen) * 0.3).to(torch.float16)
+    tp = ops.lowrank_t(x, v)
+    assert tp.shape == (ops.lowrank_chunks(k)[0], m, r) and tp.dtype == torch.float32
+    ref = x.double() @ v.double().t()
+    assert relative_error(tp.double().sum(0), ref) <= 1e-6
+    torch.library.opcheck(ops.lowrank_t, (x, v), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_wa_sums_lowrank_partials(ops, gen):
+    """The "wa" epilogue adds U t^T from the [C, M, r] partials exactly as from their sum (split-K and not)."""
+    w = quantize_rtn(torch.randn(N, K, generator=gen), IntGroup(bits=4, group_size=128))
+    extra = LowRankWeight.from_factors(LowRank(rank=8), torch.randn(N, 8, generator=gen) * 0.3,
+                                       torch.randn(8, K, generator=gen) * 0.3)
+    sw = SumWeight(format=parse_format("int4:g128+lowrank:r8"), shape=(N, K), base=w, extra=extra)
+    wl = dispatch.wa_of(dispatch.layout(w))
+    for m, config in [(3, [16, 64, 1, 4, 3]), (9, [16, 32, 2, 4, 3, 1])]:
+        x = torch.randn(m, K, generator=gen).to(torch.float16)
+        tp = ops.lowrank_t(x, extra.v)
+        assert tp.shape[0] > 1
+        out = torch.zeros(m, N) if config[2] > 1 else torch.full((m, N), float("nan"))
+        ops.launch_wa(x, wl.q, wl.scales, wl.zeros, tp, extra.u, dispatch.wa_meta(wl), config, out)
+        assert relative_error(out, reference_fp32(sw, x)) <= TOL, config

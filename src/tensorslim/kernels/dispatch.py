@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 Choice = tuple[str, tuple[int, ...]]
 _LAYOUTS: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
-_V32: "weakref.WeakKeyDictionary[CompressedWeight, torch.Tensor]" = weakref.WeakKeyDictionary()
 _WA: "weakref.WeakKeyDictionary[IntKernelLayout, WALayout]" = weakref.WeakKeyDictionary()
 _TUNED: dict[tuple, Choice] = {}
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -131,9 +130,12 @@ def kernel_linear(cw: CompressedWeight, x: torch.Tensor, bias: torch.Tensor | No
     lay = layout(base)
     x2d = x.reshape(-1, x.shape[-1])
     lr = None
-    if base is not cw:  # t = x V^T in fp32 (V in the input order: before act-order's permutation), u [N, r]
+    if base is not cw:  # t = x V^T: [C, M, r] fp32 K-chunk partial sums (V in the input order: before act-order's
+        # permutation), u [N, r]
         extra = cw.extra  # type: ignore[attr-defined]
-        lr = (torch.nn.functional.linear(x2d.float(), _v_fp32(extra)), extra.u)
+        ops = _ops()
+        assert ops is not None
+        lr = (ops.lowrank_t(x2d, extra.v), extra.u)
     if lay.perm is not None:
         x2d = x2d.index_select(1, lay.perm.to(x2d.device))
     out_dtype = out_dtype or x.dtype
@@ -143,16 +145,6 @@ def kernel_linear(cw: CompressedWeight, x: torch.Tensor, bias: torch.Tensor | No
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], lay.n)
-
-
-def _v_fp32(extra: CompressedWeight) -> torch.Tensor:
-    """``V`` of a low-rank term in float32, converted once per weight object (an fp16 -> fp32 copy of ``[r, in]``
-    on every call was a third of the fused Sum's batch-1 overhead)."""
-    v = _V32.get(extra)
-    if v is None:
-        v = extra.v.float()  # type: ignore[attr-defined]
-        _V32[extra] = v
-    return v
 
 
 def layout(base: CompressedWeight) -> IntKernelLayout:
@@ -179,6 +171,8 @@ def wa_of(lay: IntKernelLayout) -> WALayout:
 
 def run_choice(choice: Choice, lay: IntKernelLayout, x2d: torch.Tensor, lr: tuple[torch.Tensor, torch.Tensor] | None,
                out_dtype: torch.dtype) -> torch.Tensor:
+    """One path/config; ``lr = (t, u)``: the low-rank term's ``[C, M, r]`` partial sums of ``x V^T``
+    (:func:`.ops.lowrank_t`) and ``U [N, r]``."""
     ops = _ops()
     assert ops is not None
     path, config = choice
@@ -191,9 +185,9 @@ def run_choice(choice: Choice, lay: IntKernelLayout, x2d: torch.Tensor, lr: tupl
         w_t = ops.int_dequant(lay.qa, lay.qb, lay.scales, lay.zeros, meta, x2d.dtype)  # [K, N]
         y = x2d @ w_t
         if lr is not None:
-            y = y + torch.nn.functional.linear(lr[0], lr[1].float()).to(y.dtype)
+            y = y + torch.nn.functional.linear(lr[0].sum(0), lr[1].float()).to(y.dtype)
         return y.to(out_dtype)
-    t, u = lr if lr is not None else (None, None)
+    t, u = (lr[0].sum(0), lr[1]) if lr is not None else (None, None)
     return ops.int_mm(x2d, lay.qa, lay.qb, lay.scales, lay.zeros, t, u, meta, path, list(config), out_dtype)
 
 
@@ -298,12 +292,10 @@ def wa_candidates(n: int, k: int, bits: int, j: int, m: int, sms: int = 132) -> 
     if m <= 32:
         bms = [8, 16] if m <= 8 else [min(_pow2(m), 32)]
         sets = [(64, 4, 3, 0), (64, 4, 2, 0), (64, 4, 4, 0), (128, 8, 3, 0), (32, 2, 3, 0), (32, 2, 2, 0),
-                (64, 2, 3, 0), (64, 4, 4, 1), (64, 4, 6, 1), (128, 4, 4, 1), (128, 8, 4, 1), (32, 2, 4, 1),
-                (16, 1, 4, 1), (16, 1, 6, 1)]
-    else:
+                (64, 4, 4, 1), (16, 1, 4, 1)]
+    else:  # session 6 (H100): BN 128-256 half-block configs won every key at 64 and 128 rows
         bms = [32, 64] if m <= 64 else [64, 128]
-        sets = [(64, 4, 3, 0), (128, 8, 2, 1), (128, 8, 3, 1), (128, 8, 4, 1), (256, 8, 2, 1), (256, 16, 2, 1),
-                (256, 16, 3, 1), (128, 4, 3, 1)]
+        sets = [(128, 8, 2, 1), (128, 8, 3, 1), (256, 16, 2, 1), (256, 16, 3, 1), (64, 4, 3, 0)]
     out: list[tuple[int, ...]] = []
     for bm in bms:
         for bn, warps, stages, half in sets:
@@ -431,7 +423,8 @@ def tune(lay: IntKernelLayout, m: int, dtype: torch.dtype, rank: int | None = No
     x = torch.randn(m, lay.k, device=device, dtype=dtype)
     lr = None
     if rank is not None:
-        lr = (torch.randn(m, rank, device=device), torch.randn(lay.n, rank, device=device, dtype=torch.float16))
+        chunks = _ops().lowrank_chunks(lay.k)[0]  # type: ignore[union-attr]
+        lr = (torch.randn(chunks, m, rank, device=device), torch.randn(lay.n, rank, device=device, dtype=torch.float16))
     best: tuple[float, Choice] | None = None
     for c in usable_candidates(lay, m, x, sms):
         try:

@@ -7,7 +7,9 @@ Ops (namespace ``tensorslim``):
   ``t @ u^T`` (``t = x V^T`` in fp32, ``u [N, r]``);
 - ``wa_mm(x2d, q, scales, zeros?, t?, u?, meta, config, out_dtype)``: int4 or int2 (and ternary) with the weights
   as the tensor-core A operand (:mod:`.triton.wa`, its own layout :func:`.layout.wa_layout`), any batch;
-- ``int_dequant(qa, qb?, scales, zeros?, meta, out_dtype)`` -> dense ``W^T [K, N]`` (stored column order).
+- ``int_dequant(qa, qb?, scales, zeros?, meta, out_dtype)`` -> dense ``W^T [K, N]`` (stored column order);
+- ``lowrank_t(x2d, v)`` -> ``[C, M, r]`` fp32 partial sums over K chunks of ``t = x V^T`` (``wa_mm`` takes them as
+  ``t`` and sums them in its epilogue; ``int_mm`` takes ``t`` = their sum).
 ``meta = [k, bits, bits_a, bits_b, group, symmetric]``; ``config = [BM, BN, BK, SPLIT_K, num_warps, num_stages]``.
 
 Importing this module imports Triton and registers the ops (the dispatcher imports it lazily, on the first CUDA
@@ -24,6 +26,7 @@ from .triton.int_gemm import int_dequant_kernel, int_gemm_kernel
 from .triton.int4_mma import int4_mma_kernel
 from .triton.wa import wa_kernel
 from .triton.int_gemv import int_gemv_kernel
+from .triton.lowrank_t import lowrank_t_kernel
 
 Tensor = torch.Tensor
 
@@ -82,7 +85,7 @@ def launch_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Ten
     1``). ``meta = [k, group, symmetric, j(, bits)]`` (layout blocks of ``8 j`` inputs; codes of 4 bits, the default,
     or 2); ``config = [BM, BN, SPLIT_K, num_warps, num_stages(, half)]`` (``half``: int4
     iterations of half a block, less shared memory a stage); optional low-rank term ``t @ u^T`` as in
-    :func:`int_mm`."""
+    :func:`int_mm`, where ``t`` may also be the ``[C, M, r]`` partial sums of :func:`lowrank_t`."""
     k, group, symmetric, j = meta[:4]
     bits = meta[4] if len(meta) > 4 else 4
     bm, bn, split_k, num_warps, num_stages = config[:5]
@@ -92,14 +95,42 @@ def launch_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Ten
     assert split_k == 1 or out.dtype == torch.float32
     blocks = k // (8 * j)
     has_lr = t is not None and u is not None
-    r = t.shape[1] if has_lr else 1
-    tt = t.contiguous() if has_lr else x
+    tt = (t if t.dim() == 3 else t.unsqueeze(0)).contiguous() if has_lr else x.unsqueeze(0)  # [C, M, r] partials
+    r = tt.shape[2] if has_lr else 1
     uu = u.contiguous() if has_lr else x
     wa_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](
         x, out, q, scales, zeros if zeros is not None else scales, tt, uu, m, n, k * bits // 32, blocks,
-        -(-blocks // split_k), k // group, r, x.stride(0), out.stride(0), tt.stride(0), uu.stride(0),
+        -(-blocks // split_k), k // group, r, tt.shape[0], x.stride(0), out.stride(0), tt.stride(0), tt.stride(1),
+        uu.stride(0),
         SYMMETRIC=bool(symmetric), GROUP=group, J=j, HAS_LR=has_lr, BR=max(16, _next_pow2(r)), BM=bm, BN=bn,
         USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, BITS=bits, HALF=half, num_warps=num_warps, num_stages=num_stages)
+
+
+def lowrank_chunks(k: int) -> tuple[int, int]:
+    """(chunks, inputs a chunk) of :func:`lowrank_t`: ~512 inputs each (a multiple of 64), at most 16 chunks (the
+    "wa" epilogue reads every partial)."""
+    chunk = -(-k // (max(1, min(16, k // 512)) * 64)) * 64
+    return -(-k // chunk), chunk
+
+
+@torch.library.custom_op("tensorslim::lowrank_t", mutates_args=())
+def lowrank_t(x: Tensor, v: Tensor) -> Tensor:
+    """``[C, M, r]`` fp32: partial sums of ``x V^T`` over :func:`lowrank_chunks` K chunks (any float dtypes; exact
+    fp32 products)."""
+    x, v = x.contiguous(), v.contiguous()
+    m, k = x.shape
+    r = v.shape[0]
+    c, chunk = lowrank_chunks(k)
+    out = torch.empty((c, m, r), dtype=torch.float32, device=x.device)
+    br = min(64, max(16, _next_pow2(r)))
+    lowrank_t_kernel[(c, triton.cdiv(m, 16), triton.cdiv(r, br))](
+        x, v, out, m, k, r, chunk, x.stride(0), v.stride(0), BM=16, BR=br, BK=64, num_warps=4)
+    return out
+
+
+@lowrank_t.register_fake
+def _lowrank_t_fake(x, v):
+    return x.new_empty((lowrank_chunks(x.shape[1])[0], x.shape[0], v.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("tensorslim::wa_mm", mutates_args=())

@@ -28,7 +28,8 @@ dots accumulate ``sum_k x (q - z)`` in fp32 per group and the group scale multip
 ``u`` and ``u + 4``) keep two unpacked tiles live (Triton 3.6: 104-136 registers a thread for the decode configs).
 ``ATOMIC``: split-K (``ceil(NB / SPLIT_K)`` blocks a split, so any block count splits: Llama-2's 11008 inputs
 are 43 blocks of 256), partial sums added atomically into a zeroed fp32 output. ``HAS_LR``: the fused ``Sum(int4,
-LowRank)`` epilogue, ``U t^T`` with ``t = x V^T`` computed before the call (as in the other integer kernels).
+LowRank)`` epilogue, ``U t^T`` with ``t = x V^T`` computed before the call as ``TC`` K-chunk partial sums
+(:mod:`.lowrank_t`), added up here.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def load_group_rows(srow, zrow, g, nmask, DT: tl.constexpr, C: tl.constexpr, SYM
 @triton.jit
 def wa_kernel(
     x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr,
-    M, N, KW, NB, blocks_per_split, G, R,
-    stride_xm, stride_om, stride_tm, stride_un,
+    M, N, KW, NB, blocks_per_split, G, R, TC,
+    stride_xm, stride_om, stride_tc, stride_tm, stride_un,
     SYMMETRIC: tl.constexpr, GROUP: tl.constexpr, J: tl.constexpr, HAS_LR: tl.constexpr, BR: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr, ATOMIC: tl.constexpr, BITS: tl.constexpr = 4,
     HALF: tl.constexpr = False,
@@ -176,8 +177,10 @@ def wa_kernel(
             rs = tl.arange(0, BR)
             u = tl.load(u_ptr + (rn.to(tl.int64) * stride_un)[:, None] + rs[None, :],
                         mask=nmask[:, None] & (rs[None, :] < R), other=0.0).to(tl.float32)
-            t = tl.load(t_ptr + (rm.to(tl.int64) * stride_tm)[None, :] + rs[:, None],
-                        mask=mmask[None, :] & (rs[:, None] < R), other=0.0).to(tl.float32)
+            tptr = t_ptr + (rm.to(tl.int64) * stride_tm)[None, :] + rs[:, None]
+            t = tl.zeros((BR, BM), dtype=tl.float32)
+            for c in range(TC):  # the K-chunk partial sums of t (ops.lowrank_t)
+                t += tl.load(tptr + c * stride_tc, mask=mmask[None, :] & (rs[:, None] < R), other=0.0).to(tl.float32)
             acc += tl.dot(u, t, input_precision="ieee")
     optr = out_ptr + (rm.to(tl.int64) * stride_om)[None, :] + rn[:, None]
     omask = nmask[:, None] & mmask[None, :]

@@ -1,0 +1,36 @@
+"""``t = x V^T`` of a fused ``Sum(IntGroup, LowRank)`` in K-chunk partial sums, one launch.
+
+The integer kernels add the low-rank term ``U t^T`` in their epilogue; ``t`` needs all K inputs, so it is computed
+before them. One program per (K chunk, row tile, rank tile) writes ``tp[c, m, r] = sum_{k in chunk c} x[m, k] V[r,
+k]`` in fp32 (products of bf16/fp16 values are exact in fp32), every element written, so there is no zeroing and no
+atomics; the "wa" kernel sums the ``C`` partials in its epilogue, the others take ``tp.sum(0)``. This replaced an
+fp32 cast of ``x`` plus a cuBLAS fp32 GEMV (two to three launches) on the fused path.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def lowrank_t_kernel(x_ptr, v_ptr, tp_ptr, M, K, R, chunk, stride_xm, stride_vr,
+                     BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+    pid_c = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rr = pid_r * BR + tl.arange(0, BR)
+    kk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    k_lo = pid_c * chunk
+    k_hi = tl.minimum(k_lo + chunk, K)
+    for k0 in range(k_lo, k_hi, BK):
+        ks = k0 + kk
+        km = ks < k_hi
+        xt = tl.load(x_ptr + (rm.to(tl.int64) * stride_xm)[:, None] + ks[None, :],
+                     mask=(rm[:, None] < M) & km[None, :], other=0.0).to(tl.float32)
+        vt = tl.load(v_ptr + (rr.to(tl.int64) * stride_vr)[:, None] + ks[None, :],
+                     mask=(rr[:, None] < R) & km[None, :], other=0.0).to(tl.float32)
+        acc += tl.dot(xt, tl.trans(vt), input_precision="ieee")
+    tl.store(tp_ptr + pid_c * M * R + rm[:, None] * R + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
