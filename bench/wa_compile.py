@@ -34,7 +34,7 @@ def compile_one(key: tuple, regs: bool) -> str:
     names = list(wa_kernel.arg_names)
     types = {"x_ptr": "*bf16", "out_ptr": out_t, "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "t_ptr": "*fp32",
              "u_ptr": "*bf16"}
-    consts = dict(SYMMETRIC=False, GROUP=128, J=j, HAS_LR=has_lr, BR=32, BM=bm, BN=bn, USE_ASM=True,
+    consts = dict(SYMMETRIC=False, GROUP=128, J=j, HAS_LR=has_lr, BR=32, TCP=8, BM=bm, BN=bn, USE_ASM=True,
                   ATOMIC=split > 1, BITS=bits, HALF=bool(half))
     sig = {}
     for name in names:

@@ -154,15 +154,16 @@ def test_lowrank_t_partials(ops, m, k, r, gen):
 
 def test_wa_sums_lowrank_partials(ops, gen):
     """The "wa" epilogue adds U t^T from the [C, M, r] partials exactly as from their sum (split-K and not)."""
-    w = quantize_rtn(torch.randn(N, K, generator=gen), IntGroup(bits=4, group_size=128))
+    k = 3072  # 3 chunks of partial sums
+    w = quantize_rtn(torch.randn(N, k, generator=gen), IntGroup(bits=4, group_size=128))
     extra = LowRankWeight.from_factors(LowRank(rank=8), torch.randn(N, 8, generator=gen) * 0.3,
-                                       torch.randn(8, K, generator=gen) * 0.3)
-    sw = SumWeight(format=parse_format("int4:g128+lowrank:r8"), shape=(N, K), base=w, extra=extra)
+                                       torch.randn(8, k, generator=gen) * 0.3)
+    sw = SumWeight(format=parse_format("int4:g128+lowrank:r8"), shape=(N, k), base=w, extra=extra)
     wl = dispatch.wa_of(dispatch.layout(w))
     for m, config in [(3, [16, 64, 1, 4, 3]), (9, [16, 32, 2, 4, 3, 1])]:
-        x = torch.randn(m, K, generator=gen).to(torch.float16)
+        x = torch.randn(m, k, generator=gen).to(torch.float16)
         tp = ops.lowrank_t(x, extra.v)
-        assert tp.shape[0] > 1
+        assert tp.shape[0] == 3
         out = torch.zeros(m, N) if config[2] > 1 else torch.full((m, N), float("nan"))
         ops.launch_wa(x, wl.q, wl.scales, wl.zeros, tp, extra.u, dispatch.wa_meta(wl), config, out)
         assert relative_error(out, reference_fp32(sw, x)) <= TOL, config

@@ -102,14 +102,15 @@ def launch_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Ten
         x, out, q, scales, zeros if zeros is not None else scales, tt, uu, m, n, k * bits // 32, blocks,
         -(-blocks // split_k), k // group, r, tt.shape[0], x.stride(0), out.stride(0), tt.stride(0), tt.stride(1),
         uu.stride(0),
-        SYMMETRIC=bool(symmetric), GROUP=group, J=j, HAS_LR=has_lr, BR=max(16, _next_pow2(r)), BM=bm, BN=bn,
+        SYMMETRIC=bool(symmetric), GROUP=group, J=j, HAS_LR=has_lr, BR=max(16, _next_pow2(r)),
+        TCP=_next_pow2(tt.shape[0]), BM=bm, BN=bn,
         USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, BITS=bits, HALF=half, num_warps=num_warps, num_stages=num_stages)
 
 
 def lowrank_chunks(k: int) -> tuple[int, int]:
-    """(chunks, inputs a chunk) of :func:`lowrank_t`: ~512 inputs each (a multiple of 64), at most 16 chunks (the
+    """(chunks, inputs a chunk) of :func:`lowrank_t`: ~1024 inputs each (a multiple of 64), at most 16 chunks (the
     "wa" epilogue reads every partial)."""
-    chunk = -(-k // (max(1, min(16, k // 512)) * 64)) * 64
+    chunk = -(-k // (max(1, min(16, k // 1024)) * 64)) * 64
     return -(-k // chunk), chunk
 
 
