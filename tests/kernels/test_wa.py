@@ -140,16 +140,26 @@ def test_wa_mm_op_registration(ops, gen):
         torch.library.opcheck(ops.wa_mm, args, test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("m,k,r", [(1, 1024, 8), (5, 1000, 32), (17, 4096, 70)])
-def test_lowrank_t_partials(ops, m, k, r, gen):
-    """K-chunk partial sums of t = x V^T (bf16/fp16 in, fp32 out) add up to the float64 product; ragged K, r, m."""
+@pytest.mark.parametrize("m,k,r,vdt", [(1, 1024, 8, torch.float16), (5, 1000, 32, torch.float32),
+                                       (17, 4096, 70, torch.bfloat16)])
+def test_lowrank_t_partials(ops, m, k, r, vdt, gen):
+    """V split into parts in the activation dtype sums to V exactly; the K-chunk partial sums of t = x V^T (fp16
+    activations, fp32 out) add up to the float64 product; ragged K, r, m."""
     x = torch.randn(m, k, generator=gen).to(torch.float16)
-    v = (torch.randn(r, k, generator=gen) * 0.3).to(torch.float16)
-    tp = ops.lowrank_t(x, v)
+    extra = LowRankWeight.from_factors(LowRank(rank=r, dtype=str(vdt).split(".")[1]), torch.randn(8, r, generator=gen),
+                                       torch.randn(r, k, generator=gen) * 0.3)
+    vp = dispatch.v_parts(extra, torch.float16)
+    assert vp.dtype == torch.float16 and vp.shape[1:] == (r, k)
+    if vdt == torch.float16:
+        assert vp.shape[0] == 1 and torch.equal(vp.double().sum(0), extra.v.double())
+    else:  # fp32 / bf16 factors in fp16 parts: exact but for remainders below fp16's range
+        assert vp.shape[0] <= 3 and relative_error(vp.double().sum(0), extra.v.double()) <= 1e-7
+    tp = ops.lowrank_t(x, vp)
     assert tp.shape == (ops.lowrank_chunks(k)[0], m, r) and tp.dtype == torch.float32
-    ref = x.double() @ v.double().t()
+    ref = x.double() @ extra.v.double().t()
     assert relative_error(tp.double().sum(0), ref) <= 1e-6
-    torch.library.opcheck(ops.lowrank_t, (x, v), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.lowrank_t, (x, vp), test_utils=("test_schema", "test_faketensor"))
+    assert torch.equal(dispatch.v_parts(extra, torch.bfloat16).double().sum(0), extra.v.double()) or vdt != torch.float16
 
 
 def test_wa_sums_lowrank_partials(ops, gen):
@@ -162,7 +172,7 @@ def test_wa_sums_lowrank_partials(ops, gen):
     wl = dispatch.wa_of(dispatch.layout(w))
     for m, config in [(3, [16, 64, 1, 4, 3]), (9, [16, 32, 2, 4, 3, 1])]:
         x = torch.randn(m, k, generator=gen).to(torch.float16)
-        tp = ops.lowrank_t(x, extra.v)
+        tp = ops.lowrank_t(x, dispatch.v_parts(extra, x.dtype))
         assert tp.shape[0] == 3
         out = torch.zeros(m, N) if config[2] > 1 else torch.full((m, N), float("nan"))
         ops.launch_wa(x, wl.q, wl.scales, wl.zeros, tp, extra.u, dispatch.wa_meta(wl), config, out)

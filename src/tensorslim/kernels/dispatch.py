@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 Choice = tuple[str, tuple[int, ...]]
 _LAYOUTS: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
+_VPARTS: "weakref.WeakKeyDictionary[CompressedWeight, tuple[torch.dtype, torch.Tensor]]" = weakref.WeakKeyDictionary()
 _WA: "weakref.WeakKeyDictionary[IntKernelLayout, WALayout]" = weakref.WeakKeyDictionary()
 _TUNED: dict[tuple, Choice] = {}
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -135,7 +136,7 @@ def kernel_linear(cw: CompressedWeight, x: torch.Tensor, bias: torch.Tensor | No
         extra = cw.extra  # type: ignore[attr-defined]
         ops = _ops()
         assert ops is not None
-        lr = (ops.lowrank_t(x2d, extra.v), extra.u)
+        lr = (ops.lowrank_t(x2d, v_parts(extra, x2d.dtype)), extra.u)
     if lay.perm is not None:
         x2d = x2d.index_select(1, lay.perm.to(x2d.device))
     out_dtype = out_dtype or x.dtype
@@ -145,6 +146,27 @@ def kernel_linear(cw: CompressedWeight, x: torch.Tensor, bias: torch.Tensor | No
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], lay.n)
+
+
+def v_parts(extra: CompressedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """``V [r, in]`` of a low-rank term as ``[P <= 3, r, in]`` parts in ``dtype`` whose sum is ``V`` (exactly where
+    mantissa and exponent range fit: fp16 factors with bf16 activations are 2 parts, fp32 with bf16 3, fp16 with
+    fp16 1; fp32 with fp16 loses remainders below fp16's range, ~1e-8 relative), so
+    that :func:`.ops.lowrank_t` runs tensor-core dots with exact products. Memoized per (weight, dtype)."""
+    hit = _VPARTS.get(extra)
+    if hit is not None and hit[0] == dtype:
+        return hit[1]
+    v = extra.v.double()  # type: ignore[attr-defined]
+    parts, rest = [], v
+    for _ in range(3):
+        p = rest.to(dtype)
+        parts.append(p)
+        rest = rest - p.double()
+        if not rest.any():
+            break
+    out = torch.stack(parts)
+    _VPARTS[extra] = (dtype, out)
+    return out
 
 
 def layout(base: CompressedWeight) -> IntKernelLayout:

@@ -8,7 +8,7 @@ Ops (namespace ``tensorslim``):
 - ``wa_mm(x2d, q, scales, zeros?, t?, u?, meta, config, out_dtype)``: int4 or int2 (and ternary) with the weights
   as the tensor-core A operand (:mod:`.triton.wa`, its own layout :func:`.layout.wa_layout`), any batch;
 - ``int_dequant(qa, qb?, scales, zeros?, meta, out_dtype)`` -> dense ``W^T [K, N]`` (stored column order);
-- ``lowrank_t(x2d, v)`` -> ``[C, M, r]`` fp32 partial sums over K chunks of ``t = x V^T`` (``wa_mm`` takes them as
+- ``lowrank_t(x2d, v_parts)`` -> ``[C, M, r]`` fp32 partial sums over K chunks of ``t = x V^T`` (``wa_mm`` takes them as
   ``t`` and sums them in its epilogue; ``int_mm`` takes ``t`` = their sum).
 ``meta = [k, bits, bits_a, bits_b, group, symmetric]``; ``config = [BM, BN, BK, SPLIT_K, num_warps, num_stages]``.
 
@@ -115,23 +115,24 @@ def lowrank_chunks(k: int) -> tuple[int, int]:
 
 
 @torch.library.custom_op("tensorslim::lowrank_t", mutates_args=())
-def lowrank_t(x: Tensor, v: Tensor) -> Tensor:
-    """``[C, M, r]`` fp32: partial sums of ``x V^T`` over :func:`lowrank_chunks` K chunks (any float dtypes; exact
-    fp32 products)."""
-    x, v = x.contiguous(), v.contiguous()
+def lowrank_t(x: Tensor, vp: Tensor) -> Tensor:
+    """``[C, M, r]`` fp32: partial sums of ``x V^T`` over :func:`lowrank_chunks` K chunks, ``V = vp.sum(0)`` given
+    as parts ``vp [P, r, K]`` in ``x``'s dtype (exact products, fp32 accumulation)."""
+    x, vp = x.contiguous(), vp.contiguous()
     m, k = x.shape
-    r = v.shape[0]
+    r = vp.shape[1]
     c, chunk = lowrank_chunks(k)
     out = torch.empty((c, m, r), dtype=torch.float32, device=x.device)
     br = min(64, max(16, _next_pow2(r)))
     lowrank_t_kernel[(c, triton.cdiv(m, 16), triton.cdiv(r, br))](
-        x, v, out, m, k, r, chunk, x.stride(0), v.stride(0), BM=16, BR=br, BK=64, num_warps=4)
+        x, vp, out, m, k, r, chunk, x.stride(0), vp.stride(0), vp.stride(1), P=vp.shape[0], BM=16, BR=br, BK=64,
+        num_warps=4)
     return out
 
 
 @lowrank_t.register_fake
-def _lowrank_t_fake(x, v):
-    return x.new_empty((lowrank_chunks(x.shape[1])[0], x.shape[0], v.shape[0]), dtype=torch.float32)
+def _lowrank_t_fake(x, vp):
+    return x.new_empty((lowrank_chunks(x.shape[1])[0], x.shape[0], vp.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("tensorslim::wa_mm", mutates_args=())
