@@ -200,6 +200,7 @@ def main() -> None:
                     help="skip step 1 (every variant through every candidate on 4096x4096); the tuned choices are "
                          "still checked on every shape and batch")
     ap.add_argument("--sum", action="store_true", help="only int4 g128 vs the fused Sum(int4, rank-32)")
+    ap.add_argument("--check-only", action="store_true", help="steps 1-2 (correctness), no timings")
     ap.add_argument("--new-formats", action="store_true",
                     help="only the FP8/MXFP4/NVFP4/BCQ/2:4+int4 kernels: correctness and speed at batch 1 and 16 "
                          "(bench/kernels_new_formats.py; a few minutes)")
@@ -234,6 +235,9 @@ def main() -> None:
     if args.sum:
         variants, shapes, batches = [], [(4096, 14336), (8192, 28672), (28672, 8192)], [1, 16]
     k, n = 4096, 4096
+    if args.jobs and not args.no_sweep and not args.smoke:  # step 1's candidates compiled in parallel first
+        prewarm([(k, n, spec, [1, 7, 64] if not args.quick else [1, 7, 33, 128]) for spec in variants]
+                + [(k, n, "int4:g128+lowrank:r32", [1, 7, 33])], args.jobs)
     for spec in [] if args.no_sweep else variants:
         _, cw = make_int(k, n, spec)
         lay = dispatch.layout(cw)
@@ -291,7 +295,8 @@ def main() -> None:
     print(f"correctness: {len(results['correct'])} checks, {n_fail} over {TOL:g} "
           f"(dequant path: weight exactness and output/4) ({time.time() - t0:.0f}s)")
 
-    if args.smoke:
+    if args.smoke or args.check_only:
+        _write(results)
         assert n_fail == 0, f"{n_fail} checks failed"
         return
     # 3. speed: CUDA-graph replay over rotating weight copies (cold L2), plus eager do_bench for int4 (overhead)
@@ -354,10 +359,16 @@ def main() -> None:
               + " | ".join(cells) + f" | {r['int4:g128_eager_us']:.1f} | {r['int4:g128_path'][0]} "
               f"{list(r['int4:g128_path'][1])} |")
     print(f"\nworst relative error of a fused kernel: {worst:.2e}; failures: {n_fail}; total {time.time() - t0:.0f}s")
+    _write(results)
+
+
+def _write(results: dict) -> None:
     out_dir = os.environ.get("OUT") or "runs"
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "kernels.json"), "w") as f:
+    path = os.path.join(out_dir, "kernels.json")
+    with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
