@@ -266,13 +266,14 @@ def main() -> None:
                                        "config": list(c[1]), "rel_err": err})
             if not err <= TOL:
                 print(f"FAIL sum m={m} {c}: rel err {err:.2e}")
-    print(f"variants checked in {time.time() - t0:.0f}s")
+    print(f"variants checked in {time.time() - t0:.0f}s", flush=True)
+    _write(results)
 
     # 2. int4 g128 on every shape and batch through the dispatcher (tuned choice), poisoned outputs
     if args.jobs and not args.smoke:
         both = sorted(set(batches) | {dispatch._pow2(m) for m in batches})
         tasks = [(k, n, "int4:g128", both) for k, n in shapes]
-        if not (args.quick or args.issue or args.sum):
+        if not (args.quick or args.issue or args.sum or args.check_only):  # step 3's formats (--check-only: none)
             tasks += [(k, n, s, [1, 4, 16, 64, 128]) for k, n in shapes
                       for s in ("int3:g128", "int2:g128", "int8:g128", "ternary:g128", "int4:g128+lowrank:r32")]
         else:
