@@ -303,7 +303,6 @@ def main() -> None:
         assert n_fail == 0, f"{n_fail} checks failed"
         return
     # 3. speed: CUDA-graph replay over rotating weight copies (cold L2), plus eager do_bench for int4 (overhead)
-    from tensorslim.formats import SumWeight as _Sum  # noqa: F401
 
     speed_batches = [1, 16] if args.sum else [1, 16, 64] if args.quick else [1, 16, 64, 128] if args.issue \
         else [1, 4, 16, 64, 128]
