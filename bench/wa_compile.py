@@ -59,7 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4096x14336,14336x4096,8192x28672,28672x8192,11008x4096")
     ap.add_argument("--batches", default="1,16,64,128")
-    ap.add_argument("--bits", default="4,2")
+    ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--lowrank", action="store_true", help="also the fused low-rank epilogue")
     ap.add_argument("--regs", action="store_true")
     args = ap.parse_args()
@@ -75,8 +75,10 @@ def main() -> None:
         k, n = (int(v) for v in shape.split("x"))
         j = wa_block_words(k, 128)
         for bits in map(int, args.bits.split(",")):
-            lay = IntKernelLayout(n=n, k=k, bits=bits, bits_a=bits, bits_b=0, group=128, symmetric=False,
-                                  qa=torch.empty(0), qb=None, scales=torch.empty(0), zeros=torch.empty(0), perm=None)
+            two = bits == 3  # a 2-bit and a 1-bit plane
+            lay = IntKernelLayout(n=n, k=k, bits=bits, bits_a=2 if two else bits, bits_b=1 if two else 0, group=128,
+                                  symmetric=False, qa=torch.empty(0), qb=torch.empty(0) if two else None,
+                                  scales=torch.empty(0), zeros=torch.empty(0), perm=None)
             for m in map(int, args.batches.split(",")):
                 for path, cfg in dispatch.candidates(lay, m):
                     if path != "wa":

@@ -34,6 +34,21 @@ def test_kernel_reasons(gen):
     assert dispatch._int_part(w4) is w4 and dispatch._int_part(lr) is None
 
 
+def test_tuner_times_cold_copies(gen):
+    """The tuner rotates through copies of a layout (new storage, same values) until they exceed twice the L2 cache;
+    a layer already over twice the L2 is timed alone."""
+    lay = dispatch.layout(quantize_rtn(torch.randn(64, 256, generator=gen), IntGroup(bits=3, group_size=64)))
+    nbytes = sum(t.numel() * t.element_size() for t in (lay.qa, lay.qb, lay.scales, lay.zeros))
+    copies = dispatch._cold_copies(lay, l2_bytes=3 * nbytes)
+    assert len(copies) == 6 and copies[0] is lay
+    for c in copies[1:]:
+        assert c.qa.data_ptr() != lay.qa.data_ptr() and c.qb.data_ptr() != lay.qb.data_ptr()
+        assert torch.equal(c.qa, lay.qa) and torch.equal(c.scales, lay.scales) and torch.equal(c.zeros, lay.zeros)
+        assert (c.n, c.k, c.bits, c.group, c.symmetric) == (lay.n, lay.k, lay.bits, lay.group, lay.symmetric)
+    assert dispatch._cold_copies(lay, l2_bytes=nbytes // 4) == [lay]
+    assert len(dispatch._cold_copies(lay, l2_bytes=100 * nbytes)) == 16  # capped
+
+
 def test_tuner_buckets_are_powers_of_two():
     assert [dispatch._pow2(m) for m in (1, 2, 3, 7, 16, 33, 128)] == [1, 2, 4, 8, 16, 64, 128]
 

@@ -55,6 +55,16 @@ def test_wa_layout_holds_the_codes(gen):
     q = (wl.q.view(torch.uint8).long().reshape(N, K // 4, 1) >> torch.tensor([0, 2, 4, 6])) & 3
     q = q.reshape(N, K // 256, 16, 2, 8).permute(0, 1, 4, 2, 3).reshape(N, K)
     assert torch.equal(q, w.unpacked()[0])
+    j = 32  # int3, two planes block by block: J/2 low words (as int2), J/4 high words (bit 16e + 8h + t, p = 2p' + h)
+    w = quantize_rtn(torch.randn(N, K, generator=gen), IntGroup(bits=3, group_size=64))
+    wl = wa_layout(dispatch.layout(w), j)
+    assert wl.bits == 3 and wl.q.shape == (N, K * 3 // 32)
+    blk = wl.q.reshape(N, K // (8 * j), 3 * j // 4)
+    low = (blk[..., : j // 2].contiguous().view(torch.uint8).long().unsqueeze(-1) >> torch.tensor([0, 2, 4, 6])) & 3
+    low = low.reshape(N, K // (8 * j), j // 2, 2, 8).permute(0, 1, 4, 2, 3).reshape(N, K)
+    high = (blk[..., j // 2:].contiguous().view(torch.uint8).long().unsqueeze(-1) >> torch.arange(8)) & 1
+    high = high.reshape(N, K // (8 * j), j // 4, 2, 2, 8).permute(0, 1, 5, 2, 4, 3).reshape(N, K)
+    assert torch.equal(low | high << 2, w.unpacked()[0])
 
 
 @pytest.mark.parametrize("group,sym", [(128, False), (64, True), (32, False), (256, False), (None, True)])
@@ -68,9 +78,11 @@ def test_wa_matches_reference(ops, group, sym, gen):
         assert err <= TOL, f"g={group} sym={sym} m={m} {config}: {err:.2e} (seed {gen.seed_})"
 
 
-@pytest.mark.parametrize("fmt", ["int2:g128", "int2:g64:sym", "int2:pc", "ternary:g128", "ternary"])
+@pytest.mark.parametrize("fmt", ["int2:g128", "int2:g64:sym", "int2:pc", "ternary:g128", "ternary", "int3:g128",
+                                 "int3:g64:sym", "int3:g32", "int3:pc"])
 def test_wa_two_bit_matches_reference(ops, fmt, gen):
-    """2-bit codes (int2 and ternary, whose codes t + 1 are int2 with zero point 1) on the same kernel."""
+    """2-bit codes (int2 and ternary, whose codes t + 1 are int2 with zero point 1) and 3-bit codes (a 2-bit plane
+    plus a 1-bit plane) on the same kernel."""
     w = torch.randn(N, K, generator=gen)
     if fmt.startswith("ternary"):
         g = fmt.partition(":g")[2]
@@ -78,7 +90,7 @@ def test_wa_two_bit_matches_reference(ops, fmt, gen):
     else:
         cw = quantize_rtn(w, parse_format(fmt))
     lay = dispatch.layout(cw)
-    assert wa_reason(lay) is None and dispatch.wa_of(lay).bits == 2
+    assert wa_reason(lay) is None and dispatch.wa_of(lay).bits == (3 if fmt.startswith("int3") else 2)
     for m, config in [(1, (8, 64, 2, 4, 3)), (6, (16, 32, 1, 2, 2)), (33, (32, 64, 2, 4, 3))]:
         x = torch.randn(m, K, generator=gen).to(torch.float16)
         err = relative_error(run_wa(ops, cw, x, config), reference_fp32(cw, x))
@@ -124,8 +136,10 @@ def test_wa_in_dispatch(ops):
         cands = dispatch.candidates(lay(4, 128), m)
         wa = [c for c in cands if c[0] == "wa"]
         assert wa and all(c[1][0] >= min(8, m) and 1 <= c[1][2] <= K // 512 for c in wa), wa
-    assert not any(c[0] == "wa" for c in dispatch.candidates(lay(3, 128), 16))
-    assert wa_reason(lay(3, 128)) and wa_reason(lay(4, 64, k=576)) and wa_reason(lay(4, 128)) is None
+    assert any(c[0] == "wa" for c in dispatch.candidates(lay(3, 128), 16))  # int3: two planes, since session 6
+    assert not any(c[0] == "wa" for c in dispatch.candidates(lay(5, 128), 16))
+    assert wa_reason(lay(5, 128)) and wa_reason(lay(4, 64, k=576)) and wa_reason(lay(4, 128)) is None
+    assert wa_reason(lay(3, 128)) is None
     assert wa_block_words(512, 128) == 64 and wa_block_words(768, 128) == 32 and wa_block_words(512, 32) == 32
     assert wa_block_words(576, 64) is None and wa_block_words(11008, 128) == 32 and wa_block_words(512, 96) is None
 

@@ -126,15 +126,18 @@ class WALayout:
     of ``8 j`` inputs (code positions ``t = 0..7`` of ``j`` inputs each). int4: input ``j t + 2 p + e`` (``t = 4 h +
     u``, ``p < j / 2``, ``e`` in 0, 1) is nibble ``4 e + u`` of the block's word ``h j / 2 + p``. int2 (and ternary):
     input ``j t + 2 p + e`` is code ``8 e + t`` of word ``p``. Either way one ``lop3`` of a word shifted by ``bits *
-    u`` gives the pair of adjacent inputs ``(2p, 2p + 1)`` of a position in one register."""
+    u`` gives the pair of adjacent inputs ``(2p, 2p + 1)`` of a position in one register. int3 (two planes): a block
+    is ``j / 2`` words of the low 2 bits as int2, then ``j / 4`` words of the high bit, input ``j t + 2 p + e`` at bit
+    ``t + 8 (p % 2) + 16 e`` of high word ``p // 2`` (so word ``p // 2`` shifted by ``8 (p % 2) + t`` has the pair's
+    high bits at 0 and 16, like the low plane's)."""
 
     n: int
     k: int
     j: int
-    bits: int  # 4 or 2
+    bits: int  # 4, 3 or 2
     group: int
     symmetric: bool
-    q: torch.Tensor  # int32 [n, k * bits / 32]
+    q: torch.Tensor  # int32 [n, k * bits / 32] (int3: both planes, block by block)
     scales: torch.Tensor  # [n, n_groups], stored dtype; never 0 (a zero-scale group: codes = zero point, scale 1)
     zeros: torch.Tensor | None  # uint8 [n, n_groups], or None when symmetric
 
@@ -156,8 +159,8 @@ def wa_block_words(k: int, group: int) -> int | None:
 def wa_reason(lay: IntKernelLayout, j: int | None = None) -> str | None:
     """``None`` if the weights-as-A kernel can run the weight behind ``lay`` (with blocks of ``8 j`` inputs, or
     the preferred ``j`` that fits)."""
-    if lay.bits not in (2, 4) or lay.qb is not None:
-        return f"{lay.bits}-bit codes (the weights-as-A kernel takes 2- and 4-bit codes)"
+    if not (lay.bits in (2, 4) and lay.qb is None or lay.bits == 3 and (lay.bits_a, lay.bits_b) == (2, 1)):
+        return f"{lay.bits}-bit codes (the weights-as-A kernel takes 2-, 3- and 4-bit codes)"
     if not (_wa_fits(lay.k, lay.group, j) if j else wa_block_words(lay.k, lay.group)):
         return (f"in_features {lay.k} / group {lay.group} do not fit blocks of "
                 f"{8 * j if j else ' or '.join(str(8 * v) for v in WA_JS)} inputs")
@@ -168,7 +171,7 @@ def check_wa_launch(k: int, group: int, bits: int, j: int, config) -> None:
     """Invariants of a "wa" launch, ``config = (BM, BN, SPLIT_K, warps, stages(, half))`` on blocks of ``8 j``
     inputs (``half``: int4 only)."""
     bm, bn, split_k = config[:3]
-    assert bits in (2, 4) and j >= 16 and _wa_fits(k, group, j), (bits, k, group, j)
+    assert bits in (2, 3, 4) and j >= 16 and _wa_fits(k, group, j), (bits, k, group, j)
     assert bm >= 8 and bm & (bm - 1) == 0 and bn >= 16 and bn & (bn - 1) == 0, (bm, bn)
     assert not (len(config) > 5 and config[5] and bits != 4), "half-block iterations are for 4-bit codes"
     assert 1 <= split_k <= k // (8 * j), (k, j, split_k)  # uneven splits are fine
@@ -183,7 +186,9 @@ def wa_layout(lay: IntKernelLayout, j: int | None = None) -> WALayout:
     j = j or wa_block_words(lay.k, lay.group)
     assert j is not None
     n, k, bits = lay.n, lay.k, lay.bits
-    codes = unpack_plane(lay.qa, bits, k)  # [n, k] stored input order
+    codes = unpack_plane(lay.qa, lay.bits_a, k)  # [n, k] stored input order
+    if lay.qb is not None:
+        codes = codes | (unpack_plane(lay.qb, lay.bits_b, k) << lay.bits_a)
     scales = lay.scales.t().contiguous()
     zeros = None if lay.zeros is None else lay.zeros.t().contiguous()
     dead = scales == 0  # [n, n_groups]: such a group decodes to 0 whatever its codes
@@ -192,13 +197,20 @@ def wa_layout(lay: IntKernelLayout, j: int | None = None) -> WALayout:
         gk = dead.repeat_interleave(lay.group, dim=1)
         codes = torch.where(gk, zp.repeat_interleave(lay.group, dim=1), codes)
         scales = scales.masked_fill(dead, 1)
+    nb = k // (8 * j)
     if bits == 4:  # block input j t + 2p + e, t = 4h + u -> word h j/2 + p, nibble 4e + u
-        blocks = codes.reshape(n, k // (8 * j), 2, 4, j // 2, 2).permute(0, 1, 2, 4, 5, 3)
-    else:  # block input j t + 2p + e -> word p, code 8e + t
-        blocks = codes.reshape(n, k // (8 * j), 8, j // 2, 2).permute(0, 1, 3, 4, 2)
+        blocks = codes.reshape(n, nb, 2, 4, j // 2, 2).permute(0, 1, 2, 4, 5, 3)
+        q = pack_codes(blocks.reshape(n, k), 4).view(torch.int32)
+    else:  # low 2 bits: block input j t + 2p + e -> word p, code 8e + t
+        low = codes & 3 if bits == 3 else codes
+        q = pack_codes(low.reshape(n, nb, 8, j // 2, 2).permute(0, 1, 3, 4, 2).reshape(n, k), 2).view(torch.int32)
+        if bits == 3:  # high bit: block input j t + 2p + e, p = 2p' + h -> word p', bit 16e + 8h + t
+            high = (codes >> 2).reshape(n, nb, 8, j // 4, 2, 2).permute(0, 1, 3, 5, 4, 2).reshape(n, k)
+            qh = pack_codes(high, 1).view(torch.int32)
+            q = torch.cat([q.reshape(n, nb, j // 2), qh.reshape(n, nb, j // 4)], dim=2)  # block by block
     return WALayout(
         n=n, k=k, j=j, bits=bits, group=lay.group, symmetric=lay.symmetric,
-        q=pack_codes(blocks.reshape(n, k), bits).view(torch.int32).reshape(n, k * bits // 32).contiguous(),
+        q=q.reshape(n, k * bits // 32).contiguous(),
         scales=scales, zeros=zeros,
     )
 
@@ -231,7 +243,7 @@ def check_config(path: str, meta: list[int], config: list[int], m: int) -> None:
     k, bits, bits_a, bits_b, group, _ = meta
     if path == "wa":  # on the weights-as-A layout of this weight (blocks of 8 J inputs)
         j = wa_block_words(k, group)
-        assert bits_b == 0 and j is not None, (bits, bits_b, k, group)
+        assert (bits_b == 0 or (bits_a, bits_b) == (2, 1)) and j is not None, (bits, bits_b, k, group)
         check_wa_launch(k, group, bits, j, config)
         return
     bm, bn, bk, split_k, _, _ = config

@@ -41,6 +41,36 @@ _LOP4_BF16 = tl.constexpr("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;")
 _LOP4_FP16 = tl.constexpr("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xea;")
 _LOP2_BF16 = tl.constexpr("lop3.b32 $0, $1, 0x00030003, 0x43004300, 0xea;")
 _LOP2_FP16 = tl.constexpr("lop3.b32 $0, $1, 0x00030003, 0x64006400, 0xea;")
+_LOP3_BF16 = tl.constexpr("lop3.b32 $0, $1, 0x00070007, 0x43004300, 0xea;")
+_LOP3_FP16 = tl.constexpr("lop3.b32 $0, $1, 0x00070007, 0x64006400, 0xea;")
+
+
+@triton.jit
+def _or_c(v2, DT: tl.constexpr, USE_ASM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr):
+    """``[BN, J]`` words (each twice) whose bits 0-2 and 16-18 hold a 3-bit code pair -> ``c + q`` in ``DT``."""
+    if USE_ASM:
+        if DT == tl.bfloat16:
+            return tl.inline_asm_elementwise(_LOP3_BF16, "=r,r,r", [v2], dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(_LOP3_FP16, "=r,r,r", [v2], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        C: tl.constexpr = 128 if DT == tl.bfloat16 else 1024
+        e = tl.arange(0, J) % 2
+        return (((v2 >> (16 * e)[None, :]) & 7) + C).to(tl.float32).to(DT)
+
+
+@triton.jit
+def pair_tile3(w2, wh, t: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr, BN: tl.constexpr,
+               J: tl.constexpr):
+    """int3, position ``t`` (0..7): low-plane words ``[BN, J/2]`` (pair bits ``2t``, ``2t + 16``) and high-plane words
+    ``wh [BN, J/2]`` already shifted per column by ``8 (p % 2)`` (pair bits ``t``, ``t + 16``) -> ``c + q``."""
+    lo = (w2 >> (2 * t)) & 0x00030003
+    if t >= 2:
+        hi = (wh >> (t - 2)) & 0x00040004
+    else:
+        hi = (wh << (2 - t)) & 0x00040004
+    v = lo | hi
+    return _or_c(tl.reshape(tl.join(v, v), (BN, J)), DT, USE_ASM, BN, J)
 
 
 @triton.jit
@@ -106,6 +136,7 @@ def wa_kernel(
     jh = tl.arange(0, H)
     jj = tl.arange(0, J)
     wrow = q_ptr + (rn.to(tl.int64) * KW)[:, None] + jh[None, :]  # [BN, J/2] words of block 0, positions 0..3
+    hrow = q_ptr + (rn.to(tl.int64) * KW)[:, None] + tl.arange(0, J // 4)[None, :]  # int3: [BN, J/4] high words
     xrow = x_ptr + (rm.to(tl.int64) * stride_xm)[:, None] + jj[None, :]  # [BM, J] activations, inputs 0..J-1
     srow = s_ptr + rn.to(tl.int64) * G
     zrow = z_ptr + rn.to(tl.int64) * G
@@ -134,10 +165,13 @@ def wa_kernel(
         acc = acc * s_acc[:, None]
     else:
         for b in range(b_lo, b_hi):
-            WPB: tl.constexpr = J * BITS // 4  # words a row per block
+            WPB: tl.constexpr = J * BITS // 4  # words a row per block (int3: J/2 low-plane words, then J/4 high)
             w_lo = tl.load(wrow + b * WPB, mask=nmask[:, None], other=0)  # int4: positions 0..3; int2: all eight
             if BITS == 4:
                 w_hi = tl.load(wrow + b * WPB + H, mask=nmask[:, None], other=0)  # positions 4..7
+            if BITS == 3:  # the high-bit words after the block's low-plane words, [BN, J/4] -> [BN, J/2]
+                wq = tl.load(hrow + b * WPB + H, mask=nmask[:, None], other=0)
+                wh = tl.reshape(tl.join(wq, wq >> 8), (BN, H))  # column 2p' + h: word p' >> 8 h
             xb = xrow + b * BK
             # two dot chains (positions u and u + 4), one when the whole block is one group
             for u in tl.static_range(4):
@@ -149,11 +183,15 @@ def wa_kernel(
                                                      SYMMETRIC, BITS)
                     else:
                         s_hi, z_hi = s_lo, z_lo
-                lo = pair_tile(w_lo, u, DT, USE_ASM, BN, J, BITS) - z_lo[:, None]  # (c + q) - (c + z) = q - z, exact
-                if BITS == 4:
-                    hi = pair_tile(w_hi, u, DT, USE_ASM, BN, J, BITS) - z_hi[:, None]
+                if BITS == 3:
+                    lo = pair_tile3(w_lo, wh, u, DT, USE_ASM, BN, J) - z_lo[:, None]
+                    hi = pair_tile3(w_lo, wh, u + 4, DT, USE_ASM, BN, J) - z_hi[:, None]
                 else:
-                    hi = pair_tile(w_lo, u + 4, DT, USE_ASM, BN, J, BITS) - z_hi[:, None]
+                    lo = pair_tile(w_lo, u, DT, USE_ASM, BN, J, BITS) - z_lo[:, None]  # (c + q) - (c + z) = q - z
+                    if BITS == 4:
+                        hi = pair_tile(w_hi, u, DT, USE_ASM, BN, J, BITS) - z_hi[:, None]
+                    else:
+                        hi = pair_tile(w_lo, u + 4, DT, USE_ASM, BN, J, BITS) - z_hi[:, None]
                 x_lo = tl.trans(tl.load(xb + u * J, mask=mmask[:, None], other=0.0))  # [J, BM]: rows contiguous in x
                 x_hi = tl.trans(tl.load(xb + (u + 4) * J, mask=mmask[:, None], other=0.0))
                 if SEG == 8:
