@@ -168,8 +168,9 @@ def _warm_task(task) -> int:
     done = 0
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        lr = None if cw is dispatch._int_part(cw) else (dispatch._ops().lowrank_t(x, dispatch.v_parts(cw.extra, x.dtype)),
-                                                         cw.extra.u)
+        lr = None
+        if cw is not dispatch._int_part(cw):
+            lr = (dispatch._ops().lowrank_t(x, dispatch.v_parts(cw.extra, x.dtype)), cw.extra.u)
         for c in dispatch.candidates(lay, dispatch._pow2(m)):
             try:
                 dispatch.run_choice(c, lay, x, lr, torch.bfloat16)

@@ -173,7 +173,8 @@ def test_lowrank_t_partials(ops, m, k, r, vdt, gen):
     ref = x.double() @ extra.v.double().t()
     assert relative_error(tp.double().sum(0), ref) <= 1e-6
     torch.library.opcheck(ops.lowrank_t, (x, vp), test_utils=("test_schema", "test_faketensor"))
-    assert torch.equal(dispatch.v_parts(extra, torch.bfloat16).double().sum(0), extra.v.double()) or vdt != torch.float16
+    if vdt == torch.float16:  # with bf16 activations: a bf16 part plus the 3 mantissa bits left, exactly
+        assert torch.equal(dispatch.v_parts(extra, torch.bfloat16).double().sum(0), extra.v.double())
 
 
 def test_wa_sums_lowrank_partials(ops, gen):

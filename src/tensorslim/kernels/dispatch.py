@@ -418,9 +418,11 @@ def _cold_copies(lay: IntKernelLayout, l2_bytes: int) -> list[IntKernelLayout]:
     hot, and the tuner picked configs for the wrong regime). Layers over twice L2 are timed as they are."""
     nbytes = sum(t.numel() * t.element_size() for t in (lay.qa, lay.qb, lay.scales, lay.zeros) if t is not None)
     n = min(16, -(-2 * l2_bytes // max(nbytes, 1)))
-    return [lay] + [dataclasses.replace(lay, qa=lay.qa.clone(), qb=None if lay.qb is None else lay.qb.clone(),
-                                        scales=lay.scales.clone(), zeros=None if lay.zeros is None else lay.zeros.clone())
-                    for _ in range(n - 1)]
+    def clone(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.clone()
+
+    return [lay] + [dataclasses.replace(lay, qa=lay.qa.clone(), qb=clone(lay.qb), scales=lay.scales.clone(),
+                                        zeros=clone(lay.zeros)) for _ in range(n - 1)]
 
 
 def _time_graph(fn, calls: int = 8, reps: int = 5, per: int = 1) -> float:

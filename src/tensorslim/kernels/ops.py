@@ -5,8 +5,8 @@ Ops (namespace ``tensorslim``):
   multiply from the kernel layout (:mod:`.layout`), ``path`` "gemv", "gemm", "gemmp" (single-plane codes, one dot
   per code position) or "mma4" (int4, groups >= 128), optional fused low-rank term
   ``t @ u^T`` (``t = x V^T`` in fp32, ``u [N, r]``);
-- ``wa_mm(x2d, q, scales, zeros?, t?, u?, meta, config, out_dtype)``: int4 or int2 (and ternary) with the weights
-  as the tensor-core A operand (:mod:`.triton.wa`, its own layout :func:`.layout.wa_layout`), any batch;
+- ``wa_mm(x2d, q, scales, zeros?, t?, u?, meta, config, out_dtype)``: int4, int3 or int2 (and ternary) with the
+  weights as the tensor-core A operand (:mod:`.triton.wa`, its own layout :func:`.layout.wa_layout`), any batch;
 - ``int_dequant(qa, qb?, scales, zeros?, meta, out_dtype)`` -> dense ``W^T [K, N]`` (stored column order);
 - ``lowrank_t(x2d, v_parts)`` -> ``[C, M, r]`` fp32 partial sums over K chunks of ``t = x V^T`` (``wa_mm`` takes them as
   ``t`` and sums them in its epilogue; ``int_mm`` takes ``t`` = their sum).
@@ -104,7 +104,8 @@ def launch_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Ten
         uu.stride(0),
         SYMMETRIC=bool(symmetric), GROUP=group, J=j, HAS_LR=has_lr, BR=max(16, _next_pow2(r)),
         TCP=_next_pow2(tt.shape[0]), BM=bm, BN=bn,
-        USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, BITS=bits, HALF=half, num_warps=num_warps, num_stages=num_stages)
+        USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, BITS=bits, HALF=half, num_warps=num_warps,
+        num_stages=num_stages)
 
 
 def lowrank_chunks(k: int) -> tuple[int, int]:

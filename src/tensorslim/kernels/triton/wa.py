@@ -1,4 +1,5 @@
-"""int4 / int2 tensor-core GEMM with the *weights as the A operand* ("wa"; any batch; power-of-two groups >= 32).
+"""int4 / int3 / int2 tensor-core GEMM with the *weights as the A operand* ("wa"; any batch; power-of-two groups >=
+32).
 
 The other tiled kernels compute ``y[BM, BN] = x[BM, BK] @ W^T[BK, BN]``: the weights are the B operand, which the
 tensor cores read from shared memory, so every dequantized weight tile makes a round trip through shared memory,
@@ -18,8 +19,10 @@ slice of the activations, and no reshuffling of the unpacked codes. ``J = 64`` m
 H200 and H100 (session 5, ``bench/wa_sweep.py``); ``J = 32`` where 512-input blocks do not fit.
 
 int2 and ternary (``BITS = 2``): one ``[BN, J/2]`` word tile a block holds all eight positions, input ``J t + 2p +
-e`` at bit ``2t + 16e`` of word ``p``; the same shift-and-``lop3`` (mask ``0x00030003``) makes the pairs. Written and
-tested under the interpreter after the session-5 device time was spent: not yet run on a GPU.
+e`` at bit ``2t + 16e`` of word ``p``; the same shift-and-``lop3`` (mask ``0x00030003``) makes the pairs. int3
+(``BITS = 3``, session 6): the block's low 2 bits as int2, then ``J/4`` words of high bits (input ``J t + 2p + e`` at
+bit ``t + 8 (p % 2) + 16 e`` of word ``p // 2``), widened once a block to ``[BN, J/2]`` (:func:`pair_tile3`).
+Measured on the H100 in session 6 (docs/results/kernels.md).
 
 Arithmetic: the ``lop3`` ORs the nibble pair into the mantissas of bf16 ``c = 128`` (fp16 ``c = 1024``), giving ``c +
 q`` exactly; ``- (c + z)`` in the activation dtype (one packed subtraction per pair) gives ``q - z`` exactly; the
