@@ -87,18 +87,18 @@ def check_choice(cw, x, choice) -> float:
             y = y + torch.nn.functional.linear(t, cw.extra.u.float())
         return max(err_w, relative_error(y, ref) / 4)  # bf16 weights: ~1.5e-3 by rounding alone, so bound 4e-3
     lr = None
-    if cw is not base:
-        lr = (torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).float(), cw.extra.v.float()), cw.extra.u)
+    if cw is not base:  # as the dispatcher computes it: lowrank_t's K-chunk partials of t = x V^T (unpermuted x)
+        lr = (ops.lowrank_t(x.reshape(-1, x.shape[-1]), dispatch.v_parts(cw.extra, x.dtype)), cw.extra.u)
     split = config[2] if path == "wa" else config[3]
     out = torch.zeros(x.shape[0], lay.n, device=x.device) if split > 1 else \
         torch.full((x.shape[0], lay.n), float("nan"), device=x.device)
-    if path == "wa":
+    if path == "wa":  # takes the partials
         wl = dispatch.wa_of(lay)
         ops.launch_wa(x2d.contiguous(), wl.q, wl.scales, wl.zeros, *(lr or (None, None)),
-                           dispatch.wa_meta(wl), list(config), out)
+                      dispatch.wa_meta(wl), list(config), out)
         return relative_error(out, ref)
-    ops.launch_int_mm(x2d.contiguous(), lay.qa, lay.qb, lay.scales, lay.zeros, *(lr or (None, None)), meta, path,
-                      list(config), out)
+    lr = (lr[0].sum(0), lr[1]) if lr is not None else (None, None)  # the other kernels take their sum
+    ops.launch_int_mm(x2d.contiguous(), lay.qa, lay.qb, lay.scales, lay.zeros, *lr, meta, path, list(config), out)
     return relative_error(out, ref)
 
 

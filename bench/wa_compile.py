@@ -105,8 +105,8 @@ def main() -> None:
         from tensorslim.kernels.triton.lowrank_t import lowrank_t_kernel
 
         names = list(lowrank_t_kernel.arg_names)
-        consts = dict(BM=16, BR=32, BK=64)
-        types = {"x_ptr": "*bf16", "v_ptr": "*fp16", "tp_ptr": "*fp32"}
+        consts = dict(P=2, BM=16, BR=32, BK=64)  # fp16 factors as two bf16 parts
+        types = {"x_ptr": "*bf16", "v_ptr": "*bf16", "tp_ptr": "*fp32"}
         sig = {nm: "constexpr" if nm in consts else types.get(nm, "i32") for nm in names}
         try:
             triton.compile(ASTSource(lowrank_t_kernel, sig, consts, {}), target=GPUTarget("cuda", 90, 32),

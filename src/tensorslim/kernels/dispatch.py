@@ -2,8 +2,8 @@
 
 ``linear(cw, x, bias)`` is what ``CompressedWeight.linear`` calls for CUDA activations. Paths:
 - ``IntGroupWeight`` (1-6 and 8 bits, ``in % 32 == 0``, fp16/bf16 activations): "gemv" (1-16 rows, one row a
-  program, CUDA cores, optional split-K), "wa" (int4 and int2, ``in % 256 == 0``, power-of-two groups of 32 or
-  more: the weights as the tensor cores' A operand from registers, :mod:`.triton.wa`, any batch; its own repacked
+  program, CUDA cores, optional split-K), "wa" (int4, int3 and int2, ``in % 256 == 0``, power-of-two groups of 32
+  or more: the weights as the tensor cores' A operand from registers, :mod:`.triton.wa`, any batch; its own repacked
   layout, memoized with the integer layout), "mma4" (int4 with groups >= 128: tensor cores on bit-trick operands,
   any batch), "gemm" (tensor-core tiles for the other widths, optional split-K), "gemmp" (tensor-core tiles for
   single-plane codes, one dot per code position, no reshape of the unpacked codes) or "dequant" (dequantize to the
@@ -184,7 +184,7 @@ def wa_meta(wl: WALayout) -> list[int]:
 
 
 def wa_of(lay: IntKernelLayout) -> WALayout:
-    """The weights-as-A layout of a 2- or 4-bit kernel layout, repacked once and memoized with it."""
+    """The weights-as-A layout of a 2-, 3- or 4-bit kernel layout, repacked once and memoized with it."""
     wl = _WA.get(lay)
     if wl is None:
         wl = wa_layout(lay)
@@ -243,7 +243,7 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
     """Correct (path, config) choices for ``m`` rows, best guess first.
 
     config = (BM, BN, BK, SPLIT_K, num_warps, num_stages); BM is unused by "gemv" (one row a program); "wa" takes
-    (BM, BN, SPLIT_K, num_warps, num_stages) (its block is fixed by the layout). The first guesses come from the
+    (BM, BN, SPLIT_K, num_warps, num_stages, half) (:func:`wa_candidates`; its block is fixed by the layout). The first guesses come from the
     instruction counts of the sm_90a builds (docs/kernels.md); the "wa" sets from its H200 and H100 sweeps
     (docs/results/kernels.md).
     """
@@ -261,10 +261,11 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
                 c = ("gemv", (1, bn, bk, split, warps, 3))
                 if c not in out:
                     out.append(c)
-    # Where "wa" runs (int4, in % 256 == 0), "mma4" and "gemmp" are not offered: on the H100 and the H200 "wa" beat
+    # Where int4 "wa" runs (in % 256 == 0), "mma4" and "gemmp" are not offered: on the H100 and the H200 "wa" beat
     # them at every batch size and issue shape (session 5), and each costs ~12-18 more compiles and timings a key.
+    # 2- and 3-bit "wa" were timed at 1 and 16 rows on one shape only (session 6): the older paths stay offered.
     wa_ok = wa_reason(lay) is None
-    measured_wa = wa_ok and lay.bits == 4  # 2-bit "wa" is new and unmeasured: it replaces nothing yet
+    measured_wa = wa_ok and lay.bits == 4
     if _mma4_ok(lay) and not measured_wa:
         bm = min(max(16, _pow2(m)), 128)
         for bn, warps, stages in ((128, 4, 4), (64, 4, 4), (256, 8, 3), (128, 8, 3)):
@@ -295,14 +296,13 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
                     c = ("gemmp", (bm, bn, bk, split, warps, stages))
                     if c not in out:
                         out.append(c)
-    if wa_ok:  # int4 with the weights as the A operand (any batch): best measured from 1 to 64 rows
+    if wa_ok:  # the weights as the A operand (int4, int3, int2; any batch)
         out += [("wa", c) for c in wa_candidates(n, k, lay.bits, wa_block_words(k, g), m, sms)]
     if m >= 64:
         out.append(("dequant", ()))
     return out
 
 
-_CHECKED: dict[tuple, bool] = {}
 def wa_candidates(n: int, k: int, bits: int, j: int, m: int, sms: int = 132) -> list[tuple[int, ...]]:
     """"wa" configs ``(BM, BN, SPLIT_K, warps, stages, half)`` for ``m`` rows on blocks of ``8 j`` inputs.
 
@@ -336,6 +336,7 @@ def wa_candidates(n: int, k: int, bits: int, j: int, m: int, sms: int = 132) -> 
 
 
 _SELF_CHECKED = ("mma4", "wa")  # paths with inline PTX, which the CPU tests run only in a plain-Triton form
+_CHECKED: dict[tuple, bool] = {}
 
 
 def kernel_verified(path: str, bits: int, device: torch.device, dtype: torch.dtype) -> bool:
@@ -418,6 +419,7 @@ def _cold_copies(lay: IntKernelLayout, l2_bytes: int) -> list[IntKernelLayout]:
     hot, and the tuner picked configs for the wrong regime). Layers over twice L2 are timed as they are."""
     nbytes = sum(t.numel() * t.element_size() for t in (lay.qa, lay.qb, lay.scales, lay.zeros) if t is not None)
     n = min(16, -(-2 * l2_bytes // max(nbytes, 1)))
+
     def clone(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.clone()
 

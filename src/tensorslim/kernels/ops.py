@@ -83,7 +83,7 @@ def launch_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Ten
                    meta: list[int], config: list[int], out: Tensor) -> None:
     """Run the weights-as-A kernel (:mod:`.triton.wa`) into ``out`` ``[M, N]`` (fp32 and zeroed when ``SPLIT_K >
     1``). ``meta = [k, group, symmetric, j(, bits)]`` (layout blocks of ``8 j`` inputs; codes of 4 bits, the default,
-    or 2); ``config = [BM, BN, SPLIT_K, num_warps, num_stages(, half)]`` (``half``: int4
+    3 or 2); ``config = [BM, BN, SPLIT_K, num_warps, num_stages(, half)]`` (``half``: int4
     iterations of half a block, less shared memory a stage); optional low-rank term ``t @ u^T`` as in
     :func:`int_mm`, where ``t`` may also be the ``[C, M, r]`` partial sums of :func:`lowrank_t`."""
     k, group, symmetric, j = meta[:4]

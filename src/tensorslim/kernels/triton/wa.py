@@ -49,17 +49,39 @@ _LOP3_FP16 = tl.constexpr("lop3.b32 $0, $1, 0x00070007, 0x64006400, 0xea;")
 
 
 @triton.jit
-def _or_c(v2, DT: tl.constexpr, USE_ASM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr):
-    """``[BN, J]`` words (each twice) whose bits 0-2 and 16-18 hold a 3-bit code pair -> ``c + q`` in ``DT``."""
+def _code_pairs(v2, BITS: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr, J: tl.constexpr):
+    """``[BN, J]`` words (each twice: elements ``2p``, ``2p + 1`` are word ``p``) whose bits ``0..BITS-1`` and
+    ``16..16+BITS-1`` hold a code pair -> ``c + q`` in ``DT``. On the GPU one ``lop3`` per word makes the pair in one
+    register (``pack=2``), which is already the dot operand's register."""
     if USE_ASM:
-        if DT == tl.bfloat16:
-            return tl.inline_asm_elementwise(_LOP3_BF16, "=r,r,r", [v2], dtype=tl.bfloat16, is_pure=True, pack=2)
+        if BITS == 4:
+            if DT == tl.bfloat16:
+                return tl.inline_asm_elementwise(_LOP4_BF16, "=r,r,r", [v2], dtype=tl.bfloat16, is_pure=True, pack=2)
+            else:
+                return tl.inline_asm_elementwise(_LOP4_FP16, "=r,r,r", [v2], dtype=tl.float16, is_pure=True, pack=2)
+        elif BITS == 3:
+            if DT == tl.bfloat16:
+                return tl.inline_asm_elementwise(_LOP3_BF16, "=r,r,r", [v2], dtype=tl.bfloat16, is_pure=True, pack=2)
+            else:
+                return tl.inline_asm_elementwise(_LOP3_FP16, "=r,r,r", [v2], dtype=tl.float16, is_pure=True, pack=2)
         else:
-            return tl.inline_asm_elementwise(_LOP3_FP16, "=r,r,r", [v2], dtype=tl.float16, is_pure=True, pack=2)
-    else:
+            if DT == tl.bfloat16:
+                return tl.inline_asm_elementwise(_LOP2_BF16, "=r,r,r", [v2], dtype=tl.bfloat16, is_pure=True, pack=2)
+            else:
+                return tl.inline_asm_elementwise(_LOP2_FP16, "=r,r,r", [v2], dtype=tl.float16, is_pure=True, pack=2)
+    else:  # via float32: the interpreter's int32 -> bfloat16 cast reinterprets bits (Triton 3.9)
         C: tl.constexpr = 128 if DT == tl.bfloat16 else 1024
         e = tl.arange(0, J) % 2
-        return (((v2 >> (16 * e)[None, :]) & 7) + C).to(tl.float32).to(DT)
+        return (((v2 >> (16 * e)[None, :]) & ((1 << BITS) - 1)) + C).to(tl.float32).to(DT)
+
+
+@triton.jit
+def pair_tile(w, u: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr,
+              BITS: tl.constexpr = 4):
+    """Words ``[BN, J/2]`` -> the ``[BN, J]`` tile ``c + q`` of code position ``u`` in ``DT``: element ``(n, 2p + e)``
+    is the ``BITS``-bit code at bit ``BITS u + 16 e`` of word ``(n, p)``."""
+    v = w >> (BITS * u)
+    return _code_pairs(tl.reshape(tl.join(v, v), (BN, J)), BITS, DT, USE_ASM, J)
 
 
 @triton.jit
@@ -73,32 +95,7 @@ def pair_tile3(w2, wh, t: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr,
     else:
         hi = (wh << (2 - t)) & 0x00040004
     v = lo | hi
-    return _or_c(tl.reshape(tl.join(v, v), (BN, J)), DT, USE_ASM, BN, J)
-
-
-@triton.jit
-def pair_tile(w, u: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr,
-              BITS: tl.constexpr = 4):
-    """Words ``[BN, J/2]`` -> the ``[BN, J]`` tile ``c + q`` of code position ``u`` in ``DT``: element ``(n, 2p + e)``
-    is the ``BITS``-bit code at bit ``BITS u + 16 e`` of word ``(n, p)``. On the GPU one ``lop3`` per word makes the
-    pair ``(2p, 2p + 1)`` in one register (``pack=2``), which is already the dot operand's register."""
-    v = w >> (BITS * u)
-    v2 = tl.reshape(tl.join(v, v), (BN, J))  # each word twice: elements 2p and 2p + 1
-    if USE_ASM:
-        if BITS == 4:
-            if DT == tl.bfloat16:
-                return tl.inline_asm_elementwise(_LOP4_BF16, "=r,r,r", [v2], dtype=tl.bfloat16, is_pure=True, pack=2)
-            else:
-                return tl.inline_asm_elementwise(_LOP4_FP16, "=r,r,r", [v2], dtype=tl.float16, is_pure=True, pack=2)
-        else:
-            if DT == tl.bfloat16:
-                return tl.inline_asm_elementwise(_LOP2_BF16, "=r,r,r", [v2], dtype=tl.bfloat16, is_pure=True, pack=2)
-            else:
-                return tl.inline_asm_elementwise(_LOP2_FP16, "=r,r,r", [v2], dtype=tl.float16, is_pure=True, pack=2)
-    else:  # via float32: the interpreter's int32 -> bfloat16 cast reinterprets bits (Triton 3.9)
-        C: tl.constexpr = 128 if DT == tl.bfloat16 else 1024
-        e = tl.arange(0, J) % 2
-        return (((v2 >> (16 * e)[None, :]) & ((1 << BITS) - 1)) + C).to(tl.float32).to(DT)
+    return _code_pairs(tl.reshape(tl.join(v, v), (BN, J)), 3, DT, USE_ASM, J)
 
 
 @triton.jit
