@@ -86,19 +86,23 @@ def check_choice(cw, x, choice) -> float:
             t = torch.nn.functional.linear(x.float(), cw.extra.v.float())
             y = y + torch.nn.functional.linear(t, cw.extra.u.float())
         return max(err_w, relative_error(y, ref) / 4)  # bf16 weights: ~1.5e-3 by rounding alone, so bound 4e-3
+    x2d = x2d.contiguous()
     lr = None
-    if cw is not base:  # as the dispatcher computes it: lowrank_t's K-chunk partials of t = x V^T (unpermuted x)
-        lr = (ops.lowrank_t(x.reshape(-1, x.shape[-1]), dispatch.v_parts(cw.extra, x.dtype)), cw.extra.u)
+    pdl = ops.pdl_ok(x2d)
+    if cw is not base:  # as the dispatcher runs it: V's exact parts in the layout's input order, lowrank_t's K-chunk
+        # partials of t = x V^T; "wa" is then lowrank_t's programmatic dependent launch (Hopper+)
+        vp = dispatch.v_parts(cw.extra, x.dtype, lay.perm)
+        lr = (ops.launch_lowrank_t(x2d, vp, pdl and path == "wa"), cw.extra.u)
     split = config[2] if path == "wa" else config[3]
     out = torch.zeros(x.shape[0], lay.n, device=x.device) if split > 1 else \
         torch.full((x.shape[0], lay.n), float("nan"), device=x.device)
     if path == "wa":  # takes the partials
         wl = dispatch.wa_of(lay)
-        ops.launch_wa(x2d.contiguous(), wl.q, wl.scales, wl.zeros, *(lr or (None, None)),
-                      dispatch.wa_meta(wl), list(config), out)
+        ops.launch_wa(x2d, wl.q, wl.scales, wl.zeros, *(lr or (None, None)), dispatch.wa_meta(wl), list(config), out,
+                      pdl=pdl)
         return relative_error(out, ref)
     lr = (lr[0].sum(0), lr[1]) if lr is not None else (None, None)  # the other kernels take their sum
-    ops.launch_int_mm(x2d.contiguous(), lay.qa, lay.qb, lay.scales, lay.zeros, *lr, meta, path, list(config), out)
+    ops.launch_int_mm(x2d, lay.qa, lay.qb, lay.scales, lay.zeros, *lr, meta, path, list(config), out)
     return relative_error(out, ref)
 
 
@@ -170,7 +174,7 @@ def _warm_task(task) -> int:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         lr = None
         if cw is not dispatch._int_part(cw):
-            lr = (dispatch._ops().lowrank_t(x, dispatch.v_parts(cw.extra, x.dtype)), cw.extra.u)
+            lr = (dispatch.v_parts(cw.extra, x.dtype, lay.perm), cw.extra.u)
         for c in dispatch.candidates(lay, dispatch._pow2(m)):
             try:
                 dispatch.run_choice(c, lay, x, lr, torch.bfloat16)

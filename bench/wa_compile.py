@@ -35,14 +35,15 @@ def compile_one(key: tuple, regs: bool) -> str:
     types = {"x_ptr": "*bf16", "out_ptr": out_t, "q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "t_ptr": "*fp32",
              "u_ptr": "*bf16"}
     consts = dict(SYMMETRIC=False, GROUP=128, J=j, HAS_LR=has_lr, BR=32, TCP=8, BM=bm, BN=bn, USE_ASM=True,
-                  ATOMIC=split > 1, BITS=bits, HALF=bool(half))
+                  ATOMIC=split > 1, BITS=bits, HALF=bool(half), PDL=has_lr)  # the Sum runs as a dependent launch
     sig = {}
     for name in names:
         sig[name] = "constexpr" if name in consts else types.get(name, "i32")
     div = [i for i, nm in enumerate(names) if nm in types or nm in ("KW", "stride_xm", "stride_om", "stride_un")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in div}
     src = ASTSource(wa_kernel, sig, consts, attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages,
+                                                                          "launch_pdl": has_lr})
     if not regs:
         return "ok"
     with tempfile.TemporaryDirectory() as d:
@@ -105,12 +106,12 @@ def main() -> None:
         from tensorslim.kernels.triton.lowrank_t import lowrank_t_kernel
 
         names = list(lowrank_t_kernel.arg_names)
-        consts = dict(P=2, BM=16, BR=32, BK=64)  # fp16 factors as two bf16 parts
+        consts = dict(P=2, BM=16, BR=32, BK=64, PDL=True)  # fp16 factors as two bf16 parts
         types = {"x_ptr": "*bf16", "v_ptr": "*bf16", "tp_ptr": "*fp32"}
         sig = {nm: "constexpr" if nm in consts else types.get(nm, "i32") for nm in names}
         try:
             triton.compile(ASTSource(lowrank_t_kernel, sig, consts, {}), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": 4, "num_stages": 3})
+                           options={"num_warps": 4, "num_stages": 3, "launch_pdl": True})
         except Exception as e:
             fails += 1
             print(f"  lowrank_t: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)

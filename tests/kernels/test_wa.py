@@ -122,8 +122,10 @@ def test_wa_sum_epilogue_and_act_order(ops, gen):
             assert err <= TOL, f"{type(cw).__name__} m={m} {config}: {err:.2e} (seed {gen.seed_})"
     x = torch.randn(2, 3, K, generator=gen).to(torch.float16)  # through kernel_linear: batch dims, bias, fp16 out
     bias = torch.randn(N, generator=gen)
-    for choice in (("wa", (16, 64, 2, 4, 3)), ("gemv", (1, 64, 128, 1, 4, 3)), ("gemm", (16, 32, 64, 2, 4, 3))):
-        y = dispatch.kernel_linear(sw, x, bias, choice=choice)  # t = x V^T from the unpermuted x (a fixed bug)
+    for choice in (("wa", (16, 64, 2, 4, 3)), ("wa", (16, 64, 1, 4, 3)), ("gemv", (1, 64, 128, 1, 4, 3)),
+                   ("gemm", (16, 32, 64, 2, 4, 3)), ("dequant", ())):
+        # x and V both in the layout's (permuted) input order; unpermuted x with unpermuted V was a fixed bug before
+        y = dispatch.kernel_linear(sw, x, bias, choice=choice)
         assert y.shape == (2, 3, N) and y.dtype == torch.float16
         assert relative_error(y, reference_fp32(sw, x, bias)) <= 2e-3, choice
 
@@ -149,9 +151,12 @@ def test_wa_mm_op_registration(ops, gen):
     w = quantize_rtn(torch.randn(N, K, generator=gen), IntGroup(bits=4, group_size=128))
     wl = dispatch.wa_of(dispatch.layout(w))
     x = torch.randn(3, K, generator=gen).to(torch.float16)
+    extra = LowRankWeight.from_factors(LowRank(rank=8), torch.randn(N, 8, generator=gen), torch.randn(8, K, generator=gen))
+    vp = dispatch.v_parts(extra, x.dtype)
     for config in ([16, 64, 1, 4, 3], [16, 64, 2, 4, 3]):
-        args = (x, wl.q, wl.scales, wl.zeros, None, None, dispatch.wa_meta(wl), config, torch.float16)
-        torch.library.opcheck(ops.wa_mm, args, test_utils=("test_schema", "test_faketensor"))
+        for lr in ((None, None), (vp, extra.u)):  # plain, and the fused Sum (lowrank_t then "wa" inside the op)
+            args = (x, wl.q, wl.scales, wl.zeros, *lr, dispatch.wa_meta(wl), config, torch.float16)
+            torch.library.opcheck(ops.wa_mm, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("m,k,r,vdt", [(1, 1024, 8, torch.float16), (5, 1000, 32, torch.float32),

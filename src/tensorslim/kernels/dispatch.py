@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 Choice = tuple[str, tuple[int, ...]]
 _LAYOUTS: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
-_VPARTS: "weakref.WeakKeyDictionary[CompressedWeight, tuple[torch.dtype, torch.Tensor]]" = weakref.WeakKeyDictionary()
+_VPARTS: "weakref.WeakKeyDictionary[CompressedWeight, tuple[tuple[torch.dtype, bool], torch.Tensor]]" = \
+    weakref.WeakKeyDictionary()
 _WA: "weakref.WeakKeyDictionary[IntKernelLayout, WALayout]" = weakref.WeakKeyDictionary()
 _TUNED: dict[tuple, Choice] = {}
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -132,12 +133,9 @@ def kernel_linear(cw: CompressedWeight, x: torch.Tensor, bias: torch.Tensor | No
     lay = layout(base)
     x2d = x.reshape(-1, x.shape[-1])
     lr = None
-    if base is not cw:  # t = x V^T: [C, M, r] fp32 K-chunk partial sums (V in the input order: before act-order's
-        # permutation), u [N, r]
+    if base is not cw:  # (V as exact parts in the kernels' input order, U [N, r])
         extra = cw.extra  # type: ignore[attr-defined]
-        ops = _ops()
-        assert ops is not None
-        lr = (ops.lowrank_t(x2d, v_parts(extra, x2d.dtype)), extra.u)
+        lr = (v_parts(extra, x2d.dtype, lay.perm), extra.u)
     if lay.perm is not None:
         x2d = x2d.index_select(1, lay.perm.to(x2d.device))
     out_dtype = out_dtype or x.dtype
@@ -149,13 +147,15 @@ def kernel_linear(cw: CompressedWeight, x: torch.Tensor, bias: torch.Tensor | No
     return y.reshape(*x.shape[:-1], lay.n)
 
 
-def v_parts(extra: CompressedWeight, dtype: torch.dtype) -> torch.Tensor:
+def v_parts(extra: CompressedWeight, dtype: torch.dtype, perm: torch.Tensor | None = None) -> torch.Tensor:
     """``V [r, in]`` of a low-rank term as ``[P <= 3, r, in]`` parts in ``dtype`` whose sum is ``V`` (exactly where
     mantissa and exponent range fit: fp16 factors with bf16 activations are 2 parts, fp32 with bf16 3, fp16 with
     fp16 1; fp32 with fp16 loses remainders below fp16's range, ~1e-8 relative), so
-    that :func:`.ops.lowrank_t` runs tensor-core dots with exact products. Memoized per (weight, dtype)."""
+    that :func:`.ops.lowrank_t` runs tensor-core dots with exact products. ``perm``: the inputs in the kernel
+    layout's order (act-order: the kernels see ``x[:, perm]``, so the parts are ``V[:, perm]``). Memoized per
+    (weight, dtype, permuted or not)."""
     hit = _VPARTS.get(extra)
-    if hit is not None and hit[0] == dtype:
+    if hit is not None and hit[0] == (dtype, perm is not None):
         return hit[1]
     v = extra.v.double()  # type: ignore[attr-defined]
     parts, rest = [], v
@@ -166,7 +166,9 @@ def v_parts(extra: CompressedWeight, dtype: torch.dtype) -> torch.Tensor:
         if not rest.any():
             break
     out = torch.stack(parts)
-    _VPARTS[extra] = (dtype, out)
+    if perm is not None:
+        out = out.index_select(2, perm.to(out.device)).contiguous()
+    _VPARTS[extra] = ((dtype, perm is not None), out)
     return out
 
 
@@ -194,23 +196,24 @@ def wa_of(lay: IntKernelLayout) -> WALayout:
 
 def run_choice(choice: Choice, lay: IntKernelLayout, x2d: torch.Tensor, lr: tuple[torch.Tensor, torch.Tensor] | None,
                out_dtype: torch.dtype) -> torch.Tensor:
-    """One path/config; ``lr = (t, u)``: the low-rank term's ``[C, M, r]`` partial sums of ``x V^T``
-    (:func:`.ops.lowrank_t`) and ``U [N, r]``."""
+    """One path/config; ``lr = (vp, u)``: the low-rank term's ``V`` as exact parts in the kernels' input order
+    (:func:`v_parts`) and ``U [N, r]``. "wa" computes ``t = x V^T`` itself (:func:`.ops.wa_mm`); the other paths
+    take ``t`` from :func:`.ops.lowrank_t`."""
     ops = _ops()
     assert ops is not None
     path, config = choice
     if path == "wa":
         wl = wa_of(lay)
-        t, u = lr if lr is not None else (None, None)
-        return ops.wa_mm(x2d, wl.q, wl.scales, wl.zeros, t, u, wa_meta(wl), list(config), out_dtype)
+        vp, u = lr if lr is not None else (None, None)
+        return ops.wa_mm(x2d, wl.q, wl.scales, wl.zeros, vp, u, wa_meta(wl), list(config), out_dtype)
     meta = [lay.k, lay.bits, lay.bits_a, lay.bits_b, lay.group, int(lay.symmetric)]
+    t, u = (ops.lowrank_t(x2d, lr[0]).sum(0), lr[1]) if lr is not None else (None, None)
     if path == "dequant":
         w_t = ops.int_dequant(lay.qa, lay.qb, lay.scales, lay.zeros, meta, x2d.dtype)  # [K, N]
         y = x2d @ w_t
-        if lr is not None:
-            y = y + torch.nn.functional.linear(lr[0].sum(0), lr[1].float()).to(y.dtype)
+        if t is not None:
+            y = y + torch.nn.functional.linear(t, u.float()).to(y.dtype)
         return y.to(out_dtype)
-    t, u = (lr[0].sum(0), lr[1]) if lr is not None else (None, None)
     return ops.int_mm(x2d, lay.qa, lay.qb, lay.scales, lay.zeros, t, u, meta, path, list(config), out_dtype)
 
 
@@ -463,9 +466,9 @@ def tune(lay: IntKernelLayout, m: int, dtype: torch.dtype, rank: int | None = No
     x = torch.randn(m, lay.k, device=device, dtype=dtype)
     copies = _cold_copies(lay, getattr(props, "L2_cache_size", 50 << 20))
     lr = None
-    if rank is not None:
-        chunks = _ops().lowrank_chunks(lay.k)[0]  # type: ignore[union-attr]
-        lr = (torch.randn(chunks, m, rank, device=device), torch.randn(lay.n, rank, device=device, dtype=torch.float16))
+    if rank is not None:  # V in two parts (fp16 factors, bf16 activations), U: every path computes t = x V^T too
+        lr = (torch.randn(2, rank, lay.k, device=device, dtype=dtype),
+              torch.randn(lay.n, rank, device=device, dtype=torch.float16))
     best: tuple[float, Choice] | None = None
     for c in usable_candidates(lay, m, x, sms):
         try:

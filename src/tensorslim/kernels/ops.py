@@ -5,11 +5,13 @@ Ops (namespace ``tensorslim``):
   multiply from the kernel layout (:mod:`.layout`), ``path`` "gemv", "gemm", "gemmp" (single-plane codes, one dot
   per code position) or "mma4" (int4, groups >= 128), optional fused low-rank term
   ``t @ u^T`` (``t = x V^T`` in fp32, ``u [N, r]``);
-- ``wa_mm(x2d, q, scales, zeros?, t?, u?, meta, config, out_dtype)``: int4, int3 or int2 (and ternary) with the
+- ``wa_mm(x2d, q, scales, zeros?, vp?, u?, meta, config, out_dtype)``: int4, int3 or int2 (and ternary) with the
   weights as the tensor-core A operand (:mod:`.triton.wa`, its own layout :func:`.layout.wa_layout`), any batch;
+  with ``vp`` (the low-rank term's ``V`` as exact parts, ``[P, r, K]``) and ``u`` it runs ``lowrank_t`` first and
+  the "wa" kernel as its programmatic dependent launch (Hopper+): the weights stream while ``t`` is computed;
 - ``int_dequant(qa, qb?, scales, zeros?, meta, out_dtype)`` -> dense ``W^T [K, N]`` (stored column order);
-- ``lowrank_t(x2d, v_parts)`` -> ``[C, M, r]`` fp32 partial sums over K chunks of ``t = x V^T`` (``wa_mm`` takes them as
-  ``t`` and sums them in its epilogue; ``int_mm`` takes ``t`` = their sum).
+- ``lowrank_t(x2d, v_parts)`` -> ``[C, M, r]`` fp32 partial sums over K chunks of ``t = x V^T`` (``int_mm`` takes
+  ``t`` = their sum; ``wa_mm`` computes them itself and sums them in its epilogue).
 ``meta = [k, bits, bits_a, bits_b, group, symmetric]``; ``config = [BM, BN, BK, SPLIT_K, num_warps, num_stages]``.
 
 Importing this module imports Triton and registers the ops (the dispatcher imports it lazily, on the first CUDA
@@ -79,13 +81,19 @@ def launch_int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zero
         int_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](*common, **consts, PLANES=path == "gemmp")
 
 
+def pdl_ok(x: Tensor) -> bool:
+    """Programmatic dependent launch: compiled Hopper (sm_90) or later GPU code only (not the interpreter)."""
+    return x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
 def launch_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Tensor | None, u: Tensor | None,
-                   meta: list[int], config: list[int], out: Tensor) -> None:
+              meta: list[int], config: list[int], out: Tensor, pdl: bool = False) -> None:
     """Run the weights-as-A kernel (:mod:`.triton.wa`) into ``out`` ``[M, N]`` (fp32 and zeroed when ``SPLIT_K >
     1``). ``meta = [k, group, symmetric, j(, bits)]`` (layout blocks of ``8 j`` inputs; codes of 4 bits, the default,
     3 or 2); ``config = [BM, BN, SPLIT_K, num_warps, num_stages(, half)]`` (``half``: int4
     iterations of half a block, less shared memory a stage); optional low-rank term ``t @ u^T`` as in
-    :func:`int_mm`, where ``t`` may also be the ``[C, M, r]`` partial sums of :func:`lowrank_t`."""
+    :func:`int_mm`, where ``t`` may also be the ``[C, M, r]`` partial sums of :func:`lowrank_t`. ``pdl``: launched
+    as the programmatic dependent of the kernel just before it, which wrote ``t`` (:func:`wa_mm`)."""
     k, group, symmetric, j = meta[:4]
     bits = meta[4] if len(meta) > 4 else 4
     bm, bn, split_k, num_warps, num_stages = config[:5]
@@ -105,7 +113,11 @@ def launch_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Ten
         SYMMETRIC=bool(symmetric), GROUP=group, J=j, HAS_LR=has_lr, BR=max(16, _next_pow2(r)),
         TCP=_next_pow2(tt.shape[0]), BM=bm, BN=bn,
         USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, BITS=bits, HALF=half, num_warps=num_warps,
-        num_stages=num_stages)
+        num_stages=num_stages, **_pdl_args(pdl and has_lr))
+
+
+def _pdl_args(pdl: bool) -> dict:
+    return {"PDL": True, "launch_pdl": True} if pdl else {}
 
 
 def lowrank_chunks(k: int) -> tuple[int, int]:
@@ -115,11 +127,10 @@ def lowrank_chunks(k: int) -> tuple[int, int]:
     return -(-k // chunk), chunk
 
 
-@torch.library.custom_op("tensorslim::lowrank_t", mutates_args=())
-def lowrank_t(x: Tensor, vp: Tensor) -> Tensor:
-    """``[C, M, r]`` fp32: partial sums of ``x V^T`` over :func:`lowrank_chunks` K chunks, ``V = vp.sum(0)`` given
-    as parts ``vp [P, r, K]`` in ``x``'s dtype (exact products, fp32 accumulation)."""
-    x, vp = x.contiguous(), vp.contiguous()
+def launch_lowrank_t(x: Tensor, vp: Tensor, pdl: bool = False) -> Tensor:
+    """:func:`lowrank_t` on contiguous ``x``; ``pdl``: its programs let the next kernel (a programmatic dependent
+    launch) start at once."""
+    vp = vp.contiguous()
     m, k = x.shape
     r = vp.shape[1]
     c, chunk = lowrank_chunks(k)
@@ -127,8 +138,15 @@ def lowrank_t(x: Tensor, vp: Tensor) -> Tensor:
     br = min(64, max(16, _next_pow2(r)))
     lowrank_t_kernel[(c, triton.cdiv(m, 16), triton.cdiv(r, br))](
         x, vp, out, m, k, r, chunk, x.stride(0), vp.stride(0), vp.stride(1), P=vp.shape[0], BM=16, BR=br, BK=64,
-        num_warps=4)
+        num_warps=4, **({"PDL": True} if pdl else {}))
     return out
+
+
+@torch.library.custom_op("tensorslim::lowrank_t", mutates_args=())
+def lowrank_t(x: Tensor, vp: Tensor) -> Tensor:
+    """``[C, M, r]`` fp32: partial sums of ``x V^T`` over :func:`lowrank_chunks` K chunks, ``V = vp.sum(0)`` given
+    as parts ``vp [P, r, K]`` in ``x``'s dtype (exact products, fp32 accumulation)."""
+    return launch_lowrank_t(x.contiguous(), vp)
 
 
 @lowrank_t.register_fake
@@ -137,14 +155,22 @@ def _lowrank_t_fake(x, vp):
 
 
 @torch.library.custom_op("tensorslim::wa_mm", mutates_args=())
-def wa_mm(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Tensor | None, u: Tensor | None,
-               meta: list[int], config: list[int], out_dtype: torch.dtype) -> Tensor:
-    return _into_new(x, q.shape[0], config[2], out_dtype,
-                     lambda xc, out: launch_wa(xc, q, scales, zeros, t, u, meta, config, out))
+def wa_mm(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, vp: Tensor | None, u: Tensor | None,
+          meta: list[int], config: list[int], out_dtype: torch.dtype) -> Tensor:
+    """``x @ W^T`` (+ ``(x V^T) U^T`` with ``V`` given as exact parts ``vp``). The output is allocated (and zeroed
+    for split-K) first, so that ``lowrank_t`` is the kernel right before "wa", which can then be its programmatic
+    dependent launch on Hopper+."""
+    def run(xc: Tensor, out: Tensor) -> None:
+        has_lr = vp is not None and u is not None
+        pdl = has_lr and pdl_ok(xc)
+        t = launch_lowrank_t(xc, vp, pdl) if has_lr else None
+        launch_wa(xc, q, scales, zeros, t, u, meta, config, out, pdl)
+
+    return _into_new(x, q.shape[0], config[2], out_dtype, run)
 
 
 @wa_mm.register_fake
-def _wa_mm_fake(x, q, scales, zeros, t, u, meta, config, out_dtype):
+def _wa_mm_fake(x, q, scales, zeros, vp, u, meta, config, out_dtype):
     return x.new_empty((x.shape[0], q.shape[0]), dtype=out_dtype)
 
 

@@ -7,17 +7,25 @@ in its epilogue, the others take ``tp.sum(0)``. ``V`` comes as ``P`` parts in th
 exactly (:func:`tensorslim.kernels.dispatch.v_parts`: fp16 factors with bf16 activations are a bf16 high part plus
 the 3 mantissa bits left), so each part's ``tl.dot`` has exact products and fp32 accumulation, as an fp32 GEMV would,
 at tensor-core speed (an fp32 ``ieee`` dot took 40 us for 8192 inputs, rank 32, on the H100).
+
+``PDL`` (Hopper and later, launched by :func:`tensorslim.kernels.ops.wa_mm`): every program first lets the next
+kernel launch (programmatic dependent launch), so the "wa" kernel streams its weights while ``t`` is computed and
+waits for this grid only in its epilogue (``gdc_wait``).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 
 @triton.jit
 def lowrank_t_kernel(x_ptr, v_ptr, tp_ptr, M, K, R, chunk, stride_xm, stride_vp, stride_vr,
-                     P: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+                     P: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    if PDL:
+        gdc_launch_dependents()
     pid_c = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_r = tl.program_id(2)

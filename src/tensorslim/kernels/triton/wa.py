@@ -32,13 +32,15 @@ dots accumulate ``sum_k x (q - z)`` in fp32 per group and the group scale multip
 ``ATOMIC``: split-K (``ceil(NB / SPLIT_K)`` blocks a split, so any block count splits: Llama-2's 11008 inputs
 are 43 blocks of 256), partial sums added atomically into a zeroed fp32 output. ``HAS_LR``: the fused ``Sum(int4,
 LowRank)`` epilogue, ``U t^T`` with ``t = x V^T`` computed before the call as ``TC`` K-chunk partial sums
-(:mod:`.lowrank_t`), added up here.
+(:mod:`.lowrank_t`), added up here. ``PDL``: this grid was launched while ``lowrank_t`` still runs (programmatic
+dependent launch, Hopper+); the epilogue waits for it (``gdc_wait``) just before reading ``t``.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 _LOP4_BF16 = tl.constexpr("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;")
 _LOP4_FP16 = tl.constexpr("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xea;")
@@ -119,7 +121,7 @@ def wa_kernel(
     SYMMETRIC: tl.constexpr, GROUP: tl.constexpr, J: tl.constexpr, HAS_LR: tl.constexpr, BR: tl.constexpr,
     TCP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr, ATOMIC: tl.constexpr, BITS: tl.constexpr = 4,
-    HALF: tl.constexpr = False,
+    HALF: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)  # batch tiles fastest: the programs sharing a weight tile run together (one DRAM read)
     pid_n = tl.program_id(1)
@@ -213,6 +215,8 @@ def wa_kernel(
                         acc += p_lo * s_lo[:, None] + p_hi * s_hi[:, None]
     if HAS_LR:  # low-rank term (t U^T)^T = U t^T, once (split 0), fp32
         if pid_k == 0:
+            if PDL:  # t comes from the grid launched just before this one, which may still be running
+                gdc_wait()
             rs = tl.arange(0, BR)
             u = tl.load(u_ptr + (rn.to(tl.int64) * stride_un)[:, None] + rs[None, :],
                         mask=nmask[:, None] & (rs[None, :] < R), other=0.0).to(tl.float32)
