@@ -259,18 +259,19 @@ def main() -> None:
                                            "config": list(c[1]), "rel_err": err})
                 if not err <= TOL:
                     print(f"FAIL {spec} m={m} {c}: rel err {err:.2e}")
-    # the fused Sum(int4, rank-32) through its candidates
-    _, base = make_int(k, n, "int4:g128")
-    sw = SumWeight(format=parse_format("int4:g128+lowrank:r32"), shape=(n, k), base=base,
-                   extra=make_lowrank(k, n, 32))
-    for m in () if args.no_sweep else (1, 7, 33):
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        for c in dispatch.candidates(dispatch.layout(base), dispatch._pow2(m)):
-            err = check_choice(sw, x, c)
-            results["correct"].append({"format": "int4:g128+lowrank:r32", "shape": f"{k}x{n}", "m": m, "path": c[0],
-                                       "config": list(c[1]), "rel_err": err})
-            if not err <= TOL:
-                print(f"FAIL sum m={m} {c}: rel err {err:.2e}")
+    # the fused Sum(int4, rank-32) through its candidates (and with act-order: V's parts permuted like x)
+    for base_spec in ("int4:g128", "int4:g128:act"):
+        _, base = make_int(k, n, base_spec)
+        sw = SumWeight(format=parse_format(f"{base_spec}+lowrank:r32"), shape=(n, k), base=base,
+                       extra=make_lowrank(k, n, 32))
+        for m in () if args.no_sweep else (1, 7, 33) if base_spec == "int4:g128" else (1, 33):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            for c in dispatch.candidates(dispatch.layout(base), dispatch._pow2(m)):
+                err = check_choice(sw, x, c)
+                results["correct"].append({"format": f"{base_spec}+lowrank:r32", "shape": f"{k}x{n}", "m": m,
+                                           "path": c[0], "config": list(c[1]), "rel_err": err})
+                if not err <= TOL:
+                    print(f"FAIL sum {base_spec} m={m} {c}: rel err {err:.2e}")
     print(f"variants checked in {time.time() - t0:.0f}s", flush=True)
     _write(results)
 
