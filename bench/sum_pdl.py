@@ -29,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4096x14336,8192x28672,28672x8192")
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--config", default="", help="a fixed wa config BM,BN,SPLIT_K,warps,stages[,half] (no tuning)")
     args = ap.parse_args()
     from tensorslim.formats import SumWeight, parse_format
     from tensorslim.kernels import dispatch, ops
@@ -48,7 +49,8 @@ def main() -> None:
         for m in map(int, args.batches.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             lay0 = dispatch.layout(copies[0].base)
-            path, cfg = dispatch.tuned_choice(lay0, x, None)
+            path, cfg = ("wa", [int(v) for v in args.config.split(",")]) if args.config else \
+                dispatch.tuned_choice(lay0, x, None)
             if path != "wa":
                 print(f"{shape} m={m}: tuned path {path}, not wa; skipped", flush=True)
                 continue
