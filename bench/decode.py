@@ -246,6 +246,8 @@ def main() -> None:
     ap.add_argument("--formats", default="int4:g128,int3:g128,int2:g128,ternary:g128")
     ap.add_argument("--fuse", action="store_true", help="q/k/v and gate/up as one linear each (bf16 and compressed)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (bf16 and compressed)")
+    ap.add_argument("--jobs", type=int, default=12, help="processes pre-compiling every kernel candidate the tuner "
+                    "will time (Triton's disk cache), before the timed process tunes them (0: none)")
     args = ap.parse_args()
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
@@ -263,6 +265,12 @@ def main() -> None:
         dense = fuse(dense)
         restore(model, dense)
     batches = [int(b) for b in args.batches.split(",")]
+    if args.jobs:  # a fresh machine otherwise compiles ~50 candidates per (shape, format, batch) one by one
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from kernels import prewarm
+
+        shapes = sorted({(w.shape[1], w.shape[0]) for w in dense.values()})
+        prewarm([(k, n, spec, batches) for k, n in shapes for spec in args.formats.split(",")], args.jobs)
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}; torch {torch.__version__}; {args.layers} layers; built in {time.time() - t_start:.0f}s")
     prompts = {b: torch.randint(0, cfg.vocab_size, (b, prompt_len), device="cuda") for b in batches}
