@@ -106,29 +106,37 @@ class Llama(nn.Module):
 
     def step(self, tok, pos, caches):
         """One token per sequence: ``tok [B, 1]``, ``pos [1]`` -> next greedy tokens ``[B, 1]``."""
+        return self.logits(tok, pos, caches).argmax(-1, keepdim=True)
+
+    def logits(self, tok, pos, caches):
+        """``[B, vocab]`` fp32 logits of the next token."""
         x = self.embed(tok)
         cos = self.cos[pos].to(x.dtype)[None, None]
         sin = self.sin[pos].to(x.dtype)[None, None]
         mask = (torch.arange(self.max_len, device=tok.device) <= pos)[None, None, None, :]
         for blk, (kc, vc) in zip(self.blocks, caches):
             x = blk(x, pos, cos, sin, mask, kc, vc)
-        logits = self.head(rms(x, self.norm)).float()
-        return logits[:, -1].argmax(-1, keepdim=True)
+        return self.head(rms(x, self.norm)).float()[:, -1]
 
 
 class RefLinear(nn.Module):
     """A reference path on the same compressed weight: ``exact`` = ``decode()`` and the product in fp32, rounded once
-    to the activation dtype (what the kernels compute, up to fp32 summation order); else ``decode()`` in the
-    activation dtype, then ``F.linear``."""
+    to the activation dtype (what the kernels compute, up to fp32 summation order); ``f64`` the same product in
+    float64 (another exact summation: the two differ only where a bf16 rounding falls on the other side); ``bf16``
+    ``decode()`` in the activation dtype, then ``F.linear``."""
 
-    def __init__(self, cw, exact: bool) -> None:
+    def __init__(self, cw, mode: str) -> None:
         super().__init__()
-        self.cw, self.exact = cw, exact
+        self.cw, self.mode = cw, mode
 
     def forward(self, x):
         from tensorslim.kernels.reference import reference_fp32, reference_linear
 
-        return reference_fp32(self.cw, x).to(x.dtype) if self.exact else reference_linear(self.cw, x)
+        if self.mode == "exact":
+            return reference_fp32(self.cw, x).to(x.dtype)
+        if self.mode == "f64":
+            return F.linear(x.double(), self.cw.decode(torch.float64).to(x.device)).to(x.dtype)
+        return reference_linear(self.cw, x)
 
 
 NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -149,8 +157,8 @@ def fuse(dense: dict) -> dict:
 
 
 def compress(model: Llama, dense: dict, spec: str, ref: str | None = None) -> None:
-    """Every block linear compressed to ``spec``: ``CompressedLinear`` (the kernels), or with ``ref`` "exact" /
-    "bf16" a :class:`RefLinear`."""
+    """Every block linear compressed to ``spec``: ``CompressedLinear`` (the kernels), or with ``ref`` a
+    :class:`RefLinear` of that mode."""
     from tensorslim.formats import CompressedLinear, parse_format, quantize_rtn
 
     fmt = parse_format(spec)
@@ -163,7 +171,7 @@ def compress(model: Llama, dense: dict, spec: str, ref: str | None = None) -> No
                 cw = quantize_ternary(w.float(), fmt)
             else:
                 cw = quantize_rtn(w.float(), fmt)
-            setattr(blk, name, RefLinear(cw, ref == "exact") if ref else CompressedLinear(cw))
+            setattr(blk, name, RefLinear(cw, ref) if ref else CompressedLinear(cw))
 
 
 def restore(model: Llama, dense: dict) -> None:
@@ -178,18 +186,22 @@ def restore(model: Llama, dense: dict) -> None:
 
 
 @torch.no_grad()
-def generate_eager(model: Llama, prompt: torch.Tensor, n_new: int, forced: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy tokens; with ``forced`` the inputs after the prompt are those tokens (teacher forcing)."""
+def generate_eager(model: Llama, prompt: torch.Tensor, n_new: int, forced: torch.Tensor | None = None,
+                   with_logits: bool = False):
+    """Greedy tokens ``[B, n_new]``; with ``forced`` the inputs after the prompt are those tokens (teacher forcing);
+    ``with_logits``: also the ``[B, n_new, vocab]`` fp32 logits each token was chosen from."""
     caches = model.caches(prompt.shape[0])
-    toks = []
+    toks, logits = [], []
     nxt = None
     lp = prompt.shape[1]
     for p in range(lp + n_new - 1):
         tok = prompt[:, p:p + 1] if p < lp else (forced[:, p - lp:p - lp + 1] if forced is not None else nxt)
-        nxt = model.step(tok, torch.tensor([p], device=prompt.device), caches)
+        lg = model.logits(tok, torch.tensor([p], device=prompt.device), caches)
+        nxt = lg.argmax(-1, keepdim=True)
         if p >= prompt.shape[1] - 1:
             toks.append(nxt)
-    return torch.cat(toks, dim=1)
+            logits.append(lg)
+    return (torch.cat(toks, dim=1), torch.stack(logits, dim=1)) if with_logits else torch.cat(toks, dim=1)
 
 
 @torch.no_grad()
@@ -236,9 +248,28 @@ def generate_graph(model: Llama, prompt: torch.Tensor, n_new: int, compile_step:
     return torch.cat(toks, dim=1), time.perf_counter() - t0
 
 
-def main() -> None:
+def build(layers: int, max_len: int, fused: bool, device: str) -> tuple[Llama, dict]:
+    """The Llama-2-7B-shaped model (``layers`` blocks) in bf16 with random N(0, 0.02) matrices (seed 0), and its
+    block linears' weights by ``(block, name)`` (q/k/v and gate/up concatenated when ``fused``)."""
     from transformers import LlamaConfig
 
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Llama(cfg, max_len=max_len).to(torch.bfloat16)
+    for p in model.parameters():
+        if p.ndim == 2:
+            p.data.normal_(0, 0.02)
+    model.eval()
+    dense = {(i, n): getattr(b, n).weight.data for i, b in enumerate(model.blocks) for n in NAMES}
+    if fused:
+        dense = fuse(dense)
+        restore(model, dense)
+    return model, dense
+
+
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)
@@ -249,21 +280,10 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=12, help="processes pre-compiling every kernel candidate the tuner "
                     "will time (Triton's disk cache), before the timed process tunes them (0: none)")
     args = ap.parse_args()
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
     prompt_len = 16
-    torch.manual_seed(0)
     t_start = time.time()
-    with torch.device("cuda"):
-        model = Llama(cfg, max_len=prompt_len + args.new + 1).to(torch.bfloat16)
-    for p in model.parameters():
-        if p.ndim == 2:
-            p.data.normal_(0, 0.02)
-    model.eval()
-    dense = {(i, n): getattr(b, n).weight.data for i, b in enumerate(model.blocks) for n in NAMES}
-    if args.fuse:
-        dense = fuse(dense)
-        restore(model, dense)
+    model, dense = build(args.layers, prompt_len + args.new + 1, args.fuse, "cuda")
+    cfg = model.cfg
     batches = [int(b) for b in args.batches.split(",")]
     if args.jobs:  # a fresh machine otherwise compiles ~50 candidates per (shape, format, batch) one by one
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

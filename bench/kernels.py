@@ -272,7 +272,10 @@ def main() -> None:
                                            "path": c[0], "config": list(c[1]), "rel_err": err})
                 if not err <= TOL:
                     print(f"FAIL sum {base_spec} m={m} {c}: rel err {err:.2e}")
-    print(f"variants checked in {time.time() - t0:.0f}s", flush=True)
+    n1 = len(results["correct"])
+    w1 = max((r["rel_err"] for r in results["correct"] if r["path"] != "dequant"), default=0.0)
+    print(f"variants checked in {time.time() - t0:.0f}s: {n1} checks, worst relative error {w1:.1e} (dequant: "
+          f"weights exact), {sum(1 for r in results['correct'] if not r['rel_err'] <= TOL)} over {TOL:g}", flush=True)
     _write(results)
 
     # 2. int4 g128 on every shape and batch through the dispatcher (tuned choice), poisoned outputs
