@@ -153,6 +153,7 @@ def test_wa_mm_op_registration(ops, gen):
     x = torch.randn(3, K, generator=gen).to(torch.float16)
     extra = LowRankWeight.from_factors(LowRank(rank=8), torch.randn(N, 8, generator=gen), torch.randn(8, K, generator=gen))
     vp = dispatch.v_parts(extra, x.dtype)
+    assert not ops.pdl_ok(x)  # programmatic dependent launch: compiled Hopper+ code only, never the interpreter
     for config in ([16, 64, 1, 4, 3], [16, 64, 2, 4, 3]):
         for lr in ((None, None), (vp, extra.u)):  # plain, and the fused Sum (lowrank_t then "wa" inside the op)
             args = (x, wl.q, wl.scales, wl.zeros, *lr, dispatch.wa_meta(wl), config, torch.float16)
