@@ -28,6 +28,7 @@ from .triton.int_gemm import int_dequant_kernel, int_gemm_kernel
 from .triton.int4_mma import int4_mma_kernel
 from .triton.wa import wa_kernel
 from .triton.int_gemv import int_gemv_kernel
+from .triton.gdc import HAS_GDC
 from .triton.lowrank_t import lowrank_t_kernel
 
 Tensor = torch.Tensor
@@ -82,8 +83,9 @@ def launch_int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zero
 
 
 def pdl_ok(x: Tensor) -> bool:
-    """Programmatic dependent launch: compiled Hopper (sm_90) or later GPU code only (not the interpreter)."""
-    return x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
+    """Programmatic dependent launch: compiled Hopper (sm_90) or later GPU code with a Triton that has grid dependency
+    control (3.3+), never the interpreter."""
+    return HAS_GDC and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def launch_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Tensor | None, u: Tensor | None,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
+from .gdc import gdc_launch_dependents
 
 
 @triton.jit
