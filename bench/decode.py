@@ -337,9 +337,11 @@ def main() -> None:
     print(f"\ntotal {time.time() - t_start:.0f}s")
     out_dir = os.environ.get("OUT") or "runs"
     os.makedirs(out_dir, exist_ok=True)
-    name = f"decode_b{args.batches.replace(',', '-')}{'_compiled' if args.compile else ''}.json"  # one per run kind
-    with open(os.path.join(out_dir, name), "w") as f:
-        json.dump({"device": dev, "layers": args.layers, "fused": args.fuse, "compiled": args.compile, "rows": rows}, f, indent=1)
+    path = os.path.join(out_dir, f"decode_b{args.batches.replace(',', '-')}{'_compiled' if args.compile else ''}.json")
+    with open(path + ".tmp", "w") as f:  # one file per run kind, written whole or not at all
+        json.dump({"device": dev, "layers": args.layers, "fused": args.fuse, "compiled": args.compile, "rows": rows},
+                  f, indent=1)
+    os.replace(path + ".tmp", path)
     assert math.isfinite(sum(r["tokens_per_s"] for r in rows))
 
 

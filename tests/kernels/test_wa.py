@@ -151,7 +151,8 @@ def test_wa_mm_op_registration(ops, gen):
     w = quantize_rtn(torch.randn(N, K, generator=gen), IntGroup(bits=4, group_size=128))
     wl = dispatch.wa_of(dispatch.layout(w))
     x = torch.randn(3, K, generator=gen).to(torch.float16)
-    extra = LowRankWeight.from_factors(LowRank(rank=8), torch.randn(N, 8, generator=gen), torch.randn(8, K, generator=gen))
+    extra = LowRankWeight.from_factors(LowRank(rank=8), torch.randn(N, 8, generator=gen),
+                                       torch.randn(8, K, generator=gen))
     vp = dispatch.v_parts(extra, x.dtype)
     assert not ops.pdl_ok(x)  # programmatic dependent launch: compiled Hopper+ code only, never the interpreter
     for config in ([16, 64, 1, 4, 3], [16, 64, 2, 4, 3]):
@@ -181,6 +182,19 @@ def test_lowrank_t_partials(ops, m, k, r, vdt, gen):
     torch.library.opcheck(ops.lowrank_t, (x, vp), test_utils=("test_schema", "test_faketensor"))
     if vdt == torch.float16:  # with bf16 activations: a bf16 part plus the 3 mantissa bits left, exactly
         assert torch.equal(dispatch.v_parts(extra, torch.bfloat16).double().sum(0), extra.v.double())
+
+
+def test_v_parts_follow_the_permutation(gen):
+    """The memoized parts are V's columns in the order asked for: unpermuted, then two different permutations of the
+    same low-rank term (a memo keyed on "permuted or not" returned the first permutation's parts for the second)."""
+    extra = LowRankWeight.from_factors(LowRank(rank=4), torch.randn(8, 4, generator=gen),
+                                       torch.randn(4, 64, generator=gen))
+    v = extra.v.double()
+    assert torch.equal(dispatch.v_parts(extra, torch.float16).double().sum(0), v)
+    for _ in range(2):
+        perm = torch.randperm(64, generator=gen)
+        for _ in range(2):  # second call: from the memo
+            assert torch.equal(dispatch.v_parts(extra, torch.float16, perm).double().sum(0), v[:, perm])
 
 
 def test_wa_sums_lowrank_partials(ops, gen):

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 Choice = tuple[str, tuple[int, ...]]
 _LAYOUTS: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
-_VPARTS: "weakref.WeakKeyDictionary[CompressedWeight, tuple[tuple[torch.dtype, bool], torch.Tensor]]" = \
+_VPARTS: "weakref.WeakKeyDictionary[CompressedWeight, tuple[torch.dtype, torch.Tensor | None, torch.Tensor]]" = \
     weakref.WeakKeyDictionary()
 _WA: "weakref.WeakKeyDictionary[IntKernelLayout, WALayout]" = weakref.WeakKeyDictionary()
 _TUNED: dict[tuple, Choice] = {}
@@ -153,10 +153,10 @@ def v_parts(extra: CompressedWeight, dtype: torch.dtype, perm: torch.Tensor | No
     fp16 1; fp32 with fp16 loses remainders below fp16's range, ~1e-8 relative), so
     that :func:`.ops.lowrank_t` runs tensor-core dots with exact products. ``perm``: the inputs in the kernel
     layout's order (act-order: the kernels see ``x[:, perm]``, so the parts are ``V[:, perm]``). Memoized per
-    (weight, dtype, permuted or not)."""
+    (weight, dtype, permutation tensor)."""
     hit = _VPARTS.get(extra)
-    if hit is not None and hit[0] == (dtype, perm is not None):
-        return hit[1]
+    if hit is not None and hit[0] == dtype and hit[1] is perm:
+        return hit[2]
     v = extra.v.double()  # type: ignore[attr-defined]
     parts, rest = [], v
     for _ in range(3):
@@ -168,7 +168,7 @@ def v_parts(extra: CompressedWeight, dtype: torch.dtype, perm: torch.Tensor | No
     out = torch.stack(parts)
     if perm is not None:
         out = out.index_select(2, perm.to(out.device)).contiguous()
-    _VPARTS[extra] = ((dtype, perm is not None), out)
+    _VPARTS[extra] = (dtype, perm, out)
     return out
 
 
@@ -246,9 +246,9 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
     """Correct (path, config) choices for ``m`` rows, best guess first.
 
     config = (BM, BN, BK, SPLIT_K, num_warps, num_stages); BM is unused by "gemv" (one row a program); "wa" takes
-    (BM, BN, SPLIT_K, num_warps, num_stages, half) (:func:`wa_candidates`; its block is fixed by the layout). The first guesses come from the
-    instruction counts of the sm_90a builds (docs/kernels.md); the "wa" sets from its H200 and H100 sweeps
-    (docs/results/kernels.md).
+    (BM, BN, SPLIT_K, num_warps, num_stages, half) (:func:`wa_candidates`; its block is fixed by the layout). The
+    first guesses come from the instruction counts of the sm_90a builds (docs/kernels.md); the "wa" sets from its
+    H200 and H100 sweeps (docs/results/kernels.md).
     """
     n, k, g = lay.n, lay.k, lay.group
     bks = [b for b in (128, 64, 32) if g % b == 0 and k % b == 0]
