@@ -154,11 +154,44 @@ def _warm(task):
             return f"{type(e).__name__}: {str(e)[:200]}"
 
 
+def compare_paths(specs: list[str], rounds: int = 3) -> None:
+    """The same "wa" config timed three ways on the same weight copies, ``rounds`` times in alternation, next to
+    cuBLAS bf16: does the dispatcher's call add GPU time over a bare launch?"""
+    from kernels import bench_graph, n_copies
+
+    from tensorslim.kernels import dispatch, ops
+
+    tmp = tempfile.mkdtemp()
+    base = load_variants(tmp)["base"]
+    for spec in specs:
+        shape, m, cfg = spec.split(":")
+        m, cfg = int(m), [int(v) for v in cfg.split(",")]
+        k, n = (int(v) for v in shape.split("x"))
+        ws = [make(shape, 4, "cuda", seed=i) for i in range(n_copies(n * k // 2))]
+        wls = [dispatch.wa_of(dispatch.layout(w)) for w, _ in ws]
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(n_copies(2 * n * k))]
+        fns = {
+            "bf16": [lambda d=d: torch.nn.functional.linear(x, d) for d in dense],
+            "launch": [lambda L=L: call(base, "base", x, L, 4, cfg) for L in wls],
+            "wa_mm": [lambda L=L: ops.wa_mm(x, L.q, L.scales, L.zeros, None, None, dispatch.wa_meta(L), cfg,
+                                            torch.bfloat16) for L in wls],
+            "kernel_linear": [lambda w=w: dispatch.kernel_linear(w, x, choice=("wa", tuple(cfg))) for w, _ in ws],
+        }
+        for r in range(rounds):
+            print(spec, f"round {r}:", "  ".join(f"{name} {bench_graph(f):.1f}" for name, f in fns.items()),
+                  flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=12)
     ap.add_argument("--cpu", action="store_true", help="interpreter smoke test on small shapes (no timing)")
+    ap.add_argument("--paths", default="", help="shape:batch:BM,BN,SPLIT,warps,stages,half,... instead: one config "
+                    "through a bare launch, ops.wa_mm and dispatch.kernel_linear on the same weights, alternating")
     args = ap.parse_args()
+    if args.paths:
+        return compare_paths(args.paths.split(";"))
     from tensorslim.kernels.reference import relative_error
 
     dev = "cpu" if args.cpu else "cuda"
