@@ -66,3 +66,16 @@ def test_self_checks_run(ops):
 
     for path, bits in (("mma4", 4), ("wa", 4), ("wa", 2)):
         assert dispatch.kernel_verified(path, bits, torch.device("cpu"), torch.float16), (path, bits)
+
+
+def test_warm_clocks_replays_until_the_time_is_spent():
+    import time
+
+    calls = []
+    t0 = time.perf_counter()
+    dispatch.warm_clocks(lambda: calls.append(time.perf_counter()), 0.05)
+    assert time.perf_counter() - t0 >= 0.05 and len(calls) >= 2  # kept replaying for the whole interval
+    assert calls[-1] - t0 < 0.06  # and started none after it (its own clock starts a moment later)
+    calls.clear()
+    dispatch.warm_clocks(lambda: calls.append(1), 0.0)
+    assert calls == []  # no warm-up asked: nothing replayed

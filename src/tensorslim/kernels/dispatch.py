@@ -465,7 +465,8 @@ def warm_clocks(replay, seconds: float) -> None:
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         replay()
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
 
 def tune(lay: IntKernelLayout, m: int, dtype: torch.dtype, rank: int | None = None,
