@@ -233,7 +233,8 @@ def main() -> None:
                 sp = f"{row['bf16_us'] / us:.2f}x" if us else ""
                 print(f"{shape} m={m} int{bits} {cfg} {v:6s} us={us and round(us, 1)} {sp} err={err}", flush=True)
         results.append(row)
-    out_dir = os.environ.get("OUT", ".")
+    out_dir = os.environ.get("OUT") or "runs"
+    os.makedirs(out_dir, exist_ok=True)
     tmpf = os.path.join(out_dir, "wa_probe.json.tmp")
     with open(tmpf, "w") as f:
         json.dump({"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
