@@ -470,10 +470,13 @@ def warm_clocks(replay, seconds: float) -> None:
 
 
 def tune(lay: IntKernelLayout, m: int, dtype: torch.dtype, rank: int | None = None,
-         device: torch.device | str = "cuda") -> Choice:
-    """Time every candidate for ``m`` rows (median of CUDA-graph replays) and return the fastest.
+         device: torch.device | str = "cuda", warm_each: float = 0.0, reps: int = 5,
+         timings: list | None = None) -> Choice:
+    """Time every candidate for ``m`` rows (median of ``reps`` CUDA-graph replays) and return the fastest.
 
     Runs on the first call for a key, so call a model once before capturing it in a CUDA graph yourself.
+    ``warm_each``: seconds of replays before timing each candidate after the first (which always gets 0.2 s);
+    ``timings``: if given, receives ``(ms, choice)`` for every candidate timed (``bench/tune_noise.py``).
     """
     props = torch.cuda.get_device_properties(device)
     sms = props.multi_processor_count
@@ -487,10 +490,12 @@ def tune(lay: IntKernelLayout, m: int, dtype: torch.dtype, rank: int | None = No
     for i, c in enumerate(usable_candidates(lay, m, x, sms)):
         try:  # the first candidate after 0.2 s of load, so that it is not timed at idle clocks
             ms = _time_graph(lambda: [run_choice(c, L, x, lr, dtype) for L in copies], calls=max(1, 8 // len(copies)),
-                             per=len(copies), warm_s=0.2 if i == 0 else 0.0)
+                             per=len(copies), warm_s=0.2 if i == 0 else warm_each, reps=reps)
         except Exception as e:  # a config the compiler rejects (e.g. shared memory) is skipped, not fatal
             log.debug("candidate %s failed: %s", c, e)
             continue
+        if timings is not None:
+            timings.append((ms, c))
         if best is None or ms < best[0]:
             best = (ms, c)
     if best is None:
