@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="4096x14336,8192x28672,28672x8192")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--config", default="", help="a fixed wa config BM,BN,SPLIT_K,warps,stages[,half] (no tuning)")
+    ap.add_argument("--chunks", default="", help="also the PDL Sum with lowrank_t programs of these many inputs, "
+                    "e.g. 256,512 (the shipped default: ops.lowrank_chunks)")
     args = ap.parse_args()
     from tensorslim.formats import SumWeight, parse_format
     from tensorslim.kernels import dispatch, ops
@@ -74,8 +76,35 @@ def main() -> None:
                 return ops.wa_mm(x, wl.q, wl.scales, wl.zeros, dispatch.v_parts(sw.extra, x.dtype), sw.extra.u,
                                  dispatch.wa_meta(wl), cfg, out_dtype)
 
+            pre_t = {id(sw): ops.launch_lowrank_t(x.contiguous(), dispatch.v_parts(sw.extra, x.dtype))
+                     for sw in copies}
+
+            def epilogue_only(sw):  # t computed before, outside the timing: what the epilogue alone costs
+                wl = dispatch.wa_of(dispatch.layout(sw.base))
+
+                def run(xc, out):
+                    ops.launch_wa(xc, wl.q, wl.scales, wl.zeros, pre_t[id(sw)], sw.extra.u, dispatch.wa_meta(wl), cfg,
+                                  out, False)
+                return ops._into_new(x, n, cfg[2], x.dtype, run)
+
+            def lowrank_t_only(sw):
+                return ops.launch_lowrank_t(x.contiguous(), dispatch.v_parts(sw.extra, x.dtype))
+
+            def fused_chunk(sw, chunk):
+                wl = dispatch.wa_of(dispatch.layout(sw.base))
+                vp = dispatch.v_parts(sw.extra, x.dtype)
+
+                def run(xc, out):
+                    t = ops.launch_lowrank_t(xc, vp, True, chunk)
+                    ops.launch_wa(xc, wl.q, wl.scales, wl.zeros, t, sw.extra.u, dispatch.wa_meta(wl), cfg, out, True)
+                return ops._into_new(x, n, cfg[2], x.dtype, run)
+
+            modes = [("int4", plain), ("sum_two_launches", two_launches), ("sum_pdl", fused),
+                     ("sum_epilogue_only", epilogue_only), ("lowrank_t_only", lowrank_t_only)]
+            modes += [(f"sum_pdl_chunk{c}", lambda sw, c=int(c): fused_chunk(sw, c))
+                      for c in args.chunks.split(",") if c]
             res = {}
-            for name, fn in (("int4", plain), ("sum_two_launches", two_launches), ("sum_pdl", fused)):
+            for name, fn in modes:
                 res[name] = bench_graph([lambda sw=sw, fn=fn: fn(sw) for sw in copies])
             # correctness of the PDL form inside a captured graph (fp32 output: no bf16 rounding in the check)
             outs = []
@@ -91,8 +120,10 @@ def main() -> None:
             rows.append(row)
             print(f"{shape} m={m} wa {cfg}: int4 {res['int4']:.1f} us, Sum two launches {res['sum_two_launches']:.1f}"
                   f" (+{100 * (res['sum_two_launches'] / res['int4'] - 1):.0f}%), Sum PDL {res['sum_pdl']:.1f} "
-                  f"(+{100 * (res['sum_pdl'] / res['int4'] - 1):.0f}%); PDL graph replay rel err {err:.1e}",
+                  f"(+{100 * (res['sum_pdl'] / res['int4'] - 1):.0f}%), epilogue only {res['sum_epilogue_only']:.1f}, "
+                  f"lowrank_t alone {res['lowrank_t_only']:.1f}; PDL graph replay rel err {err:.1e}",
                   flush=True)
+            print("  " + ", ".join(f"{k_} {v:.1f}" for k_, v in res.items()), flush=True)
             assert err <= 1e-3, err
     out_dir = os.environ.get("OUT") or "runs"
     os.makedirs(out_dir, exist_ok=True)

@@ -129,13 +129,17 @@ def lowrank_chunks(k: int) -> tuple[int, int]:
     return -(-k // chunk), chunk
 
 
-def launch_lowrank_t(x: Tensor, vp: Tensor, pdl: bool = False) -> Tensor:
+def launch_lowrank_t(x: Tensor, vp: Tensor, pdl: bool = False, chunk: int | None = None) -> Tensor:
     """:func:`lowrank_t` on contiguous ``x``; ``pdl``: its programs let the next kernel (a programmatic dependent
-    launch) start at once."""
+    launch) start at once. ``chunk``: inputs a program (a multiple of 64; default :func:`lowrank_chunks`)."""
     vp = vp.contiguous()
     m, k = x.shape
     r = vp.shape[1]
-    c, chunk = lowrank_chunks(k)
+    if chunk is None:
+        c, chunk = lowrank_chunks(k)
+    else:
+        assert chunk % 64 == 0, chunk
+        c = -(-k // chunk)
     out = torch.empty((c, m, r), dtype=torch.float32, device=x.device)
     br = min(64, max(16, _next_pow2(r)))
     lowrank_t_kernel[(c, triton.cdiv(m, 16), triton.cdiv(r, br))](
