@@ -143,12 +143,6 @@ def wa_kernel(
     srow = s_ptr + rn.to(tl.int64) * G
     zrow = z_ptr + rn.to(tl.int64) * G
     acc = tl.zeros((BN, BM), dtype=tl.float32)
-    if HAS_LR:  # U's [BN, r] tile is loaded before the loop (split 0 only), so that its DRAM latency hides behind
-        # the weights' instead of adding to every program's tail (~6 us on 8192x28672 when loaded in the epilogue)
-        rs = tl.arange(0, BR)
-        r_here = tl.where(pid_k == 0, R, 0)  # the other splits add no low-rank term: nothing to load
-        u_tile = tl.load(u_ptr + (rn.to(tl.int64) * stride_un)[:, None] + rs[None, :],
-                         mask=nmask[:, None] & (rs[None, :] < r_here), other=0.0)
     b_lo = pid_k * blocks_per_split
     b_hi = tl.minimum(b_lo + blocks_per_split, NB)  # the last split may hold fewer blocks
     if HALF:  # int4, one half-block (one word tile, positions 0..3 or 4..7, 4 J inputs) an iteration: half the
@@ -223,7 +217,9 @@ def wa_kernel(
         if pid_k == 0:
             if PDL:  # t comes from the grid launched just before this one, which may still be running
                 gdc_wait()
-            u = u_tile.to(tl.float32)
+            rs = tl.arange(0, BR)
+            u = tl.load(u_ptr + (rn.to(tl.int64) * stride_un)[:, None] + rs[None, :],
+                        mask=nmask[:, None] & (rs[None, :] < R), other=0.0).to(tl.float32)
             # the TC K-chunk partial sums of t (ops.lowrank_t) in one [TCP, BR, BM] load, then their sum (a loop of
             # TC dependent loads at the end of every program cost ~25 us on 8192x28672, H100)
             cs = tl.arange(0, TCP)
