@@ -87,6 +87,22 @@ def main() -> None:
                                   out, False)
                 return ops._into_new(x, n, cfg[2], x.dtype, run)
 
+            def epilogue_masked(sw):  # the epilogue's code, with R = 0: every load of U and t masked off
+                import triton
+
+                wl = dispatch.wa_of(dispatch.layout(sw.base))
+                tt, u = pre_t[id(sw)], sw.extra.u
+                blocks = k // (8 * wl.j)
+
+                def run(xc, out):
+                    ops.wa_kernel[(triton.cdiv(m, cfg[0]), triton.cdiv(n, cfg[1]), cfg[2])](
+                        xc, out, wl.q, wl.scales, wl.zeros, tt, u, m, n, k // 8, blocks, -(-blocks // cfg[2]), k // 128,
+                        0, tt.shape[0], xc.stride(0), out.stride(0), tt.stride(0), tt.stride(1), u.stride(0),
+                        SYMMETRIC=False, GROUP=128, J=wl.j, HAS_LR=True, BR=32, TCP=ops._next_pow2(tt.shape[0]),
+                        BM=cfg[0], BN=cfg[1], USE_ASM=True, ATOMIC=cfg[2] > 1, BITS=4, HALF=bool(cfg[5]),
+                        num_warps=cfg[3], num_stages=cfg[4])
+                return ops._into_new(x, n, cfg[2], x.dtype, run)
+
             def lowrank_t_only(sw):
                 return ops.launch_lowrank_t(x.contiguous(), dispatch.v_parts(sw.extra, x.dtype))
 
@@ -100,7 +116,8 @@ def main() -> None:
                 return ops._into_new(x, n, cfg[2], x.dtype, run)
 
             modes = [("int4", plain), ("sum_two_launches", two_launches), ("sum_pdl", fused),
-                     ("sum_epilogue_only", epilogue_only), ("lowrank_t_only", lowrank_t_only)]
+                     ("sum_epilogue_only", epilogue_only), ("sum_epilogue_masked", epilogue_masked),
+                     ("lowrank_t_only", lowrank_t_only)]
             modes += [(f"sum_pdl_chunk{c}", lambda sw, c=int(c): fused_chunk(sw, c))
                       for c in args.chunks.split(",") if c]
             res = {}
