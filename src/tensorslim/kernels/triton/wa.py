@@ -218,9 +218,9 @@ def wa_kernel(
             if PDL:  # t comes from the grid launched just before this one, which may still be running
                 gdc_wait()
             rs = tl.arange(0, BR)
-            # LR_FULL (rank == BR, chunks == TCP): no masks along r or the chunks, so the loads of U and t are
-            # vectorized along r and the epilogue, which every program runs at the same time at the end (one
-            # wave), is ~40% shorter; offsets in int32 (launch_wa checks that they fit)
+            # LR_FULL (rank == BR, chunks == TCP): no masks along r or the chunks and int32 offsets (launch_wa checks
+            # that they fit): ~200 fewer instructions (565 against 788, local sm_90 build of [8, 32, 1, 2, 2]); the
+            # time did not move (session 8: the Sum's overhead is not the epilogue's work, docs/results/kernels.md)
             umask = nmask[:, None] if LR_FULL else nmask[:, None] & (rs[None, :] < R)
             u = tl.load(u_ptr + (rn * stride_un)[:, None] + rs[None, :], mask=umask, other=0.0).to(tl.float32)
             # the TC K-chunk partial sums of t (ops.lowrank_t) in one [TCP, BR, BM] load, then their sum (a loop of
