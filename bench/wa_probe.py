@@ -13,6 +13,8 @@ Variants (each a patched copy of :mod:`tensorslim.kernels.triton.wa`, written to
 - ``chain``: each launch is the programmatic dependent of the one before (``launch_pdl``); the programs let the next
   grid start at once and wait for the previous one before reading anything, so a grid's ramp-up overlaps the tail of
   the grid before it.
+- ``tma``: int4 weight tiles loaded through TMA (a host-side ``TensorDescriptor`` of the words in place of
+  ``q_ptr``): async bulk copies with mbarriers instead of ``cp.async``, fewer registers (104-106 against 138).
 
 Every variant except ``nozp`` is checked against ``x @ decode()^T`` in fp32. Times: CUDA-graph replays over rotating
 weight copies (cold L2), median microseconds per call, next to cuBLAS bf16 in the same run. Writes
@@ -46,7 +48,7 @@ CASES = [  # (shape in x out, batch, bits, configs)
     ("8192x28672", 1, 3, [[8, 32, 1, 2, 2, 0], [8, 64, 1, 4, 3, 0]]),
 ]
 CPU_CASES = [("512x96", 3, b, [[8, 32, 1, 2, 2, 0], [16, 32, 2, 2, 2, 0]]) for b in (4, 3, 2)]
-VARIANTS = ("base", "nozp", "zfold", "zsum", "chain")
+VARIANTS = ("base", "nozp", "zfold", "zsum", "chain", "tma")
 
 
 def patched_source(variant: str) -> str:
@@ -83,6 +85,17 @@ def patched_source(variant: str) -> str:
         for old, new in reps:
             assert src.count(old) == 1, old
             src = src.replace(old, new)
+    if variant == "tma":  # int4 weight tiles through TMA (a host-side tensor descriptor in place of q_ptr)
+        reps = [
+            ("wrow = q_ptr + (rn.to(tl.int64) * KW)[:, None] + jh[None, :]", "wrow = 0"),
+            ("hrow = q_ptr + (rn.to(tl.int64) * KW)[:, None] + tl.arange(0, J // 4)[None, :]", "hrow = 0"),
+            ("w_lo = tl.load(wrow + b * WPB, mask=nmask[:, None], other=0)", "w_lo = q_ptr.load([pid_n * BN, b * WPB])"),
+            ("w_hi = tl.load(wrow + b * WPB + H, mask=nmask[:, None], other=0)",
+             "w_hi = q_ptr.load([pid_n * BN, b * WPB + H])"),
+        ]
+        for old, new in reps:
+            assert src.count(old) == 1, old
+            src = src.replace(old, new)
     if variant == "chain":
         old = "    pid_k = tl.program_id(2)\n"
         assert src.count(old) == 1
@@ -111,8 +124,13 @@ def launch(kern, variant: str, x, lay, bits: int, cfg: list[int], out, xs=None) 
     blocks = k // (8 * j)
     tt = xs if variant == "zfold" else x.unsqueeze(0)
     chain = variant == "chain" and x.is_cuda
+    q = lay.q
+    if variant == "tma":
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        q = TensorDescriptor.from_tensor(lay.q, [bn, j // 2])
     kern[(triton.cdiv(x.shape[0], bm), triton.cdiv(n, bn), split)](
-        x, out, lay.q, lay.scales, lay.zeros if lay.zeros is not None else lay.scales, tt, x, x.shape[0], n,
+        x, out, q, lay.scales, lay.zeros if lay.zeros is not None else lay.scales, tt, x, x.shape[0], n,
         k * bits // 32, blocks, -(-blocks // split), k // 128, 1, 1, x.stride(0), out.stride(0), 0, 0, 0,
         SYMMETRIC=lay.zeros is None, GROUP=128, J=j, HAS_LR=False, BR=16, TCP=1, BM=bm, BN=bn, USE_ASM=x.is_cuda,
         ATOMIC=split > 1, BITS=bits, HALF=bool(cfg[5]), num_warps=warps, num_stages=stages, PDL=chain,
@@ -187,6 +205,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=12)
     ap.add_argument("--cpu", action="store_true", help="interpreter smoke test on small shapes (no timing)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="which variants to time")
+    ap.add_argument("--cases", default="", help="shape:batch:bits:BM,BN,SPLIT,warps,stages,half;... instead of the "
+                    "built-in list")
     ap.add_argument("--paths", default="", help="shape:batch:BM,BN,SPLIT,warps,stages,half,... instead: one config "
                     "through a bare launch, ops.wa_mm and dispatch.kernel_linear on the same weights, alternating")
     args = ap.parse_args()
@@ -196,13 +217,17 @@ def main() -> None:
 
     dev = "cpu" if args.cpu else "cuda"
     cases = CPU_CASES if args.cpu else CASES
+    if args.cases:
+        cases = [(sh, int(m), int(b), [[int(v) for v in c.split(",")]])
+                 for sh, m, b, c in (spec.split(":") for spec in args.cases.split(";"))]
+    variants = [v for v in args.variants.split(",") if not (args.cpu and v == "tma")]  # descriptors: GPU only
     tmp = tempfile.mkdtemp()
     kernels = load_variants(tmp)
     t0 = time.time()
     if not args.cpu and args.jobs:
         import multiprocessing as mp
 
-        tasks = [(sh, m, b, c, v) for sh, m, b, cs in cases for c in cs for v in VARIANTS]
+        tasks = [(sh, m, b, c, v) for sh, m, b, cs in cases for c in cs for v in variants]
         with mp.get_context("spawn").Pool(args.jobs) as pool:
             errs = pool.map(_warm, tasks, chunksize=1)
         print(f"compiled {len(tasks)} in {time.time() - t0:.0f}s; failures: {[e for e in errs if e][:3]}", flush=True)
@@ -221,7 +246,7 @@ def main() -> None:
             row["bf16_us"] = bench_graph([lambda w=w: torch.nn.functional.linear(x, w) for w in dense])
             del dense
         for cfg in cfgs:
-            for v in VARIANTS:
+            for v in variants:
                 try:
                     out = call(kernels[v], v, x, lay, bits, cfg)
                     err = None if v == "nozp" else relative_error(out.float(), ref)
