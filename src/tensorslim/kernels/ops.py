@@ -108,15 +108,12 @@ def launch_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Ten
     tt = (t if t.dim() == 3 else t.unsqueeze(0)).contiguous() if has_lr else x.unsqueeze(0)  # [C, M, r] partials
     r = tt.shape[2] if has_lr else 1
     uu = u.contiguous() if has_lr else x
-    br, tcp = max(16, _next_pow2(r)), _next_pow2(tt.shape[0])
-    if has_lr:  # the epilogue's offsets are int32
-        assert n * uu.stride(0) < 2**31 and tt.numel() < 2**31, "low-rank factors too large for int32 offsets"
     wa_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](
         x, out, q, scales, zeros if zeros is not None else scales, tt, uu, m, n, k * bits // 32, blocks,
         -(-blocks // split_k), k // group, r, tt.shape[0], x.stride(0), out.stride(0), tt.stride(0), tt.stride(1),
         uu.stride(0),
-        SYMMETRIC=bool(symmetric), GROUP=group, J=j, HAS_LR=has_lr, BR=br, TCP=tcp,
-        LR_FULL=has_lr and r == br and tt.shape[0] == tcp, BM=bm, BN=bn,
+        SYMMETRIC=bool(symmetric), GROUP=group, J=j, HAS_LR=has_lr, BR=max(16, _next_pow2(r)),
+        TCP=_next_pow2(tt.shape[0]), BM=bm, BN=bn,
         USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, BITS=bits, HALF=half, num_warps=num_warps,
         num_stages=num_stages, **_pdl_args(pdl and has_lr))
 

@@ -121,7 +121,7 @@ def wa_kernel(
     SYMMETRIC: tl.constexpr, GROUP: tl.constexpr, J: tl.constexpr, HAS_LR: tl.constexpr, BR: tl.constexpr,
     TCP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr, ATOMIC: tl.constexpr, BITS: tl.constexpr = 4,
-    HALF: tl.constexpr = False, PDL: tl.constexpr = False, LR_FULL: tl.constexpr = False,
+    HALF: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)  # batch tiles fastest: the programs sharing a weight tile run together (one DRAM read)
     pid_n = tl.program_id(1)
@@ -218,19 +218,14 @@ def wa_kernel(
             if PDL:  # t comes from the grid launched just before this one, which may still be running
                 gdc_wait()
             rs = tl.arange(0, BR)
-            # LR_FULL (rank == BR, chunks == TCP): no masks along r or the chunks and int32 offsets (launch_wa checks
-            # that they fit): ~200 fewer instructions (565 against 788, local sm_90 build of [8, 32, 1, 2, 2]); the
-            # time did not move (session 8: the Sum's overhead is not the epilogue's work, docs/results/kernels.md)
-            umask = nmask[:, None] if LR_FULL else nmask[:, None] & (rs[None, :] < R)
-            u = tl.load(u_ptr + (rn * stride_un)[:, None] + rs[None, :], mask=umask, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + (rn.to(tl.int64) * stride_un)[:, None] + rs[None, :],
+                        mask=nmask[:, None] & (rs[None, :] < R), other=0.0).to(tl.float32)
             # the TC K-chunk partial sums of t (ops.lowrank_t) in one [TCP, BR, BM] load, then their sum (a loop of
             # TC dependent loads at the end of every program cost ~25 us on 8192x28672, H100)
             cs = tl.arange(0, TCP)
-            tptr = t_ptr + (cs * stride_tc)[:, None, None] + (rm * stride_tm)[None, None, :] + rs[None, :, None]
-            if LR_FULL:
-                tmask = mmask[None, None, :]  # broadcast by tl.load
-            else:
-                tmask = (cs < TC)[:, None, None] & mmask[None, None, :] & (rs < R)[None, :, None]
+            tptr = t_ptr + (cs * stride_tc)[:, None, None] + (rm.to(tl.int64) * stride_tm)[None, None, :] \
+                + rs[None, :, None]
+            tmask = (cs < TC)[:, None, None] & mmask[None, None, :] & (rs < R)[None, :, None]
             t = tl.sum(tl.load(tptr, mask=tmask, other=0.0).to(tl.float32), axis=0)
             acc += tl.dot(u, t, input_precision="ieee")
     optr = out_ptr + (rm.to(tl.int64) * stride_om)[None, :] + rn[:, None]
