@@ -81,7 +81,11 @@ def test_lmul_numerics_mode_routes_attention_and_linears():
     for x in (got, only_attn):
         assert float((x - ref).norm() / ref.norm()) < 0.2
     # cached decoding runs through the same attention (one query row against the cache)
-    out = lm.generate(ids[:1], max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    # (an explicit mask: without one transformers masks prompt tokens equal to the pad id)
+    prompt = ids[:1]
+    out = lm.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, min_new_tokens=3, do_sample=False
+    )
     assert out.shape == (1, 15)
 
 

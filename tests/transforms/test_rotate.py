@@ -44,13 +44,24 @@ def test_per_boundary_rotation_uses_shortcuts(arch: str) -> None:
     with torch.no_grad():
         out = model(ids).logits
         assert _rel(out, ref) < 1e-4
-        # generation with a KV cache goes through the shortcut blocks too
-        # (min_new_tokens: a random model may emit its end-of-sequence token early)
-        gen = model.generate(ids[:1, :4], max_new_tokens=3, min_new_tokens=3, do_sample=False)
-        assert gen.shape == (1, 7)
-        # each cached step picked the token an uncached forward of the same prefix picks
-        full = model(gen[:, :-1]).logits[0, 3:].argmax(-1)
-    assert torch.equal(full, gen[0, 4:])
+        # generation with a KV cache goes through the shortcut blocks too. The attention mask is explicit:
+        # without it transformers masks every prompt token equal to the pad id (0 here), which a random prompt
+        # may contain. Raw logits are compared, not tokens (min_new_tokens masks the end-of-sequence token).
+        prompt = ids[:1, :4]
+        gen = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=3,
+            min_new_tokens=3,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        assert gen.sequences.shape == (1, 7)
+        # each cached step's logits equal an uncached forward of the same prefix
+        cached = torch.stack([step[0] for step in gen.logits])
+        full = model(gen.sequences[:, :-1]).logits[0, 3:]
+    assert _rel(cached, full) < 1e-4
 
 
 def test_rotation_without_fold_or_bad_basis_is_refused() -> None:
