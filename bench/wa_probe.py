@@ -13,6 +13,9 @@ Variants (each a patched copy of :mod:`tensorslim.kernels.triton.wa`, written to
 - ``chain``: each launch is the programmatic dependent of the one before (``launch_pdl``); the programs let the next
   grid start at once and wait for the previous one before reading anything, so a grid's ramp-up overlaps the tail of
   the grid before it.
+- ``regpf``: the full-block loop (``HALF = 0``) loads the *next* block's weight words into registers at the top of
+  each iteration (a loop-carried prefetch, issued before any of the iteration's math), instead of leaving the
+  prefetch to Triton's pipeliner, which issues its ``cp.async`` after the iteration's last activation-tile read.
 - ``tma``: int4 weight tiles loaded through TMA (a host-side ``TensorDescriptor`` of the words in place of
   ``q_ptr``): async bulk copies with mbarriers instead of ``cp.async``, fewer registers (104-106 against 138).
 
@@ -48,7 +51,7 @@ CASES = [  # (shape in x out, batch, bits, configs)
     ("8192x28672", 1, 3, [[8, 32, 1, 2, 2, 0], [8, 64, 1, 4, 3, 0]]),
 ]
 CPU_CASES = [("512x96", 3, b, [[8, 32, 1, 2, 2, 0], [16, 32, 2, 2, 2, 0]]) for b in (4, 3, 2)]
-VARIANTS = ("base", "nozp", "zfold", "zsum", "chain", "tma")
+VARIANTS = ("base", "nozp", "zfold", "zsum", "chain", "tma", "regpf")
 
 
 def patched_source(variant: str) -> str:
@@ -96,6 +99,29 @@ def patched_source(variant: str) -> str:
         for old, new in reps:
             assert src.count(old) == 1, old
             src = src.replace(old, new)
+    if variant == "regpf":  # the next block's words into registers at the top of each iteration
+        old = src[src.index("        for b in range(b_lo, b_hi):\n"):src.index("            xb = xrow + b * BK\n")]
+        new = """        WPB: tl.constexpr = J * BITS // 4  # words a row per block
+        pm = (nmask & (rn * 0 + b_lo < b_hi))[:, None]
+        n_lo = tl.load(wrow + b_lo * WPB, mask=pm, other=0)
+        if BITS == 4:
+            n_hi = tl.load(wrow + b_lo * WPB + H, mask=pm, other=0)
+        if BITS == 3:
+            n_q = tl.load(hrow + b_lo * WPB + H, mask=pm, other=0)
+        for b in range(b_lo, b_hi):
+            pm = (nmask & (rn * 0 + b + 1 < b_hi))[:, None]  # none past the split's last block
+            w_lo = n_lo
+            n_lo = tl.load(wrow + (b + 1) * WPB, mask=pm, other=0)
+            if BITS == 4:
+                w_hi = n_hi
+                n_hi = tl.load(wrow + (b + 1) * WPB + H, mask=pm, other=0)
+            if BITS == 3:
+                wq = n_q
+                n_q = tl.load(hrow + (b + 1) * WPB + H, mask=pm, other=0)
+                wh = tl.reshape(tl.join(wq, wq >> 8), (BN, H))
+"""
+        assert src.count(old) == 1
+        src = src.replace(old, new)
     if variant == "chain":
         old = "    pid_k = tl.program_id(2)\n"
         assert src.count(old) == 1

@@ -192,3 +192,12 @@ def test_missing_folder_and_models_dispatch(tmp_path: Path):
     back, _ = load_model(tmp_path / "ck")
     x = _tokens()
     assert torch.equal(logits(back, x), logits(model, x))
+
+
+@pytest.mark.parametrize("bad", [{"": None, 0: None}, {"x": float("nan")}, {"x": object()}])
+def test_finalize_refuses_values_that_are_not_plain_json(bad: dict):
+    # keys of mixed types fail in the digest's sorted serialization; that too is a CheckpointError (found by fuzzing)
+    from tensorslim.io import manifest as mf
+
+    with pytest.raises(CheckpointError, match="not plain JSON"):
+        mf.finalize({"schema": "tensorslim", "extra": bad})

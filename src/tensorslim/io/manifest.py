@@ -61,8 +61,8 @@ def digest_of(manifest: dict[str, Any]) -> str:
 def finalize(manifest: dict[str, Any]) -> str:
     """The manifest text to write: the digest filled in, canonical (deterministic) JSON."""
     out = dict(manifest)
-    out["digest"] = digest_of(out)
-    try:
+    try:  # the digest serializes the same values first, so its failure is this one (e.g. keys of mixed types)
+        out["digest"] = digest_of(out)
         return canonical_json(out) + "\n"
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"the manifest is not plain JSON (plan/report/extra must be JSON values): {e}") from e
