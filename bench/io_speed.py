@@ -36,7 +36,6 @@ def main() -> None:
     text = Path("/work/shared/data/wikitext-2-raw/wiki.test.raw").read_text().replace("\r\n", "\n")[:20000]
     ids = tok(text, return_tensors="pt")["input_ids"][:, : args.tokens]
     ref = model(ids).logits
-    rows = []
     out = {}
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)

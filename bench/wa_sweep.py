@@ -1,7 +1,7 @@
 """Sweep the weights-as-A int4 kernel's configs on the issue-7 shapes against cuBLAS bf16 and tinygemm (GPU only).
 
     python bench/wa_sweep.py [--shapes 4096x14336,...] [--batches 1,16,64,128] [--pairs 8192x28672:1,...]
-                             [--js 64] [--sym] [--jobs 12]
+                             [--js 64] [--sym] [--jobs 12] [--wide]
 
 Every config is checked against ``x @ decode()^T`` in fp32 (NaN-poisoned output, relative error <= 1e-3) before it
 is timed; times are CUDA-graph replays over rotating weight copies (cold L2), median, microseconds, with split-K's
@@ -24,12 +24,26 @@ import torch  # noqa: E402
 from kernels import bench_graph, n_copies, tinygemm_fns  # noqa: E402
 
 
-def configs(m: int, k: int, n: int, sms: int, js=(64, 32)) -> list[tuple[int, list[int]]]:
+# ``--wide``: (BM, BN, warps, stages, half) sets beyond the dispatcher's, each with splits 1, 2, 4 and 8. Chosen from
+# local sm_90 builds (Triton 3.6, ``bench/wa_compile.py``-style): no spill stack, J = 64.
+WIDE = [(32, 64, 4, 3, 1), (32, 128, 8, 3, 1), (32, 128, 8, 4, 1), (32, 256, 16, 3, 1), (64, 64, 4, 3, 1),
+        (64, 64, 4, 4, 1), (64, 128, 8, 2, 1), (64, 128, 8, 3, 1), (64, 128, 8, 4, 1), (64, 256, 16, 2, 1),
+        (64, 256, 16, 3, 1), (128, 64, 4, 2, 1), (128, 64, 4, 3, 1), (128, 128, 8, 2, 1)]
+
+
+def configs(m: int, k: int, n: int, sms: int, js=(64, 32), wide: bool = False) -> list[tuple[int, list[int]]]:
     """(j, [BM, BN, SPLIT_K, warps, stages, half]) candidates for ``m`` rows: the dispatcher's, for each layout ``j``
-    that fits ``k``."""
+    that fits ``k``; with ``wide`` also the :data:`WIDE` sets whose BM fits ``m``, at splits 1, 2, 4 and 8."""
     from tensorslim.kernels.dispatch import wa_candidates
 
-    return [(j, list(c)) for j in js if k % (8 * j) == 0 for c in wa_candidates(n, k, 4, j, m, sms)]
+    out = [(j, list(c)) for j in js if k % (8 * j) == 0 for c in wa_candidates(n, k, 4, j, m, sms)]
+    for j in (j for j in js if wide and k % (8 * j) == 0):
+        for bm, bn, warps, stages, half in WIDE:
+            for split in (s for s in (1, 2, 4, 8) if bm <= max(32, m) and k // (8 * j) // s >= 2):
+                c = (j, [bm, bn, split, warps, stages, half])
+                if c not in out:
+                    out.append(c)
+    return out
 
 
 def _warm(task) -> str | None:
@@ -60,6 +74,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=12, help="processes compiling configs before the timing pass")
     ap.add_argument("--js", default="64", help="words a row per block of the layouts to sweep")
     ap.add_argument("--pairs", default="", help="shape:batch pairs instead of shapes x batches")
+    ap.add_argument("--wide", action="store_true", help="also the WIDE config sets at splits 1-8 (64+ rows)")
     args = ap.parse_args()
     from tensorslim.formats import IntGroup, quantize_rtn
     from tensorslim.kernels import dispatch, ops
@@ -76,7 +91,7 @@ def main() -> None:
     if args.pairs:
         pairs = [(p.split(":")[0], int(p.split(":")[1])) for p in args.pairs.split(",")]
     tasks = [(shape, m, args.sym, j, cfg) for shape, m in pairs
-             for j, cfg in configs(m, *(int(v) for v in shape.split("x")), sms, js)]
+             for j, cfg in configs(m, *(int(v) for v in shape.split("x")), sms, js, args.wide)]
     # one compile per specialization: Triton keys on the constexprs, M == 1, and split-K (fp32 atomics) or not
     distinct = {(t[1] == 1, t[3], tuple(t[4][:2]), t[4][2] > 1, *t[4][3:]): t for t in tasks}
     import multiprocessing as mp
@@ -107,7 +122,7 @@ def main() -> None:
             t_bf16 = bench_graph([lambda w=w: torch.nn.functional.linear(x, w) for w in dense])
             t_tiny = bench_graph(tinygemm_fns(n, k, x, n_copies(n * k // 2), 128)) if m <= 16 else None
             rows = []
-            for j, cfg in configs(m, k, n, sms, js):
+            for j, cfg in configs(m, k, n, sms, js, args.wide):
                 if (shape, m, j, tuple(cfg)) in failed:
                     continue
                 split = cfg[2]
