@@ -1,0 +1,272 @@
+"""A hand-pipelined prototype of the int4 "wa" kernel in Triton's Gluon dialect (GPU only; not used by the
+dispatcher).
+
+    python bench/gluon_wa.py [--cases 8192x28672:1:64:32:2:3:1,...] [--compile-only]
+
+Why: the shipped "wa" kernel (:mod:`tensorslim.kernels.triton.wa`) leaves its memory pipeline to Triton's pipeliner,
+which issues each block's ``cp.async`` only after the iteration's last activation-tile read (docs/results/kernels.md,
+sessions 8-9). Here the pipeline is written out: a ring of ``S`` shared-memory stages, and every iteration *first*
+issues the copies of block ``b + S - 1``, then waits for block ``b`` and computes on it.
+
+Same layout and arithmetic as "wa" (int4, asymmetric or symmetric groups of ``2 J`` inputs with ``J = 64``, i.e.
+group 128; :func:`tensorslim.kernels.layout.wa_layout`), ``mma.sync`` m16n8k16 with the weights as the A operand:
+- the word tile ``[BN, J/2]`` of one half-block is read from shared memory in the layout of a 32-bit dot operand
+  (``k_width = 1``), where each word sits in the thread and register that hold the bf16 pair it encodes in the
+  16-bit A operand (``k_width = 2``); ``join`` + ``reshape`` + one ``lop3`` a word then give that operand with no
+  data movement (checked at compile time: ``convert_layout(..., assert_trivial=True)``);
+- the activation tile is read transposed from shared memory as the B operand;
+- both shared tiles are swizzled so that these reads are free of bank conflicts.
+
+Gluon has no interpreter mode, so this kernel cannot run in CI; ``--compile-only`` builds it for sm_90 without a GPU
+(with the device image's Triton 3.6 on ``PYTHONPATH``). On the GPU it is checked against ``x @ decode()^T`` in fp32
+and timed next to the shipped kernel's config and cuBLAS bf16, like ``bench/wa_probe.py``. Writes
+``$OUT/gluon_wa.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, "src")
+sys.path.insert(0, "bench")
+
+import torch  # noqa: E402
+from triton.experimental import gluon  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2  # noqa: E402
+
+# shape in x out : batch : J : BN : warps : stages : split; BM = 8 for batch <= 8, else 16
+CASES = ["8192x28672:1:64:32:2:2:1", "8192x28672:1:64:32:2:3:1", "8192x28672:1:64:32:2:4:1",
+         "8192x28672:1:64:64:4:3:1", "28672x8192:1:64:64:4:3:4", "28672x8192:1:64:32:2:3:2", "4096x14336:1:64:32:2:3:1",
+         "14336x4096:1:64:64:4:3:4", "8192x28672:16:64:32:2:3:1", "8192x28672:16:64:64:4:3:1",
+         "28672x8192:16:64:64:4:3:4"]
+# the shipped kernel's tuned configs in session 9's acceptance run (BM, BN, split, warps, stages, half), timed beside
+WA_TUNED = {("4096x14336", 1): [8, 32, 1, 2, 3, 0], ("4096x14336", 16): [16, 32, 1, 2, 3, 0],
+            ("14336x4096", 1): [8, 64, 4, 4, 3, 0], ("14336x4096", 16): [16, 64, 8, 4, 2, 0],
+            ("8192x28672", 1): [8, 32, 1, 2, 2, 0], ("8192x28672", 16): [16, 32, 1, 2, 3, 0],
+            ("28672x8192", 1): [8, 128, 4, 8, 3, 0], ("28672x8192", 16): [16, 64, 4, 4, 2, 0]}
+
+
+@gluon.jit
+def _issue(w_smem, x_smem, q_ptr, x_ptr, b, stage, valid, rn_c, rm_c, jw, kx, N, M, KW, stride_xm,
+           J: gl.constexpr, BK: gl.constexpr):
+    """Start the copies of block ``b`` (its ``[BN, J]`` words and ``[BM, 8 J]`` activations) into ``stage``."""
+    wp = q_ptr + (rn_c.to(gl.int64) * KW)[:, None] + (b * J + jw)[None, :]
+    async_copy.async_copy_global_to_shared(w_smem.index(stage), wp, mask=(rn_c < N)[:, None] & valid)
+    xp = x_ptr + (rm_c.to(gl.int64) * stride_xm)[:, None] + (b * BK + kx)[None, :]
+    async_copy.async_copy_global_to_shared(x_smem.index(stage), xp, mask=(rm_c < M)[:, None] & valid)
+
+
+@gluon.jit
+def _pairs(w, u: gl.constexpr, BN: gl.constexpr, J: gl.constexpr, a_l: gl.constexpr):
+    """Words ``[BN, J/2]`` (32-bit dot-operand layout) -> the bf16 ``c + q`` tile ``[BN, J]`` of position ``u``."""
+    v = w >> (4 * u)
+    v2 = gl.reshape(gl.join(v, v), [BN, J])
+    t = gl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;", "=r,r,r", [v2],
+                                  dtype=gl.bfloat16, is_pure=True, pack=2)
+    return gl.convert_layout(t, a_l, assert_trivial=True)
+
+
+@gluon.jit
+def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, M, N, KW, NB, blocks_per_split, G, stride_xm, stride_om,
+               SYMMETRIC: gl.constexpr, J: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, S: gl.constexpr,
+               ATOMIC: gl.constexpr):
+    gl.static_assert(J == 64, "the prototype takes groups of 128 inputs as two code positions of 64")
+    NW: gl.constexpr = gl.num_warps()
+    BK: gl.constexpr = 8 * J
+    H: gl.constexpr = J // 2
+    pid_m = gl.program_id(0)
+    pid_n = gl.program_id(1)
+    pid_k = gl.program_id(2)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    w_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=1)
+    # global -> shared copies in 16-byte vectors
+    wcp: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (J // 4), J // 4], [NW, 1], [1, 0])
+    xcp: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [NW, 1], [1, 0])
+    w_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
+    x_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
+    w_smem = gl.allocate_shared_memory(gl.int32, [S, BN, J], w_sl)
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [S, BM, BK], x_sl)
+
+    rn_c = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, wcp))
+    jw = gl.arange(0, J, layout=gl.SliceLayout(0, wcp))
+    rm_c = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, xcp))
+    kx = gl.arange(0, BK, layout=gl.SliceLayout(0, xcp))
+    # group scales (rows of the accumulator) and zero points (rows of the A operand)
+    rn_s = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+    rn_z = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, a_l))
+    srow = s_ptr + rn_s.to(gl.int64) * G
+    zrow = z_ptr + rn_z.to(gl.int64) * G
+
+    b_lo = pid_k * blocks_per_split
+    nblk = gl.minimum(b_lo + blocks_per_split, NB) - b_lo
+    for i in gl.static_range(S - 1):
+        _issue(w_smem, x_smem, q_ptr, x_ptr, b_lo + i, i, i < nblk, rn_c, rm_c, jw, kx, N, M, KW, stride_xm, J, BK)
+        async_copy.commit_group()
+
+    acc = gl.zeros([BN, BM], gl.float32, layout=mma)
+    for it in range(0, nblk):
+        gl.thread_barrier()  # every warp is done with the stage that the next copies overwrite (read at it - 1)
+        nxt = it + S - 1
+        _issue(w_smem, x_smem, q_ptr, x_ptr, b_lo + nxt, nxt % S, nxt < nblk, rn_c, rm_c, jw, kx, N, M, KW,
+               stride_xm, J, BK)
+        async_copy.commit_group()
+        # this block's four group scales and zero points, loaded before the wait so that their latency overlaps it
+        b = b_lo + it
+        s0 = gl.load(srow + 4 * b, mask=rn_s < N, other=1.0).to(gl.float32)
+        s1 = gl.load(srow + 4 * b + 1, mask=rn_s < N, other=1.0).to(gl.float32)
+        s2 = gl.load(srow + 4 * b + 2, mask=rn_s < N, other=1.0).to(gl.float32)
+        s3 = gl.load(srow + 4 * b + 3, mask=rn_s < N, other=1.0).to(gl.float32)
+        if SYMMETRIC:
+            z0 = gl.full([BN], 136.0, gl.bfloat16, layout=gl.SliceLayout(1, a_l))  # c + 8
+            z1 = z0
+            z2 = z0
+            z3 = z0
+        else:
+            z0 = (gl.load(zrow + 4 * b, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
+            z1 = (gl.load(zrow + 4 * b + 1, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
+            z2 = (gl.load(zrow + 4 * b + 2, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
+            z3 = (gl.load(zrow + 4 * b + 3, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
+        async_copy.wait_group(S - 1)  # this thread's copies of block it are done
+        gl.thread_barrier()  # and every thread's
+        stage = it % S
+        ws = w_smem.index(stage)
+        xs = x_smem.index(stage)
+        w_lo = ws.slice(0, H, dim=1).load(w_l)
+        w_hi = ws.slice(H, H, dim=1).load(w_l)
+        for u in gl.static_range(4):  # positions u (groups 0, 1) and u + 4 (groups 2, 3); a group is two positions
+            if u < 2:
+                s_lo, z_lo, s_hi, z_hi = s0, z0, s2, z2
+            else:
+                s_lo, z_lo, s_hi, z_hi = s1, z1, s3, z3
+            lo = _pairs(w_lo, u, BN, J, a_l) - z_lo[:, None]
+            hi = _pairs(w_hi, u, BN, J, a_l) - z_hi[:, None]
+            x_lo = xs.slice(u * J, J, dim=1).permute([1, 0]).load(b_l)
+            x_hi = xs.slice((u + 4) * J, J, dim=1).permute([1, 0]).load(b_l)
+            if u % 2 == 0:
+                p_lo = mma_v2(lo, x_lo, gl.zeros([BN, BM], gl.float32, layout=mma))
+                p_hi = mma_v2(hi, x_hi, gl.zeros([BN, BM], gl.float32, layout=mma))
+            else:
+                p_lo = mma_v2(lo, x_lo, p_lo)
+                p_hi = mma_v2(hi, x_hi, p_hi)
+                acc = acc + p_lo * s_lo[:, None] + p_hi * s_hi[:, None]
+    async_copy.wait_group(0)
+    rm_o = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
+    optr = out_ptr + (rm_o.to(gl.int64) * stride_om)[None, :] + rn_s[:, None]
+    omask = (rn_s < N)[:, None] & (rm_o < M)[None, :]
+    if ATOMIC:
+        gl.atomic_add(optr, acc, mask=omask)
+    else:
+        gl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+def launch(x: torch.Tensor, lay, bn: int, warps: int, stages: int, split: int, out: torch.Tensor) -> None:
+    m, k = x.shape
+    n, j = lay.q.shape[0], lay.j
+    bm = 8 if m <= 8 else 16
+    blocks = k // (8 * j)
+    per = -(-blocks // split)
+    gwa_kernel[(-(-m // bm), -(-n // bn), split)](
+        x, out, lay.q, lay.scales, lay.zeros if lay.zeros is not None else lay.scales, m, n, k // 8, blocks, per,
+        k // 128, x.stride(0), out.stride(0), SYMMETRIC=lay.zeros is None, J=j, BM=bm, BN=bn, S=stages,
+        ATOMIC=split > 1, num_warps=warps)
+
+
+def compile_only(cases: list[str]) -> int:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fails = 0
+    for case in cases:
+        shape, m, j, bn, warps, stages, split = case.split(":")
+        m, j, bn, warps, stages, split = int(m), int(j), int(bn), int(warps), int(stages), int(split)
+        for split in dict.fromkeys([split, 1]):
+            names = list(gwa_kernel.arg_names)
+            types = {"x_ptr": "*bf16", "out_ptr": "*fp32" if split > 1 else "*bf16", "q_ptr": "*i32",
+                     "s_ptr": "*fp16", "z_ptr": "*u8"}
+            consts = dict(SYMMETRIC=False, J=j, BM=8 if m <= 8 else 16, BN=bn, S=stages, ATOMIC=split > 1)
+            sig = {nm: "constexpr" if nm in consts else types.get(nm, "i32") for nm in names}
+            div = [i for i, nm in enumerate(names) if nm in types or nm in ("KW", "stride_xm", "stride_om")]
+            try:
+                ck = triton.compile(GluonASTSource(gwa_kernel, sig, consts, {(i,): [["tt.divisibility", 16]]
+                                                                             for i in div}),
+                                    target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+                print(f"{case} split {split}: ok, {ck.metadata.shared} B shared", flush=True)
+            except Exception as e:  # report every failure
+                fails += 1
+                print(f"{case} split {split}: FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)
+    return fails
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default=",".join(CASES), help="shape:batch:J:BN:warps:stages:split,...")
+    ap.add_argument("--compile-only", action="store_true", help="build for sm_90 without a GPU")
+    args = ap.parse_args()
+    cases = args.cases.split(",")
+    if args.compile_only:
+        sys.exit(1 if compile_only(cases) else 0)
+    from kernels import bench_graph, n_copies
+
+    from tensorslim.kernels.reference import relative_error
+    from wa_probe import call as wa_call
+    from wa_probe import load_variants, make
+
+    import tempfile
+
+    base = load_variants(tempfile.mkdtemp())["base"]
+    results = []
+    t0 = time.time()
+    for case in cases:
+        shape, m, j, bn, warps, stages, split = case.split(":")
+        m, bn, warps, stages, split = int(m), int(bn), int(warps), int(stages), int(split)
+        k, n = (int(v) for v in shape.split("x"))
+        w, lay = make(shape, 4, "cuda")
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ w.decode().float().t()
+        row = {"case": case}
+        try:  # checked in fp32 (a NaN-poisoned output without split-K, a zeroed one with it)
+            out = (torch.full((m, n), float("nan"), device="cuda") if split == 1 else
+                   torch.zeros(m, n, device="cuda"))
+            launch(x, lay, bn, warps, stages, split, out)
+            torch.cuda.synchronize()
+            row["err"] = relative_error(out, ref)
+            lays = [lay] + [make(shape, 4, "cuda", seed=i)[1] for i in range(1, n_copies(n * k // 2))]
+            dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(n_copies(2 * n * k))]
+            row["bf16_us"] = bench_graph([lambda d=d: torch.nn.functional.linear(x, d) for d in dense])
+            del dense
+
+            def g(L):  # what the dispatcher would do: bf16 out, or a zeroed fp32 one for split-K, then the cast
+                if split == 1:
+                    o = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+                    launch(x, L, bn, warps, stages, 1, o)
+                    return o
+                o = torch.zeros(m, n, device="cuda", dtype=torch.float32)
+                launch(x, L, bn, warps, stages, split, o)
+                return o.to(torch.bfloat16)
+
+            row["gluon_us"] = bench_graph([lambda L=L: g(L) for L in lays])
+            cfg = WA_TUNED.get((shape, m), [8 if m <= 8 else 16, 32, 1, 2, 3, 0])
+            row["wa_config"] = cfg
+            row["wa_us"] = bench_graph([lambda L=L: wa_call(base, "base", x, L, 4, cfg) for L in lays])
+        except Exception as e:  # a case that fails is reported, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        print(json.dumps(row), f"[{time.time() - t0:.0f} s]", flush=True)
+        results.append(row)
+    out_dir = os.environ.get("OUT") or "runs"
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "gluon_wa.json.tmp"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f,
+                  indent=1)
+    os.replace(os.path.join(out_dir, "gluon_wa.json.tmp"), os.path.join(out_dir, "gluon_wa.json"))
+
+
+if __name__ == "__main__":
+    main()
