@@ -39,11 +39,11 @@ from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2  # noqa: E402
 
-# shape in x out : batch : J : BN : warps : stages : split; BM = 8 for batch <= 8, else 16
+# shape in x out : batch : J : BN : warps : stages : split [: bits]; BM = 8 for batch <= 8, else 16
 CASES = ["8192x28672:1:64:32:2:2:1", "8192x28672:1:64:32:2:3:1", "8192x28672:1:64:32:2:4:1",
          "8192x28672:1:64:64:4:3:1", "28672x8192:1:64:64:4:3:4", "28672x8192:1:64:32:2:3:2", "4096x14336:1:64:32:2:3:1",
          "14336x4096:1:64:64:4:3:4", "8192x28672:16:64:32:2:3:1", "8192x28672:16:64:64:4:3:1",
-         "28672x8192:16:64:64:4:3:4"]
+         "28672x8192:16:64:64:4:3:4", "8192x28672:1:64:32:2:3:1:2", "8192x28672:1:64:64:4:3:1:2"]
 # the shipped kernel's tuned configs in session 9's acceptance run (BM, BN, split, warps, stages, half), timed beside
 WA_TUNED = {("4096x14336", 1): [8, 32, 1, 2, 3, 0], ("4096x14336", 16): [16, 32, 1, 2, 3, 0],
             ("14336x4096", 1): [8, 64, 4, 4, 3, 0], ("14336x4096", 16): [16, 64, 8, 4, 2, 0],
@@ -53,29 +53,36 @@ WA_TUNED = {("4096x14336", 1): [8, 32, 1, 2, 3, 0], ("4096x14336", 16): [16, 32,
 
 @gluon.jit
 def _issue(w_smem, x_smem, q_ptr, x_ptr, b, stage, valid, rn_c, rm_c, jw, kx, N, M, KW, stride_xm,
-           J: gl.constexpr, BK: gl.constexpr):
-    """Start the copies of block ``b`` (its ``[BN, J]`` words and ``[BM, 8 J]`` activations) into ``stage``."""
-    wp = q_ptr + (rn_c.to(gl.int64) * KW)[:, None] + (b * J + jw)[None, :]
+           WPB: gl.constexpr, BK: gl.constexpr):
+    """Start the copies of block ``b`` (its ``[BN, WPB]`` words and ``[BM, BK]`` activations) into ``stage``."""
+    wp = q_ptr + (rn_c.to(gl.int64) * KW)[:, None] + (b * WPB + jw)[None, :]
     async_copy.async_copy_global_to_shared(w_smem.index(stage), wp, mask=(rn_c < N)[:, None] & valid)
     xp = x_ptr + (rm_c.to(gl.int64) * stride_xm)[:, None] + (b * BK + kx)[None, :]
     async_copy.async_copy_global_to_shared(x_smem.index(stage), xp, mask=(rm_c < M)[:, None] & valid)
 
 
 @gluon.jit
-def _pairs(w, u: gl.constexpr, BN: gl.constexpr, J: gl.constexpr, a_l: gl.constexpr):
-    """Words ``[BN, J/2]`` (32-bit dot-operand layout) -> the bf16 ``c + q`` tile ``[BN, J]`` of position ``u``."""
-    v = w >> (4 * u)
+def _pairs(w, shift: gl.constexpr, BITS: gl.constexpr, BN: gl.constexpr, J: gl.constexpr, a_l: gl.constexpr):
+    """Words ``[BN, J/2]`` (32-bit dot-operand layout) whose bits ``shift ..`` and ``shift + 16 ..`` hold code pairs
+    -> the bf16 ``c + q`` tile ``[BN, J]``."""
+    v = w >> shift
     v2 = gl.reshape(gl.join(v, v), [BN, J])
-    t = gl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;", "=r,r,r", [v2],
-                                  dtype=gl.bfloat16, is_pure=True, pack=2)
+    if BITS == 4:
+        t = gl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;", "=r,r,r", [v2],
+                                      dtype=gl.bfloat16, is_pure=True, pack=2)
+    else:
+        t = gl.inline_asm_elementwise("lop3.b32 $0, $1, 0x00030003, 0x43004300, 0xea;", "=r,r,r", [v2],
+                                      dtype=gl.bfloat16, is_pure=True, pack=2)
     return gl.convert_layout(t, a_l, assert_trivial=True)
 
 
 @gluon.jit
 def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, M, N, KW, NB, blocks_per_split, G, stride_xm, stride_om,
                SYMMETRIC: gl.constexpr, J: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, S: gl.constexpr,
-               ATOMIC: gl.constexpr):
+               ATOMIC: gl.constexpr, BITS: gl.constexpr = 4):
     gl.static_assert(J == 64, "the prototype takes groups of 128 inputs as two code positions of 64")
+    gl.static_assert(BITS == 4 or BITS == 2, "int4 or int2")
+    WPB: gl.constexpr = J * BITS // 4  # words a row per block
     NW: gl.constexpr = gl.num_warps()
     BK: gl.constexpr = 8 * J
     H: gl.constexpr = J // 2
@@ -87,15 +94,15 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, M, N, KW, NB, blocks_per_spl
     b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     w_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=1)
     # global -> shared copies in 16-byte vectors
-    wcp: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (J // 4), J // 4], [NW, 1], [1, 0])
+    wcp: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (WPB // 4), WPB // 4], [NW, 1], [1, 0])
     xcp: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [NW, 1], [1, 0])
     w_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
     x_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
-    w_smem = gl.allocate_shared_memory(gl.int32, [S, BN, J], w_sl)
+    w_smem = gl.allocate_shared_memory(gl.int32, [S, BN, WPB], w_sl)
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [S, BM, BK], x_sl)
 
     rn_c = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, wcp))
-    jw = gl.arange(0, J, layout=gl.SliceLayout(0, wcp))
+    jw = gl.arange(0, WPB, layout=gl.SliceLayout(0, wcp))
     rm_c = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, xcp))
     kx = gl.arange(0, BK, layout=gl.SliceLayout(0, xcp))
     # group scales (rows of the accumulator) and zero points (rows of the A operand)
@@ -107,7 +114,8 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, M, N, KW, NB, blocks_per_spl
     b_lo = pid_k * blocks_per_split
     nblk = gl.minimum(b_lo + blocks_per_split, NB) - b_lo
     for i in gl.static_range(S - 1):
-        _issue(w_smem, x_smem, q_ptr, x_ptr, b_lo + i, i, i < nblk, rn_c, rm_c, jw, kx, N, M, KW, stride_xm, J, BK)
+        _issue(w_smem, x_smem, q_ptr, x_ptr, b_lo + i, i, i < nblk, rn_c, rm_c, jw, kx, N, M, KW, stride_xm, WPB,
+               BK)
         async_copy.commit_group()
 
     acc = gl.zeros([BN, BM], gl.float32, layout=mma)
@@ -115,7 +123,7 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, M, N, KW, NB, blocks_per_spl
         gl.thread_barrier()  # every warp is done with the stage that the next copies overwrite (read at it - 1)
         nxt = it + S - 1
         _issue(w_smem, x_smem, q_ptr, x_ptr, b_lo + nxt, nxt % S, nxt < nblk, rn_c, rm_c, jw, kx, N, M, KW,
-               stride_xm, J, BK)
+               stride_xm, WPB, BK)
         async_copy.commit_group()
         # this block's four group scales and zero points, loaded before the wait so that their latency overlaps it
         b = b_lo + it
@@ -124,7 +132,7 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, M, N, KW, NB, blocks_per_spl
         s2 = gl.load(srow + 4 * b + 2, mask=rn_s < N, other=1.0).to(gl.float32)
         s3 = gl.load(srow + 4 * b + 3, mask=rn_s < N, other=1.0).to(gl.float32)
         if SYMMETRIC:
-            z0 = gl.full([BN], 136.0, gl.bfloat16, layout=gl.SliceLayout(1, a_l))  # c + 8
+            z0 = gl.full([BN], 128.0 + (1 << (BITS - 1)), gl.bfloat16, layout=gl.SliceLayout(1, a_l))  # c + mid
             z1 = z0
             z2 = z0
             z3 = z0
@@ -138,15 +146,23 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, M, N, KW, NB, blocks_per_spl
         stage = it % S
         ws = w_smem.index(stage)
         xs = x_smem.index(stage)
-        w_lo = ws.slice(0, H, dim=1).load(w_l)
-        w_hi = ws.slice(H, H, dim=1).load(w_l)
+        if BITS == 4:  # positions 0-3 in the first H words, 4-7 in the next H (bits 4 u, 4 u + 16)
+            w_lo = ws.slice(0, H, dim=1).load(w_l)
+            w_hi = ws.slice(H, H, dim=1).load(w_l)
+        else:  # all eight positions in H words (bits 2 t, 2 t + 16)
+            w_lo = ws.load(w_l)
+            w_hi = w_lo
         for u in gl.static_range(4):  # positions u (groups 0, 1) and u + 4 (groups 2, 3); a group is two positions
             if u < 2:
                 s_lo, z_lo, s_hi, z_hi = s0, z0, s2, z2
             else:
                 s_lo, z_lo, s_hi, z_hi = s1, z1, s3, z3
-            lo = _pairs(w_lo, u, BN, J, a_l) - z_lo[:, None]
-            hi = _pairs(w_hi, u, BN, J, a_l) - z_hi[:, None]
+            if BITS == 4:
+                lo = _pairs(w_lo, 4 * u, 4, BN, J, a_l) - z_lo[:, None]
+                hi = _pairs(w_hi, 4 * u, 4, BN, J, a_l) - z_hi[:, None]
+            else:
+                lo = _pairs(w_lo, 2 * u, 2, BN, J, a_l) - z_lo[:, None]
+                hi = _pairs(w_lo, 2 * u + 8, 2, BN, J, a_l) - z_hi[:, None]
             x_lo = xs.slice(u * J, J, dim=1).permute([1, 0]).load(b_l)
             x_hi = xs.slice((u + 4) * J, J, dim=1).permute([1, 0]).load(b_l)
             if u % 2 == 0:
@@ -166,16 +182,23 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, M, N, KW, NB, blocks_per_spl
         gl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-def launch(x: torch.Tensor, lay, bn: int, warps: int, stages: int, split: int, out: torch.Tensor) -> None:
+def launch(x: torch.Tensor, lay, bn: int, warps: int, stages: int, split: int, out: torch.Tensor,
+           bits: int = 4) -> None:
     m, k = x.shape
     n, j = lay.q.shape[0], lay.j
     bm = 8 if m <= 8 else 16
     blocks = k // (8 * j)
     per = -(-blocks // split)
     gwa_kernel[(-(-m // bm), -(-n // bn), split)](
-        x, out, lay.q, lay.scales, lay.zeros if lay.zeros is not None else lay.scales, m, n, k // 8, blocks, per,
-        k // 128, x.stride(0), out.stride(0), SYMMETRIC=lay.zeros is None, J=j, BM=bm, BN=bn, S=stages,
-        ATOMIC=split > 1, num_warps=warps)
+        x, out, lay.q, lay.scales, lay.zeros if lay.zeros is not None else lay.scales, m, n, k * bits // 32, blocks,
+        per, k // 128, x.stride(0), out.stride(0), SYMMETRIC=lay.zeros is None, J=j, BM=bm, BN=bn, S=stages,
+        ATOMIC=split > 1, BITS=bits, num_warps=warps)
+
+
+def parse_case(case: str) -> tuple[str, int, int, int, int, int, int, int]:
+    """``shape:batch:J:BN:warps:stages:split[:bits]`` -> its fields (bits 4 unless given)."""
+    f = case.split(":")
+    return (f[0], *(int(v) for v in f[1:7]), int(f[7]) if len(f) > 7 else 4)
 
 
 def compile_only(cases: list[str]) -> int:
@@ -185,13 +208,12 @@ def compile_only(cases: list[str]) -> int:
 
     fails = 0
     for case in cases:
-        shape, m, j, bn, warps, stages, split = case.split(":")
-        m, j, bn, warps, stages, split = int(m), int(j), int(bn), int(warps), int(stages), int(split)
+        shape, m, j, bn, warps, stages, split, bits = parse_case(case)
         for split in dict.fromkeys([split, 1]):
             names = list(gwa_kernel.arg_names)
             types = {"x_ptr": "*bf16", "out_ptr": "*fp32" if split > 1 else "*bf16", "q_ptr": "*i32",
                      "s_ptr": "*fp16", "z_ptr": "*u8"}
-            consts = dict(SYMMETRIC=False, J=j, BM=8 if m <= 8 else 16, BN=bn, S=stages, ATOMIC=split > 1)
+            consts = dict(SYMMETRIC=False, J=j, BM=8 if m <= 8 else 16, BN=bn, S=stages, ATOMIC=split > 1, BITS=bits)
             sig = {nm: "constexpr" if nm in consts else types.get(nm, "i32") for nm in names}
             div = [i for i, nm in enumerate(names) if nm in types or nm in ("KW", "stride_xm", "stride_om")]
             try:
@@ -207,7 +229,7 @@ def compile_only(cases: list[str]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", default=",".join(CASES), help="shape:batch:J:BN:warps:stages:split,...")
+    ap.add_argument("--cases", default=",".join(CASES), help="shape:batch:J:BN:warps:stages:split[:bits],...")
     ap.add_argument("--compile-only", action="store_true", help="build for sm_90 without a GPU")
     args = ap.parse_args()
     cases = args.cases.split(",")
@@ -225,20 +247,19 @@ def main() -> None:
     results = []
     t0 = time.time()
     for case in cases:
-        shape, m, j, bn, warps, stages, split = case.split(":")
-        m, bn, warps, stages, split = int(m), int(bn), int(warps), int(stages), int(split)
+        shape, m, j, bn, warps, stages, split, bits = parse_case(case)
         k, n = (int(v) for v in shape.split("x"))
-        w, lay = make(shape, 4, "cuda")
+        w, lay = make(shape, bits, "cuda")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ w.decode().float().t()
         row = {"case": case}
         try:  # checked in fp32 (a NaN-poisoned output without split-K, a zeroed one with it)
             out = (torch.full((m, n), float("nan"), device="cuda") if split == 1 else
                    torch.zeros(m, n, device="cuda"))
-            launch(x, lay, bn, warps, stages, split, out)
+            launch(x, lay, bn, warps, stages, split, out, bits)
             torch.cuda.synchronize()
             row["err"] = relative_error(out, ref)
-            lays = [lay] + [make(shape, 4, "cuda", seed=i)[1] for i in range(1, n_copies(n * k // 2))]
+            lays = [lay] + [make(shape, bits, "cuda", seed=i)[1] for i in range(1, n_copies(n * k * bits // 8))]
             dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(n_copies(2 * n * k))]
             row["bf16_us"] = bench_graph([lambda d=d: torch.nn.functional.linear(x, d) for d in dense])
             del dense
@@ -246,13 +267,13 @@ def main() -> None:
             def g(L):  # as wa_probe.call times the shipped kernel: bf16 out, or a zeroed fp32 one for split-K
                 o = (torch.empty(m, n, device="cuda", dtype=torch.bfloat16) if split == 1 else
                      torch.zeros(m, n, device="cuda", dtype=torch.float32))
-                launch(x, L, bn, warps, stages, split, o)
+                launch(x, L, bn, warps, stages, split, o, bits)
                 return o
 
             row["gluon_us"] = bench_graph([lambda L=L: g(L) for L in lays])
             cfg = WA_TUNED.get((shape, m), [8 if m <= 8 else 16, 32, 1, 2, 3, 0])
             row["wa_config"] = cfg
-            row["wa_us"] = bench_graph([lambda L=L: wa_call(base, "base", x, L, 4, cfg) for L in lays])
+            row["wa_us"] = bench_graph([lambda L=L: wa_call(base, "base", x, L, bits, cfg) for L in lays])
         except Exception as e:  # a case that fails is reported, not fatal
             row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         print(json.dumps(row), f"[{time.time() - t0:.0f} s]", flush=True)
