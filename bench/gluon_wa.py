@@ -39,11 +39,14 @@ from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2  # noqa: E402
 
-# shape in x out : batch : J : BN : warps : stages : split [: bits]; BM = 8 for batch <= 8, else 16
+# shape in x out : batch : J : BN : warps : stages : split [: bits [: half]]; BM = 8 for batch <= 8, else 16; half:
+# int4 pipeline stages of half a block (4 code positions, half the shared memory a stage)
 CASES = ["8192x28672:1:64:32:2:2:1", "8192x28672:1:64:32:2:3:1", "8192x28672:1:64:32:2:4:1",
          "8192x28672:1:64:64:4:3:1", "28672x8192:1:64:64:4:3:4", "28672x8192:1:64:32:2:3:2", "4096x14336:1:64:32:2:3:1",
          "14336x4096:1:64:64:4:3:4", "8192x28672:16:64:32:2:3:1", "8192x28672:16:64:64:4:3:1",
-         "28672x8192:16:64:64:4:3:4", "8192x28672:1:64:32:2:3:1:2", "8192x28672:1:64:64:4:3:1:2"]
+         "28672x8192:16:64:64:4:3:4", "8192x28672:1:64:32:2:3:1:2", "8192x28672:1:64:64:4:3:1:2",
+         "8192x28672:1:64:32:2:4:1:4:1", "8192x28672:1:64:32:2:6:1:4:1", "28672x8192:1:64:64:4:4:4:4:1",
+         "8192x28672:16:64:32:2:4:1:4:1"]
 # the shipped kernel's tuned configs in session 9's acceptance run (BM, BN, split, warps, stages, half), timed beside
 WA_TUNED = {("4096x14336", 1): [8, 32, 1, 2, 3, 0], ("4096x14336", 16): [16, 32, 1, 2, 3, 0],
             ("14336x4096", 1): [8, 64, 4, 4, 3, 0], ("14336x4096", 16): [16, 64, 8, 4, 2, 0],
@@ -52,12 +55,13 @@ WA_TUNED = {("4096x14336", 1): [8, 32, 1, 2, 3, 0], ("4096x14336", 16): [16, 32,
 
 
 @gluon.jit
-def _issue(w_smem, x_smem, q_ptr, x_ptr, b, stage, valid, rn_c, rm_c, jw, kx, N, M, KW, stride_xm,
-           WPB: gl.constexpr, BK: gl.constexpr):
-    """Start the copies of block ``b`` (its ``[BN, WPB]`` words and ``[BM, BK]`` activations) into ``stage``."""
-    wp = q_ptr + (rn_c.to(gl.int64) * KW)[:, None] + (b * WPB + jw)[None, :]
+def _issue(w_smem, x_smem, q_ptr, x_ptr, i, stage, valid, rn_c, rm_c, jw, kx, N, M, KW, stride_xm,
+           WPS: gl.constexpr, XS: gl.constexpr):
+    """Start the copies of pipeline step ``i`` (a block, or a half block: its ``[BN, WPS]`` words and ``[BM, XS]``
+    activations) into ``stage``."""
+    wp = q_ptr + (rn_c.to(gl.int64) * KW)[:, None] + (i * WPS + jw)[None, :]
     async_copy.async_copy_global_to_shared(w_smem.index(stage), wp, mask=(rn_c < N)[:, None] & valid)
-    xp = x_ptr + (rm_c.to(gl.int64) * stride_xm)[:, None] + (b * BK + kx)[None, :]
+    xp = x_ptr + (rm_c.to(gl.int64) * stride_xm)[:, None] + (i * XS + kx)[None, :]
     async_copy.async_copy_global_to_shared(x_smem.index(stage), xp, mask=(rm_c < M)[:, None] & valid)
 
 
@@ -79,12 +83,14 @@ def _pairs(w, shift: gl.constexpr, BITS: gl.constexpr, BN: gl.constexpr, J: gl.c
 @gluon.jit
 def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, M, N, KW, NB, blocks_per_split, G, stride_xm, stride_om,
                SYMMETRIC: gl.constexpr, J: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, S: gl.constexpr,
-               ATOMIC: gl.constexpr, BITS: gl.constexpr = 4):
+               ATOMIC: gl.constexpr, BITS: gl.constexpr = 4, HALF: gl.constexpr = False):
     gl.static_assert(J == 64, "the prototype takes groups of 128 inputs as two code positions of 64")
     gl.static_assert(BITS == 4 or BITS == 2, "int4 or int2")
-    WPB: gl.constexpr = J * BITS // 4  # words a row per block
+    gl.static_assert(BITS == 4 or not HALF, "half-block stages are for int4")
+    ITS: gl.constexpr = 2 if HALF else 1  # pipeline iterations (stages) a block: int4 halves are contiguous words
+    WPS: gl.constexpr = J * BITS // 4 // ITS  # words a row per stage
+    XS: gl.constexpr = 8 * J // ITS  # inputs per stage
     NW: gl.constexpr = gl.num_warps()
-    BK: gl.constexpr = 8 * J
     H: gl.constexpr = J // 2
     pid_m = gl.program_id(0)
     pid_n = gl.program_id(1)
@@ -94,17 +100,17 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, M, N, KW, NB, blocks_per_spl
     b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     w_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=1)
     # global -> shared copies in 16-byte vectors
-    wcp: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (WPB // 4), WPB // 4], [NW, 1], [1, 0])
+    wcp: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (WPS // 4), WPS // 4], [NW, 1], [1, 0])
     xcp: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [NW, 1], [1, 0])
     w_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
     x_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
-    w_smem = gl.allocate_shared_memory(gl.int32, [S, BN, WPB], w_sl)
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [S, BM, BK], x_sl)
+    w_smem = gl.allocate_shared_memory(gl.int32, [S, BN, WPS], w_sl)
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [S, BM, XS], x_sl)
 
     rn_c = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, wcp))
-    jw = gl.arange(0, WPB, layout=gl.SliceLayout(0, wcp))
+    jw = gl.arange(0, WPS, layout=gl.SliceLayout(0, wcp))
     rm_c = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, xcp))
-    kx = gl.arange(0, BK, layout=gl.SliceLayout(0, xcp))
+    kx = gl.arange(0, XS, layout=gl.SliceLayout(0, xcp))
     # group scales (rows of the accumulator) and zero points (rows of the A operand)
     rn_s = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
     rn_z = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, a_l))
@@ -112,66 +118,84 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, M, N, KW, NB, blocks_per_spl
     zrow = z_ptr + rn_z.to(gl.int64) * G
 
     b_lo = pid_k * blocks_per_split
-    nblk = gl.minimum(b_lo + blocks_per_split, NB) - b_lo
+    i_lo = b_lo * ITS
+    n_it = (gl.minimum(b_lo + blocks_per_split, NB) - b_lo) * ITS
     for i in gl.static_range(S - 1):
-        _issue(w_smem, x_smem, q_ptr, x_ptr, b_lo + i, i, i < nblk, rn_c, rm_c, jw, kx, N, M, KW, stride_xm, WPB,
-               BK)
+        _issue(w_smem, x_smem, q_ptr, x_ptr, i_lo + i, i, i < n_it, rn_c, rm_c, jw, kx, N, M, KW, stride_xm, WPS,
+               XS)
         async_copy.commit_group()
 
     acc = gl.zeros([BN, BM], gl.float32, layout=mma)
-    for it in range(0, nblk):
+    for it in range(0, n_it):
         gl.thread_barrier()  # every warp is done with the stage that the next copies overwrite (read at it - 1)
         nxt = it + S - 1
-        _issue(w_smem, x_smem, q_ptr, x_ptr, b_lo + nxt, nxt % S, nxt < nblk, rn_c, rm_c, jw, kx, N, M, KW,
-               stride_xm, WPB, BK)
+        _issue(w_smem, x_smem, q_ptr, x_ptr, i_lo + nxt, nxt % S, nxt < n_it, rn_c, rm_c, jw, kx, N, M, KW,
+               stride_xm, WPS, XS)
         async_copy.commit_group()
-        # this block's four group scales and zero points, loaded before the wait so that their latency overlaps it
-        b = b_lo + it
-        s0 = gl.load(srow + 4 * b, mask=rn_s < N, other=1.0).to(gl.float32)
-        s1 = gl.load(srow + 4 * b + 1, mask=rn_s < N, other=1.0).to(gl.float32)
-        s2 = gl.load(srow + 4 * b + 2, mask=rn_s < N, other=1.0).to(gl.float32)
-        s3 = gl.load(srow + 4 * b + 3, mask=rn_s < N, other=1.0).to(gl.float32)
+        # this stage's group scales and zero points (4 groups, or 2 for a half block), loaded before the wait so
+        # that their latency overlaps it
+        g = (i_lo + it) * (4 // ITS)
+        s0 = gl.load(srow + g, mask=rn_s < N, other=1.0).to(gl.float32)
+        s1 = gl.load(srow + g + 1, mask=rn_s < N, other=1.0).to(gl.float32)
+        if not HALF:
+            s2 = gl.load(srow + g + 2, mask=rn_s < N, other=1.0).to(gl.float32)
+            s3 = gl.load(srow + g + 3, mask=rn_s < N, other=1.0).to(gl.float32)
         if SYMMETRIC:
             z0 = gl.full([BN], 128.0 + (1 << (BITS - 1)), gl.bfloat16, layout=gl.SliceLayout(1, a_l))  # c + mid
             z1 = z0
             z2 = z0
             z3 = z0
         else:
-            z0 = (gl.load(zrow + 4 * b, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
-            z1 = (gl.load(zrow + 4 * b + 1, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
-            z2 = (gl.load(zrow + 4 * b + 2, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
-            z3 = (gl.load(zrow + 4 * b + 3, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
-        async_copy.wait_group(S - 1)  # this thread's copies of block it are done
+            z0 = (gl.load(zrow + g, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
+            z1 = (gl.load(zrow + g + 1, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
+            if not HALF:
+                z2 = (gl.load(zrow + g + 2, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
+                z3 = (gl.load(zrow + g + 3, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
+        async_copy.wait_group(S - 1)  # this thread's copies of stage it are done
         gl.thread_barrier()  # and every thread's
-        stage = it % S
-        ws = w_smem.index(stage)
-        xs = x_smem.index(stage)
-        if BITS == 4:  # positions 0-3 in the first H words, 4-7 in the next H (bits 4 u, 4 u + 16)
-            w_lo = ws.slice(0, H, dim=1).load(w_l)
-            w_hi = ws.slice(H, H, dim=1).load(w_l)
-        else:  # all eight positions in H words (bits 2 t, 2 t + 16)
-            w_lo = ws.load(w_l)
-            w_hi = w_lo
-        for u in gl.static_range(4):  # positions u (groups 0, 1) and u + 4 (groups 2, 3); a group is two positions
-            if u < 2:
-                s_lo, z_lo, s_hi, z_hi = s0, z0, s2, z2
-            else:
-                s_lo, z_lo, s_hi, z_hi = s1, z1, s3, z3
-            if BITS == 4:
-                lo = _pairs(w_lo, 4 * u, 4, BN, J, a_l) - z_lo[:, None]
-                hi = _pairs(w_hi, 4 * u, 4, BN, J, a_l) - z_hi[:, None]
-            else:
-                lo = _pairs(w_lo, 2 * u, 2, BN, J, a_l) - z_lo[:, None]
-                hi = _pairs(w_lo, 2 * u + 8, 2, BN, J, a_l) - z_hi[:, None]
-            x_lo = xs.slice(u * J, J, dim=1).permute([1, 0]).load(b_l)
-            x_hi = xs.slice((u + 4) * J, J, dim=1).permute([1, 0]).load(b_l)
-            if u % 2 == 0:
-                p_lo = mma_v2(lo, x_lo, gl.zeros([BN, BM], gl.float32, layout=mma))
-                p_hi = mma_v2(hi, x_hi, gl.zeros([BN, BM], gl.float32, layout=mma))
-            else:
-                p_lo = mma_v2(lo, x_lo, p_lo)
-                p_hi = mma_v2(hi, x_hi, p_hi)
-                acc = acc + p_lo * s_lo[:, None] + p_hi * s_hi[:, None]
+        ws = w_smem.index(it % S)
+        xs = x_smem.index(it % S)
+        if HALF:  # one word tile: positions u = 0..3 of this half (bits 4 u, 4 u + 16); groups 0 (u < 2) and 1
+            w = ws.load(w_l)
+            for u in gl.static_range(4):
+                if u < 2:
+                    s_u, z_u = s0, z0
+                else:
+                    s_u, z_u = s1, z1
+                a = _pairs(w, 4 * u, 4, BN, J, a_l) - z_u[:, None]
+                xu = xs.slice(u * J, J, dim=1).permute([1, 0]).load(b_l)
+                if u % 2 == 0:
+                    p = mma_v2(a, xu, gl.zeros([BN, BM], gl.float32, layout=mma))
+                else:
+                    p = mma_v2(a, xu, p)
+                    acc = acc + p * s_u[:, None]
+        else:
+            if BITS == 4:  # positions 0-3 in the first H words, 4-7 in the next H (bits 4 u, 4 u + 16)
+                w_lo = ws.slice(0, H, dim=1).load(w_l)
+                w_hi = ws.slice(H, H, dim=1).load(w_l)
+            else:  # all eight positions in H words (bits 2 t, 2 t + 16)
+                w_lo = ws.load(w_l)
+                w_hi = w_lo
+            for u in gl.static_range(4):  # positions u (groups 0, 1) and u + 4 (groups 2, 3); a group is 2 positions
+                if u < 2:
+                    s_lo, z_lo, s_hi, z_hi = s0, z0, s2, z2
+                else:
+                    s_lo, z_lo, s_hi, z_hi = s1, z1, s3, z3
+                if BITS == 4:
+                    lo = _pairs(w_lo, 4 * u, 4, BN, J, a_l) - z_lo[:, None]
+                    hi = _pairs(w_hi, 4 * u, 4, BN, J, a_l) - z_hi[:, None]
+                else:
+                    lo = _pairs(w_lo, 2 * u, 2, BN, J, a_l) - z_lo[:, None]
+                    hi = _pairs(w_lo, 2 * u + 8, 2, BN, J, a_l) - z_hi[:, None]
+                x_lo = xs.slice(u * J, J, dim=1).permute([1, 0]).load(b_l)
+                x_hi = xs.slice((u + 4) * J, J, dim=1).permute([1, 0]).load(b_l)
+                if u % 2 == 0:
+                    p_lo = mma_v2(lo, x_lo, gl.zeros([BN, BM], gl.float32, layout=mma))
+                    p_hi = mma_v2(hi, x_hi, gl.zeros([BN, BM], gl.float32, layout=mma))
+                else:
+                    p_lo = mma_v2(lo, x_lo, p_lo)
+                    p_hi = mma_v2(hi, x_hi, p_hi)
+                    acc = acc + p_lo * s_lo[:, None] + p_hi * s_hi[:, None]
     async_copy.wait_group(0)
     rm_o = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
     optr = out_ptr + (rm_o.to(gl.int64) * stride_om)[None, :] + rn_s[:, None]
@@ -183,7 +207,7 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, M, N, KW, NB, blocks_per_spl
 
 
 def launch(x: torch.Tensor, lay, bn: int, warps: int, stages: int, split: int, out: torch.Tensor,
-           bits: int = 4) -> None:
+           bits: int = 4, half: int = 0) -> None:
     m, k = x.shape
     n, j = lay.q.shape[0], lay.j
     bm = 8 if m <= 8 else 16
@@ -192,13 +216,13 @@ def launch(x: torch.Tensor, lay, bn: int, warps: int, stages: int, split: int, o
     gwa_kernel[(-(-m // bm), -(-n // bn), split)](
         x, out, lay.q, lay.scales, lay.zeros if lay.zeros is not None else lay.scales, m, n, k * bits // 32, blocks,
         per, k // 128, x.stride(0), out.stride(0), SYMMETRIC=lay.zeros is None, J=j, BM=bm, BN=bn, S=stages,
-        ATOMIC=split > 1, BITS=bits, num_warps=warps)
+        ATOMIC=split > 1, BITS=bits, HALF=bool(half), num_warps=warps)
 
 
-def parse_case(case: str) -> tuple[str, int, int, int, int, int, int, int]:
-    """``shape:batch:J:BN:warps:stages:split[:bits]`` -> its fields (bits 4 unless given)."""
+def parse_case(case: str) -> tuple[str, int, int, int, int, int, int, int, int]:
+    """``shape:batch:J:BN:warps:stages:split[:bits[:half]]`` -> its fields (bits 4, half 0 unless given)."""
     f = case.split(":")
-    return (f[0], *(int(v) for v in f[1:7]), int(f[7]) if len(f) > 7 else 4)
+    return (f[0], *(int(v) for v in f[1:7]), int(f[7]) if len(f) > 7 else 4, int(f[8]) if len(f) > 8 else 0)
 
 
 def compile_only(cases: list[str]) -> int:
@@ -208,12 +232,13 @@ def compile_only(cases: list[str]) -> int:
 
     fails = 0
     for case in cases:
-        shape, m, j, bn, warps, stages, split, bits = parse_case(case)
+        shape, m, j, bn, warps, stages, split, bits, half = parse_case(case)
         for split in dict.fromkeys([split, 1]):
             names = list(gwa_kernel.arg_names)
             types = {"x_ptr": "*bf16", "out_ptr": "*fp32" if split > 1 else "*bf16", "q_ptr": "*i32",
                      "s_ptr": "*fp16", "z_ptr": "*u8"}
-            consts = dict(SYMMETRIC=False, J=j, BM=8 if m <= 8 else 16, BN=bn, S=stages, ATOMIC=split > 1, BITS=bits)
+            consts = dict(SYMMETRIC=False, J=j, BM=8 if m <= 8 else 16, BN=bn, S=stages, ATOMIC=split > 1, BITS=bits,
+                          HALF=bool(half))
             sig = {nm: "constexpr" if nm in consts else types.get(nm, "i32") for nm in names}
             div = [i for i, nm in enumerate(names) if nm in types or nm in ("KW", "stride_xm", "stride_om")]
             try:
@@ -229,7 +254,7 @@ def compile_only(cases: list[str]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", default=",".join(CASES), help="shape:batch:J:BN:warps:stages:split[:bits],...")
+    ap.add_argument("--cases", default=",".join(CASES), help="shape:batch:J:BN:warps:stages:split[:bits[:half]],...")
     ap.add_argument("--compile-only", action="store_true", help="build for sm_90 without a GPU")
     args = ap.parse_args()
     cases = args.cases.split(",")
@@ -247,7 +272,7 @@ def main() -> None:
     results = []
     t0 = time.time()
     for case in cases:
-        shape, m, j, bn, warps, stages, split, bits = parse_case(case)
+        shape, m, j, bn, warps, stages, split, bits, half = parse_case(case)
         k, n = (int(v) for v in shape.split("x"))
         w, lay = make(shape, bits, "cuda")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -256,7 +281,7 @@ def main() -> None:
         try:  # checked in fp32 (a NaN-poisoned output without split-K, a zeroed one with it)
             out = (torch.full((m, n), float("nan"), device="cuda") if split == 1 else
                    torch.zeros(m, n, device="cuda"))
-            launch(x, lay, bn, warps, stages, split, out, bits)
+            launch(x, lay, bn, warps, stages, split, out, bits, half)
             torch.cuda.synchronize()
             row["err"] = relative_error(out, ref)
             lays = [lay] + [make(shape, bits, "cuda", seed=i)[1] for i in range(1, n_copies(n * k * bits // 8))]
@@ -267,7 +292,7 @@ def main() -> None:
             def g(L):  # as wa_probe.call times the shipped kernel: bf16 out, or a zeroed fp32 one for split-K
                 o = (torch.empty(m, n, device="cuda", dtype=torch.bfloat16) if split == 1 else
                      torch.zeros(m, n, device="cuda", dtype=torch.float32))
-                launch(x, L, bn, warps, stages, split, o, bits)
+                launch(x, L, bn, warps, stages, split, o, bits, half)
                 return o
 
             row["gluon_us"] = bench_graph([lambda L=L: g(L) for L in lays])
