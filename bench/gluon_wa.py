@@ -39,6 +39,12 @@ from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2  # noqa: E402
 
+# Triton 3.6 (the device image) and later versions name two of the builtins differently.
+# cp.async global -> shared: ``async_copy_global_to_shared`` in 3.6, ``async_load`` later
+_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+# a CTA-wide barrier: ``thread_barrier`` in Triton 3.6, ``barrier`` later
+_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
 # shape in x out : batch : J : BN : warps : stages : split [: bits [: half]]; BM = 8 for batch <= 8, else 16; half:
 # int4 pipeline stages of half a block (4 code positions, half the shared memory a stage)
 CASES = ["8192x28672:1:64:32:2:2:1", "8192x28672:1:64:32:2:3:1", "8192x28672:1:64:32:2:4:1",
@@ -60,9 +66,9 @@ def _issue(w_smem, x_smem, q_ptr, x_ptr, i, stage, valid, rn_c, rm_c, jw, kx, N,
     """Start the copies of pipeline step ``i`` (a block, or a half block: its ``[BN, WPS]`` words and ``[BM, XS]``
     activations) into ``stage``."""
     wp = q_ptr + (rn_c.to(gl.int64) * KW)[:, None] + (i * WPS + jw)[None, :]
-    async_copy.async_copy_global_to_shared(w_smem.index(stage), wp, mask=(rn_c < N)[:, None] & valid)
+    _cp_async(w_smem.index(stage), wp, mask=(rn_c < N)[:, None] & valid)
     xp = x_ptr + (rm_c.to(gl.int64) * stride_xm)[:, None] + (i * XS + kx)[None, :]
-    async_copy.async_copy_global_to_shared(x_smem.index(stage), xp, mask=(rm_c < M)[:, None] & valid)
+    _cp_async(x_smem.index(stage), xp, mask=(rm_c < M)[:, None] & valid)
 
 
 @gluon.jit
@@ -127,7 +133,7 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, M, N, KW, NB, blocks_per_spl
 
     acc = gl.zeros([BN, BM], gl.float32, layout=mma)
     for it in range(0, n_it):
-        gl.thread_barrier()  # every warp is done with the stage that the next copies overwrite (read at it - 1)
+        _barrier()  # every warp is done with the stage that the next copies overwrite (read at it - 1)
         nxt = it + S - 1
         _issue(w_smem, x_smem, q_ptr, x_ptr, i_lo + nxt, nxt % S, nxt < n_it, rn_c, rm_c, jw, kx, N, M, KW,
                stride_xm, WPS, XS)
@@ -152,7 +158,7 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, M, N, KW, NB, blocks_per_spl
                 z2 = (gl.load(zrow + g + 2, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
                 z3 = (gl.load(zrow + g + 3, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
         async_copy.wait_group(S - 1)  # this thread's copies of stage it are done
-        gl.thread_barrier()  # and every thread's
+        _barrier()  # and every thread's
         ws = w_smem.index(it % S)
         xs = x_smem.index(it % S)
         if HALF:  # one word tile: positions u = 0..3 of this half (bits 4 u, 4 u + 16); groups 0 (u < 2) and 1
