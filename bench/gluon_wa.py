@@ -45,14 +45,16 @@ _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_glo
 # a CTA-wide barrier: ``thread_barrier`` in Triton 3.6, ``barrier`` later
 _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
-# shape in x out : batch : J : BN : warps : stages : split [: bits [: half]]; BM = 8 for batch <= 8, else 16; half:
-# int4 pipeline stages of half a block (4 code positions, half the shared memory a stage)
+# shape in x out : batch : J : BN : warps : stages : split [: bits [: half [: rank]]]; BM = 8 for batch <= 8, else 16;
+# half: int4 pipeline stages of half a block (4 code positions, half the shared memory a stage); rank: the Sum with a
+# low-rank term of that rank, its t = x V^T computed before the timed call (compare with the same case without it)
 CASES = ["8192x28672:1:64:32:2:2:1", "8192x28672:1:64:32:2:3:1", "8192x28672:1:64:32:2:4:1",
          "8192x28672:1:64:64:4:3:1", "28672x8192:1:64:64:4:3:4", "28672x8192:1:64:32:2:3:2", "4096x14336:1:64:32:2:3:1",
          "14336x4096:1:64:64:4:3:4", "8192x28672:16:64:32:2:3:1", "8192x28672:16:64:64:4:3:1",
          "28672x8192:16:64:64:4:3:4", "8192x28672:1:64:32:2:3:1:2", "8192x28672:1:64:64:4:3:1:2",
          "8192x28672:1:64:32:2:4:1:4:1", "8192x28672:1:64:32:2:6:1:4:1", "28672x8192:1:64:64:4:4:4:4:1",
-         "8192x28672:16:64:32:2:4:1:4:1"]
+         "8192x28672:16:64:32:2:4:1:4:1", "8192x28672:1:64:32:2:3:1:4:0:32", "8192x28672:16:64:32:2:3:1:4:0:32",
+         "4096x14336:1:64:32:2:3:1:4:0:32"]
 # the shipped kernel's tuned configs in session 9's acceptance run (BM, BN, split, warps, stages, half), timed beside
 WA_TUNED = {("4096x14336", 1): [8, 32, 1, 2, 3, 0], ("4096x14336", 16): [16, 32, 1, 2, 3, 0],
             ("14336x4096", 1): [8, 64, 4, 4, 3, 0], ("14336x4096", 16): [16, 64, 8, 4, 2, 0],
@@ -87,9 +89,25 @@ def _pairs(w, shift: gl.constexpr, BITS: gl.constexpr, BN: gl.constexpr, J: gl.c
 
 
 @gluon.jit
-def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, M, N, KW, NB, blocks_per_split, G, stride_xm, stride_om,
+def _lowrank(t_ptr, u_ptr, pid_m, pid_n, M, N, R, stride_tm, stride_un, BM: gl.constexpr, BN: gl.constexpr,
+             BR: gl.constexpr, mma: gl.constexpr):
+    """``[BN, BM]`` fp32 ``sum_r U[n, r] t[m, r]``, one outer product a rank in the accumulator's own layout (no
+    layout change, few registers; the column loads are independent, so their latencies overlap)."""
+    rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, mma))
+    rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
+    out = gl.zeros([BN, BM], gl.float32, layout=mma)
+    for r in gl.static_range(BR):
+        u = gl.load(u_ptr + rn.to(gl.int64) * stride_un + r, mask=(rn < N) & (r < R), other=0.0).to(gl.float32)
+        t = gl.load(t_ptr + rm.to(gl.int64) * stride_tm + r, mask=(rm < M) & (r < R), other=0.0)
+        out = out + u[:, None] * t[None, :]
+    return out
+
+
+@gluon.jit
+def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr, M, N, KW, NB, blocks_per_split, G, R,
+               stride_xm, stride_om, stride_tm, stride_un,
                SYMMETRIC: gl.constexpr, J: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, S: gl.constexpr,
-               ATOMIC: gl.constexpr, BITS: gl.constexpr = 4, HALF: gl.constexpr = False):
+               ATOMIC: gl.constexpr, BITS: gl.constexpr = 4, HALF: gl.constexpr = False, BR: gl.constexpr = 0):
     gl.static_assert(J == 64, "the prototype takes groups of 128 inputs as two code positions of 64")
     gl.static_assert(BITS == 4 or BITS == 2, "int4 or int2")
     gl.static_assert(BITS == 4 or not HALF, "half-block stages are for int4")
@@ -203,6 +221,9 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, M, N, KW, NB, blocks_per_spl
                     p_hi = mma_v2(hi, x_hi, p_hi)
                     acc = acc + p_lo * s_lo[:, None] + p_hi * s_hi[:, None]
     async_copy.wait_group(0)
+    if BR > 0:  # the fused Sum's low-rank term U t^T (split 0 only), t = x V^T given as [M, R] fp32, U as [N, R]
+        if pid_k == 0:
+            acc = acc + _lowrank(t_ptr, u_ptr, pid_m, pid_n, M, N, R, stride_tm, stride_un, BM, BN, BR, mma)
     rm_o = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, mma))
     optr = out_ptr + (rm_o.to(gl.int64) * stride_om)[None, :] + rn_s[:, None]
     omask = (rn_s < N)[:, None] & (rm_o < M)[None, :]
@@ -213,22 +234,27 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, M, N, KW, NB, blocks_per_spl
 
 
 def launch(x: torch.Tensor, lay, bn: int, warps: int, stages: int, split: int, out: torch.Tensor,
-           bits: int = 4, half: int = 0) -> None:
+           bits: int = 4, half: int = 0, lr: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """``lr``: ``(t [M, R] fp32, U [N, R])`` for the Sum's low-rank term, ``t = x V^T`` computed before the call."""
     m, k = x.shape
     n, j = lay.q.shape[0], lay.j
     bm = 8 if m <= 8 else 16
     blocks = k // (8 * j)
     per = -(-blocks // split)
+    t, u = lr if lr is not None else (x, x)
+    rank = u.shape[1] if lr is not None else 0
     gwa_kernel[(-(-m // bm), -(-n // bn), split)](
-        x, out, lay.q, lay.scales, lay.zeros if lay.zeros is not None else lay.scales, m, n, k * bits // 32, blocks,
-        per, k // 128, x.stride(0), out.stride(0), SYMMETRIC=lay.zeros is None, J=j, BM=bm, BN=bn, S=stages,
-        ATOMIC=split > 1, BITS=bits, HALF=bool(half), num_warps=warps)
+        x, out, lay.q, lay.scales, lay.zeros if lay.zeros is not None else lay.scales, t, u, m, n, k * bits // 32,
+        blocks, per, k // 128, rank, x.stride(0), out.stride(0), t.stride(0), u.stride(0), SYMMETRIC=lay.zeros is None,
+        J=j, BM=bm, BN=bn, S=stages, ATOMIC=split > 1, BITS=bits, HALF=bool(half), BR=-(-rank // 8) * 8,
+        num_warps=warps)
 
 
-def parse_case(case: str) -> tuple[str, int, int, int, int, int, int, int, int]:
-    """``shape:batch:J:BN:warps:stages:split[:bits[:half]]`` -> its fields (bits 4, half 0 unless given)."""
+def parse_case(case: str) -> tuple[str, int, int, int, int, int, int, int, int, int]:
+    """``shape:batch:J:BN:warps:stages:split[:bits[:half[:rank]]]`` -> its fields (bits 4, half 0, rank 0 unless
+    given; a rank makes it the Sum with a low-rank term of that rank)."""
     f = case.split(":")
-    return (f[0], *(int(v) for v in f[1:7]), int(f[7]) if len(f) > 7 else 4, int(f[8]) if len(f) > 8 else 0)
+    return (f[0], *(int(v) for v in f[1:7]), *(int(f[i]) if len(f) > i else d for i, d in ((7, 4), (8, 0), (9, 0))))
 
 
 def compile_only(cases: list[str]) -> int:
@@ -238,15 +264,16 @@ def compile_only(cases: list[str]) -> int:
 
     fails = 0
     for case in cases:
-        shape, m, j, bn, warps, stages, split, bits, half = parse_case(case)
+        shape, m, j, bn, warps, stages, split, bits, half, rank = parse_case(case)
         for split in dict.fromkeys([split, 1]):
             names = list(gwa_kernel.arg_names)
             types = {"x_ptr": "*bf16", "out_ptr": "*fp32" if split > 1 else "*bf16", "q_ptr": "*i32",
-                     "s_ptr": "*fp16", "z_ptr": "*u8"}
+                     "s_ptr": "*fp16", "z_ptr": "*u8", "t_ptr": "*fp32", "u_ptr": "*fp16"}
             consts = dict(SYMMETRIC=False, J=j, BM=8 if m <= 8 else 16, BN=bn, S=stages, ATOMIC=split > 1, BITS=bits,
-                          HALF=bool(half))
+                          HALF=bool(half), BR=-(-rank // 8) * 8)
             sig = {nm: "constexpr" if nm in consts else types.get(nm, "i32") for nm in names}
-            div = [i for i, nm in enumerate(names) if nm in types or nm in ("KW", "stride_xm", "stride_om")]
+            div = [i for i, nm in enumerate(names) if nm in types or nm in ("KW", "stride_xm", "stride_om",
+                                                                                "stride_tm", "stride_un")]
             try:
                 ck = triton.compile(GluonASTSource(gwa_kernel, sig, consts, {(i,): [["tt.divisibility", 16]]
                                                                              for i in div}),
@@ -260,7 +287,8 @@ def compile_only(cases: list[str]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", default=",".join(CASES), help="shape:batch:J:BN:warps:stages:split[:bits[:half]],...")
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help="shape:batch:J:BN:warps:stages:split[:bits[:half[:rank]]],...")
     ap.add_argument("--compile-only", action="store_true", help="build for sm_90 without a GPU")
     args = ap.parse_args()
     cases = args.cases.split(",")
@@ -278,16 +306,23 @@ def main() -> None:
     results = []
     t0 = time.time()
     for case in cases:
-        shape, m, j, bn, warps, stages, split, bits, half = parse_case(case)
+        shape, m, j, bn, warps, stages, split, bits, half, rank = parse_case(case)
         k, n = (int(v) for v in shape.split("x"))
         w, lay = make(shape, bits, "cuda")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ w.decode().float().t()
+        lr = None
+        if rank:  # the Sum: t = x V^T before the call (timed apart from it: "epilogue only"), U in fp16
+            v = torch.randn(rank, k, device="cuda") * 0.02
+            u = (torch.randn(n, rank, device="cuda") * 0.02).half()
+            t = (x.float() @ v.t()).contiguous()
+            lr = (t, u)
+            ref = ref + t @ u.float().t()
         row = {"case": case}
         try:  # checked in fp32 (a NaN-poisoned output without split-K, a zeroed one with it)
             out = (torch.full((m, n), float("nan"), device="cuda") if split == 1 else
                    torch.zeros(m, n, device="cuda"))
-            launch(x, lay, bn, warps, stages, split, out, bits, half)
+            launch(x, lay, bn, warps, stages, split, out, bits, half, lr)
             torch.cuda.synchronize()
             row["err"] = relative_error(out, ref)
             lays = [lay] + [make(shape, bits, "cuda", seed=i)[1] for i in range(1, n_copies(n * k * bits // 8))]
@@ -298,7 +333,7 @@ def main() -> None:
             def g(L):  # as wa_probe.call times the shipped kernel: bf16 out, or a zeroed fp32 one for split-K
                 o = (torch.empty(m, n, device="cuda", dtype=torch.bfloat16) if split == 1 else
                      torch.zeros(m, n, device="cuda", dtype=torch.float32))
-                launch(x, L, bn, warps, stages, split, o, bits, half)
+                launch(x, L, bn, warps, stages, split, o, bits, half, lr)
                 return o
 
             row["gluon_us"] = bench_graph([lambda L=L: g(L) for L in lays])
