@@ -85,20 +85,6 @@ def quantize_weights(model, adapter, spec: str) -> float:
     return bits / n
 
 
-class DiskBaseline(CachedBaseline):
-    """The lead's :class:`CachedBaseline` reading and writing its safetensors folder, without the in-memory copy
-    (16 windows x 403 MB would stay resident for the whole run on a shared 23 GB machine)."""
-
-    def __init__(self, model, *, directory) -> None:  # noqa: ANN001
-        super().__init__(model, directory=directory)
-        self._memo = _Forgetful()
-
-
-class _Forgetful(dict):
-    def __setitem__(self, key, value) -> None:  # noqa: ANN001
-        pass
-
-
 def score(model, tokens: torch.Tensor, reference) -> dict:  # noqa: ANN001
     """The standard protocol (:func:`tensorslim.eval.evaluate_lm`: windows of 2048, float32 log-softmax)."""
     r = evaluate_lm(model, tokens, baseline=reference, window=WINDOW)
@@ -154,7 +140,7 @@ def main() -> None:
     base.eval()
     tokens = tokenize_text(tok, read_text(str(TEXT)), max_tokens=args.tokens)
     t0 = time.time()
-    reference = DiskBaseline(base, directory=args.reference_cache)
+    reference = CachedBaseline(base, directory=args.reference_cache)  # from disk, one window in memory
     if "base" not in results:
         # the base row scores the cached logits themselves (no forward when the cache is warm)
         results["base"] = {**score(reference, tokens, reference), "bpw": 32.0, "seconds": time.time() - t0}

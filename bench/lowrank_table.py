@@ -56,15 +56,6 @@ class Recorder(Compensator):
         return compressed
 
 
-class DiskBaseline(CachedBaseline):
-    """The base logits from disk, one window at a time (the in-memory memo would hold 6.4 GB at 32,768 tokens)."""
-
-    def forward(self, input_ids, use_cache=False, **kwargs):
-        out = super().forward(input_ids, use_cache=use_cache, **kwargs)
-        self._memo.clear()
-        return out
-
-
 def swap(model, name, cw):
     parent, _, child = name.rpartition(".")
     lin = model.get_submodule(name)
@@ -107,7 +98,7 @@ def main() -> None:
     names = adapter.linear_names(base)
     eval_ids = tokenize_text(tok, read_text(EVAL), args.eval_tokens)
     calib = calibration_data(tok, CALIB, samples=args.calib_samples, seq_len=args.calib_seq, seed=0)
-    cached = DiskBaseline(base, directory=args.reference_cache)
+    cached = CachedBaseline(base, directory=args.reference_cache)  # from disk, one window in memory
     rows: list[dict] = []
     meta = {"eval_tokens": int(eval_ids.numel()), "calib": f"{args.calib_samples}x{args.calib_seq}",
             "machine": "2-core CPU (this dev machine)"}

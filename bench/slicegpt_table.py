@@ -46,13 +46,7 @@ def _baseline(base, cache_dir: str | None):
         return base
     from tensorslim.eval.cache import CachedBaseline
 
-    class DiskBaseline(CachedBaseline):  # one window in memory at a time
-        def forward(self, input_ids, use_cache=False, **kwargs):
-            out = super().forward(input_ids, use_cache=use_cache, **kwargs)
-            self._memo.clear()
-            return out
-
-    return DiskBaseline(base, directory=cache_dir)
+    return CachedBaseline(base, directory=cache_dir)  # from disk, one window in memory at a time
 
 
 def main() -> None:

@@ -73,3 +73,17 @@ def test_extra_arguments_refused() -> None:
     cached = CachedBaseline(tiny_model("llama", seed=0))
     with pytest.raises(ConfigError, match="input_ids"):
         cached(input_ids=torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 4))
+
+
+def test_directory_cache_keeps_no_window_in_memory_unless_asked(tmp_path) -> None:
+    seed = int(torch.randint(0, 10_000, ()))
+    base, other, tokens = _pair(seed)
+    plain = evaluate_lm(other, tokens, baseline=base, window=32)
+    disk = CachedBaseline(base, directory=tmp_path)
+    evaluate_lm(other, tokens, baseline=disk, window=32)
+    again = evaluate_lm(other, tokens, baseline=disk, window=32)
+    assert not disk._memo  # read back from the files: one window in memory at a time
+    assert (disk.misses, disk.hits) == (3, 3) and _fields(again) == _fields(plain)
+    both = CachedBaseline(base, directory=tmp_path / "b", memo=True)
+    evaluate_lm(other, tokens, baseline=both, window=32)
+    assert len(both._memo) == 3 and len(list((tmp_path / "b").glob("logits-*.safetensors"))) == 3

@@ -7,9 +7,10 @@ logits (float32, on the CPU); later calls with the same ids return the kept tens
 passing the model itself (the same forward produced the logits; nothing is rounded).
 
 Memory: 2,048 x 49,152 float32 logits are 403 MB per window, 6.4 GB for the 16 windows of the standard protocol.
-With ``directory=`` the logits are also written there (one safetensors file per window, atomically) and read back
-by later processes; the file name hashes the token ids *and* a fingerprint of every parameter of the base model, so
-a different or modified base model never reuses another model's logits. Nothing is unpickled.
+With ``directory=`` the logits are written there instead (one safetensors file per window, atomically) and read back
+when asked for again, in this process or a later one, so only the window in use is in memory (``memo=True`` keeps
+them in memory as well). The file name hashes the token ids *and* a fingerprint of every parameter of the base
+model, so a different or modified base model never reuses another model's logits. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -41,10 +42,13 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 class CachedBaseline(torch.nn.Module):
     """Wrap a base model so that its logits for each distinct input are computed once (see the module doc)."""
 
-    def __init__(self, model: torch.nn.Module, *, directory: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, *, directory: str | os.PathLike[str] | None = None,
+                 memo: bool | None = None) -> None:
+        """``memo``: keep every window's logits in memory too; by default only without a ``directory``."""
         super().__init__()
         self.model = model
         self._memo: dict[str, torch.Tensor] = {}
+        self._keep = directory is None if memo is None else memo
         self._dir = Path(directory) if directory is not None else None
         self._fingerprint = model_fingerprint(model) if self._dir is not None else ""
         self.hits = 0
@@ -93,7 +97,8 @@ class CachedBaseline(torch.nn.Module):
                 self._store(key, logits)
             else:
                 self.hits += 1
-            self._memo[key] = logits
+            if self._keep:
+                self._memo[key] = logits
         else:
             self.hits += 1
         return SimpleNamespace(logits=logits.to(input_ids.device))
