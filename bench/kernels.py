@@ -127,35 +127,11 @@ def tinygemm_fns(n: int, k: int, x: torch.Tensor, copies: int, group: int):
 def bench_graph(fns, reps: int = 30, warm_s: float = 0.3) -> float:
     """Microseconds per call of ``fns`` (each on its own copy of the weights, together > 2x L2, so the weights come
     from HBM as in a real model), replayed as one CUDA graph (no Python/launch overhead) after ``warm_s`` seconds of
-    replays (GPU clocks up); median over replays."""
-    import statistics
+    replays (GPU clocks up); median over replays. The tuner's own timing (:func:`dispatch.time_graph`), with every
+    function called once before the capture (compiles, tunes)."""
+    from tensorslim.kernels.dispatch import time_graph
 
-    for f in fns:
-        f()  # warm-up: compiles, tunes
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    from tensorslim.kernels.dispatch import warm_clocks
-
-    warm_clocks(g.replay, warm_s)  # clocks up first: a table's first entry otherwise reads slow (session 8)
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(1e3 * a.elapsed_time(b) / len(fns))
-    return statistics.median(times)
+    return 1e3 * time_graph(lambda: [f() for f in fns], calls=1, reps=reps, per=len(fns), warm_s=warm_s)
 
 
 def n_copies(nbytes: int) -> int:

@@ -432,7 +432,7 @@ def _cold_copies(lay: IntKernelLayout, l2_bytes: int) -> list[IntKernelLayout]:
                                         zeros=clone(lay.zeros)) for _ in range(n - 1)]
 
 
-def _time_graph(fn, calls: int = 8, reps: int = 5, per: int = 1, warm_s: float = 0.0) -> float:
+def time_graph(fn, calls: int = 8, reps: int = 5, per: int = 1, warm_s: float = 0.0) -> float:
     """Milliseconds per kernel call of ``fn`` (which makes ``per`` calls) replayed in a CUDA graph (GPU time without
     Python or launch overhead), after ``warm_s`` seconds of replays (:func:`warm_clocks`)."""
     fn()  # compile
@@ -491,7 +491,7 @@ def tune(lay: IntKernelLayout, m: int, dtype: torch.dtype, rank: int | None = No
     best: tuple[float, Choice] | None = None
     for i, c in enumerate(usable_candidates(lay, m, x, sms)):
         try:  # the first candidate after 0.2 s of load, so that it is not timed at idle clocks
-            ms = _time_graph(lambda: [run_choice(c, L, x, lr, dtype) for L in copies], calls=max(1, 8 // len(copies)),
+            ms = time_graph(lambda: [run_choice(c, L, x, lr, dtype) for L in copies], calls=max(1, 8 // len(copies)),
                              per=len(copies), warm_s=0.2 if i == 0 else warm_each, reps=reps)
         except Exception as e:  # a config the compiler rejects (e.g. shared memory) is skipped, not fatal
             log.debug("candidate %s failed: %s", c, e)

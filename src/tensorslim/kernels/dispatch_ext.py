@@ -1,7 +1,7 @@
 """Dispatch for the float (FP8, MXFP4/MXFP8, NVFP4), binary-coded (BCQ) and 2:4 sparse + int4 kernels.
 
 :mod:`.dispatch` hands every weight that is not integer-like here. Paths, chosen per (layout, batch bucket, dtype,
-device) by timing the candidates in CUDA-graph replays (:func:`.dispatch._time_graph`, median), remembered in
+device) by timing the candidates in CUDA-graph replays (:func:`.dispatch.time_graph`, median), remembered in
 ``_TUNED``:
 - float formats: "gemv" (1-16 rows), "gemm" (tensor cores, >= 2 rows), "reference" (>= 64 rows: decode to the
   activation dtype, then cuBLAS; rounds the weights to bf16 as a bf16 model would);
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..formats.base import CompressedWeight
-from .dispatch import Choice, _pow2, _splits, _time_graph
+from .dispatch import Choice, _pow2, _splits, time_graph
 from .layout_ext import BCQKernelLayout, FloatKernelLayout, Sparse24KernelLayout, ext_layout, ext_layout_reason
 from .reference import reference_linear
 
@@ -154,7 +154,7 @@ def tune(cw: CompressedWeight, lay, m: int, dtype: torch.dtype, device: torch.de
     best: tuple[float, Choice] | None = None
     for c in candidates(cw, lay, m, dtype, sms):
         try:
-            ms = _time_graph(lambda: run_choice(c, cw, lay, x, dtype))
+            ms = time_graph(lambda: run_choice(c, cw, lay, x, dtype))
         except Exception as e:  # a config the compiler rejects is skipped, not fatal
             log.debug("candidate %s failed: %s", c, e)
             continue
