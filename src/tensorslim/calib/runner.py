@@ -96,6 +96,22 @@ def capture_block_inputs(model: nn.Module, adapter, batches: torch.Tensor, *, ba
     return cache
 
 
+@torch.no_grad()
+def forward_with_hooks(model: nn.Module, batches: torch.Tensor, batch_size: int,
+                       pre_hooks: Sequence[tuple[nn.Module, Callable]]) -> None:
+    """Run the whole ``model`` over ``batches`` (``[n, seq]`` token ids), ``batch_size`` rows at a time, on the
+    model's device, with the forward pre-hooks ``(module, fn)`` registered for these passes only (removed after, also
+    on an error). For statistics of a whole-model pass (SliceGPT's boundary covariances, WINA's thresholds)."""
+    handles = [module.register_forward_pre_hook(fn) for module, fn in pre_hooks]
+    try:
+        dev = next(model.parameters()).device
+        for i in range(0, batches.shape[0], batch_size):
+            model(batches[i:i + batch_size].to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)

@@ -219,17 +219,14 @@ def _calibrate_thresholds(model: nn.Module, modules: dict[str, ActSparseLinear],
 
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    from ..calib.runner import forward_with_hooks
+
     saved = {n: (m.sparsity, m.mode) for n, m in modules.items()}
     try:
         for m in modules.values():
             m.sparsity, m.mode = 0.0, "topk"  # dense while calibrating: thresholds of the unsparsified distribution
-        dev = next(model.parameters()).device
-        for i in range(0, batches.shape[0], batch_size):
-            model(batches[i:i + batch_size].to(dev), use_cache=False)
+        forward_with_hooks(model, batches, batch_size, [(m, hook(n)) for n, m in modules.items()])
     finally:
-        for h in handles:
-            h.remove()
         for n, m in modules.items():
             m.sparsity = saved[n][0]
     for n, m in modules.items():

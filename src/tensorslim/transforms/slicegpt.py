@@ -106,14 +106,9 @@ def boundary_covariances(model: nn.Module, adapter: ModelAdapter, batches: torch
 
         return fn
 
-    handles = [p.register_forward_pre_hook(hook(k)) for k, p in enumerate(points)]
-    try:
-        dev = next(model.parameters()).device
-        for i in range(0, batches.shape[0], batch_size):
-            model(batches[i:i + batch_size].to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    from ..calib.runner import forward_with_hooks
+
+    forward_with_hooks(model, batches, batch_size, [(p, hook(k)) for k, p in enumerate(points)])
     if any(c is None for c in covs):
         raise ConfigError("SliceGPT: no calibration activations reached every boundary; give at least one batch")
     return [c.cpu() for c in covs]  # type: ignore[union-attr]
