@@ -165,6 +165,40 @@ def _warm_task(task) -> int:
     return done
 
 
+def _sweep_task(task) -> tuple[list[dict], list[str]]:
+    """Step 1 for one variant in a worker process: every candidate of ``spec`` (or, for ``("sum", base_spec)``, of
+    the fused Sum on it) at each batch size, compiled and checked there. Returns the records and the skip/FAIL
+    lines."""
+    kind, spec, k, n, ms, seed = task
+    from tensorslim.formats import SumWeight, parse_format
+    from tensorslim.kernels import dispatch
+
+    torch.manual_seed(seed)
+    _, base = make_int(k, n, spec)
+    cw, name = base, spec
+    if kind == "sum":
+        cw = SumWeight(format=parse_format(f"{spec}+lowrank:r32"), shape=(n, k), base=base,
+                       extra=make_lowrank(k, n, 32))
+        name = f"{spec}+lowrank:r32"
+    records, lines = [], []
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        for c in dispatch.candidates(dispatch.layout(base), dispatch._pow2(m)):
+            try:
+                err = check_choice(cw, x, c)
+            except Exception as e:  # the tuner skips configs the compiler rejects; so does the check
+                if kind == "sum":
+                    raise
+                lines.append(f"skip {spec} m={m} {c}: {type(e).__name__}")
+                continue
+            records.append({"format": name, "shape": f"{k}x{n}", "m": m, "path": c[0], "config": list(c[1]),
+                            "rel_err": err})
+            if not err <= TOL:
+                lines.append(f"FAIL {name} m={m} {c}: rel err {err:.2e}")
+    torch.cuda.synchronize()
+    return records, lines
+
+
 def prewarm(tasks, jobs: int) -> None:
     import multiprocessing as mp
 
@@ -189,6 +223,9 @@ def main() -> None:
     ap.add_argument("--sweep-only", action="store_true",
                     help="step 1 only (every candidate on 4096x4096; ~9 minutes on a fresh H100): with "
                          "'--check-only --no-sweep' (step 2) the full correctness list fits two 10-minute calls")
+    ap.add_argument("--sweep-jobs", type=int, default=0,
+                    help="step 1 in this many processes, each compiling and checking its own variants (0: compile in "
+                         "--jobs processes, check here one by one; not yet measured on the device)")
     ap.add_argument("--new-formats", action="store_true",
                     help="only the FP8/MXFP4/NVFP4/BCQ/2:4+int4 kernels: correctness and speed at batch 1 and 16 "
                          "(bench/kernels_new_formats.py; a few minutes)")
@@ -223,10 +260,23 @@ def main() -> None:
     if args.sum:
         variants, shapes, batches = [], [(4096, 14336), (8192, 28672), (28672, 8192)], [1, 16]
     k, n = 4096, 4096
-    if args.jobs and not args.no_sweep and not args.smoke:  # step 1's candidates compiled in parallel first
+    if args.sweep_jobs and not args.no_sweep:  # step 1 split by variant over worker processes
+        import multiprocessing as mp
+
+        ms = (1, 7, 64) if not args.quick else (1, 7, 33, 128)
+        tasks = [("int", spec, k, n, ms, i) for i, spec in enumerate(variants)]
+        tasks += [("sum", "int4:g128", k, n, (1, 7, 33), 100), ("sum", "int4:g128:act", k, n, (1, 33), 101)]
+        with mp.get_context("spawn").Pool(args.sweep_jobs) as pool:
+            for records, lines in pool.imap(_sweep_task, tasks):
+                results["correct"] += records
+                worst = max([worst] + [r["rel_err"] for r in records if r["path"] != "dequant"])
+                for line in lines:
+                    print(line)
+    swept = bool(args.sweep_jobs) and not args.no_sweep
+    if args.jobs and not args.no_sweep and not args.smoke and not swept:  # step 1's candidates compiled in parallel
         prewarm([(k, n, spec, [1, 7, 64] if not args.quick else [1, 7, 33, 128]) for spec in variants]
                 + [(k, n, "int4:g128+lowrank:r32", [1, 7, 33])], args.jobs)
-    for spec in [] if args.no_sweep else variants:
+    for spec in [] if args.no_sweep or swept else variants:
         _, cw = make_int(k, n, spec)
         lay = dispatch.layout(cw)
         for m in (1, 7, 64) if not args.quick else (1, 7, 33, 128):
@@ -243,7 +293,7 @@ def main() -> None:
                 if not err <= TOL:
                     print(f"FAIL {spec} m={m} {c}: rel err {err:.2e}")
     # the fused Sum(int4, rank-32) through its candidates (and with act-order: V's parts permuted like x)
-    for base_spec in ("int4:g128", "int4:g128:act"):
+    for base_spec in ("int4:g128", "int4:g128:act") if not swept else ():
         _, base = make_int(k, n, base_spec)
         sw = SumWeight(format=parse_format(f"{base_spec}+lowrank:r32"), shape=(n, k), base=base,
                        extra=make_lowrank(k, n, 32))
