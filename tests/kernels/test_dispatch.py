@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tensorslim.formats import CompressedLinear, IntGroup, quantize_rtn
@@ -68,14 +69,20 @@ def test_self_checks_run(ops):
         assert dispatch.kernel_verified(path, bits, torch.device("cpu"), torch.float16), (path, bits)
 
 
-def test_warm_clocks_replays_until_the_time_is_spent():
+def test_warm_clocks_replays_until_the_time_is_spent(monkeypatch):
     import time
 
+    now = [100.0]  # a fake clock that each replay advances by 10 ms: no dependence on the machine's load
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
     calls = []
-    t0 = time.perf_counter()
-    dispatch.warm_clocks(lambda: calls.append(time.perf_counter()), 0.05)
-    assert time.perf_counter() - t0 >= 0.05 and len(calls) >= 2  # kept replaying for the whole interval
-    assert calls[-1] - t0 < 0.06  # and started none after it (its own clock starts a moment later)
+
+    def replay():
+        calls.append(now[0])
+        now[0] += 0.01
+
+    dispatch.warm_clocks(replay, 0.05)
+    assert calls == pytest.approx([100.0, 100.01, 100.02, 100.03, 100.04])  # the whole interval, none after it
+    assert now[0] - 100.0 >= 0.05
     calls.clear()
-    dispatch.warm_clocks(lambda: calls.append(1), 0.0)
+    dispatch.warm_clocks(replay, 0.0)
     assert calls == []  # no warm-up asked: nothing replayed

@@ -46,7 +46,7 @@ def test_per_boundary_rotation_uses_shortcuts(arch: str) -> None:
         assert _rel(out, ref) < 1e-4
         # generation with a KV cache goes through the shortcut blocks too. The attention mask is explicit:
         # without it transformers masks every prompt token equal to the pad id (0 here), which a random prompt
-        # may contain. Raw logits are compared, not tokens (min_new_tokens masks the end-of-sequence token).
+        # may contain. min_new_tokens: a random model may emit its end-of-sequence token early.
         prompt = ids[:1, :4]
         gen = model.generate(
             prompt,
@@ -62,6 +62,10 @@ def test_per_boundary_rotation_uses_shortcuts(arch: str) -> None:
         cached = torch.stack([step[0] for step in gen.logits])
         full = model(gen.sequences[:, :-1]).logits[0, 3:]
     assert _rel(cached, full) < 1e-4
+    # and each step picked the token that forward picks (with the end-of-sequence token barred, as min_new_tokens
+    # bars it in generate)
+    full[:, model.generation_config.eos_token_id] = float("-inf")
+    assert torch.equal(full.argmax(-1), gen.sequences[0, 4:])
 
 
 def test_rotation_without_fold_or_bad_basis_is_refused() -> None:
