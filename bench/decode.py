@@ -205,11 +205,13 @@ def generate_eager(model: Llama, prompt: torch.Tensor, n_new: int, forced: torch
 
 
 @torch.no_grad()
-def generate_graph(model: Llama, prompt: torch.Tensor, n_new: int, compile_step: bool = False
-                   ) -> tuple[torch.Tensor, float]:
+def generate_graph(model: Llama, prompt: torch.Tensor, n_new: int, compile_step: bool = False,
+                   profile: str | None = None) -> tuple[torch.Tensor, float]:
     """Greedy decoding with the step in a CUDA graph; returns tokens and seconds for the ``n_new`` decode steps.
     ``compile_step``: the step goes through ``torch.compile`` first (Inductor fuses the norms, RoPE, residual adds;
-    our kernels enter the graph as ``torch.library`` custom ops), after one eager step has tuned every kernel."""
+    our kernels enter the graph as ``torch.library`` custom ops), after one eager step has tuned every kernel.
+    ``profile``: a path; after the timed steps, the GPU kernels of 5 more steps (graph replays) are traced with
+    ``torch.profiler`` and their totals per kernel name written there (which kernels a step's time goes to)."""
     step = model.step
     if compile_step:
         with torch.no_grad():
@@ -248,7 +250,38 @@ def generate_graph(model: Llama, prompt: torch.Tensor, n_new: int, compile_step:
         g.replay()
         toks.append(out.clone())
     torch.cuda.synchronize()
-    return torch.cat(toks, dim=1), time.perf_counter() - t0
+    sec = time.perf_counter() - t0
+    if profile:
+        try:  # a diagnostic: its failure must not cost the timed run
+            write_profile(g.replay, profile)
+        except Exception as e:
+            print(f"profile not written: {type(e).__name__}: {e}", flush=True)
+    return torch.cat(toks, dim=1), sec
+
+
+def write_profile(replay, path: str, steps: int = 5) -> None:
+    """GPU time per kernel name over ``steps`` calls of ``replay``, as a table (microseconds per step), atomically."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            replay()
+        torch.cuda.synchronize()
+    rows = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            r = rows.setdefault(ev.name, [0.0, 0])
+            r[0] += ev.time_range.elapsed_us() / steps
+            r[1] += 1
+    total = sum(v[0] for v in rows.values()) or float("nan")  # nan: the profiler saw no kernel
+    lines = [f"GPU kernel time per step: {total:.1f} us over {sum(v[1] for v in rows.values()) // steps} kernels",
+             "us/step  share  calls/step  kernel"]
+    for name, (us, n) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"{us:8.1f}  {100 * us / total:4.1f}%  {n // steps:5d}  {name[:150]}")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
 
 
 def build(layers: int, max_len: int, fused: bool, device: str) -> tuple[Llama, dict]:
@@ -280,6 +313,8 @@ def main() -> None:
     ap.add_argument("--formats", default="int4:g128,int3:g128,int2:g128,ternary:g128")
     ap.add_argument("--fuse", action="store_true", help="q/k/v and gate/up as one linear each (bf16 and compressed)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (bf16 and compressed)")
+    ap.add_argument("--profile", action="store_true", help="also write each variant's GPU time per kernel name "
+                    "(torch.profiler over 5 graph replays) to decode_profile_<format>_b<batch>.txt")
     ap.add_argument("--jobs", type=int, default=12, help="processes pre-compiling every kernel candidate the tuner "
                     "will time (Triton's disk cache), before the timed process tunes them (0: none)")
     args = ap.parse_args()
@@ -316,7 +351,11 @@ def main() -> None:
                 check[f"teacher_forced_top1_of_24_{mode}"] = int((ref_toks == forced).sum())
         for b in batches:
             t_c = time.time()
-            toks, sec = generate_graph(model, prompts[b], args.new, compile_step=args.compile)
+            prof = (os.path.join(os.environ.get("OUT") or "runs", f"decode_profile_{spec.replace(':', '_')}_b{b}.txt")
+                    if args.profile else None)
+            if prof:
+                os.makedirs(os.path.dirname(prof), exist_ok=True)
+            toks, sec = generate_graph(model, prompts[b], args.new, compile_step=args.compile, profile=prof)
             print(f"{spec} batch {b}: {time.time() - t_c:.0f}s incl. compile/tune", flush=True)
             tps = b * (args.new - 1) / sec
             row = {"format": spec, "batch": b, "tokens_per_s": tps, "ms_per_step": 1e3 * sec / (args.new - 1),

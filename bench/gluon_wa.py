@@ -90,6 +90,38 @@ def _pairs(w, shift: gl.constexpr, BITS: gl.constexpr, BN: gl.constexpr, J: gl.c
 
 
 @gluon.jit
+def _scales(srow, zrow, g, ms, mz, valid, SYMMETRIC: gl.constexpr, HALF: gl.constexpr, BITS: gl.constexpr,
+            a_l: gl.constexpr):
+    """The group scales (fp32, rows of the accumulator) and ``c + zero point`` (bf16, rows of the A operand) of the
+    4 groups (2 for a half block: the last two repeat them) from group ``g``."""
+    ms = ms & valid
+    mz = mz & valid
+    s0 = gl.load(srow + g, mask=ms, other=1.0).to(gl.float32)
+    s1 = gl.load(srow + g + 1, mask=ms, other=1.0).to(gl.float32)
+    if HALF:
+        s2 = s0
+        s3 = s1
+    else:
+        s2 = gl.load(srow + g + 2, mask=ms, other=1.0).to(gl.float32)
+        s3 = gl.load(srow + g + 3, mask=ms, other=1.0).to(gl.float32)
+    if SYMMETRIC:
+        z0 = gl.full(s0.shape, 128.0 + (1 << (BITS - 1)), gl.bfloat16, layout=gl.SliceLayout(1, a_l))  # c + mid
+        z1 = z0
+        z2 = z0
+        z3 = z0
+    else:
+        z0 = (gl.load(zrow + g, mask=mz, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
+        z1 = (gl.load(zrow + g + 1, mask=mz, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
+        if HALF:
+            z2 = z0
+            z3 = z1
+        else:
+            z2 = (gl.load(zrow + g + 2, mask=mz, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
+            z3 = (gl.load(zrow + g + 3, mask=mz, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
+    return s0, s1, s2, s3, z0, z1, z2, z3
+
+
+@gluon.jit
 def _lowrank(t_ptr, u_ptr, pid_m, pid_n, M, N, R, stride_tm, stride_un, BM: gl.constexpr, BN: gl.constexpr,
              BR: gl.constexpr, mma: gl.constexpr):
     """``[BN, BM]`` fp32 ``sum_r U[n, r] t[m, r]``, one outer product a rank in the accumulator's own layout (no
@@ -108,7 +140,8 @@ def _lowrank(t_ptr, u_ptr, pid_m, pid_n, M, N, R, stride_tm, stride_un, BM: gl.c
 def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr, M, N, KW, NB, blocks_per_split, G, R,
                stride_xm, stride_om, stride_tm, stride_un,
                SYMMETRIC: gl.constexpr, J: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, S: gl.constexpr,
-               ATOMIC: gl.constexpr, BITS: gl.constexpr = 4, HALF: gl.constexpr = False, BR: gl.constexpr = 0):
+               ATOMIC: gl.constexpr, BITS: gl.constexpr = 4, HALF: gl.constexpr = False, BR: gl.constexpr = 0,
+               SPF: gl.constexpr = True):
     gl.static_assert(J == 64, "the prototype takes groups of 128 inputs as two code positions of 64")
     gl.static_assert(BITS == 4 or BITS == 2, "int4 or int2")
     gl.static_assert(BITS == 4 or not HALF, "half-block stages are for int4")
@@ -151,31 +184,23 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr, M, N, KW, NB, 
         async_copy.commit_group()
 
     acc = gl.zeros([BN, BM], gl.float32, layout=mma)
+    n0, n1, n2, n3, m0, m1, m2, m3 = _scales(srow, zrow, i_lo * (4 // ITS), rn_s < N, rn_z < N, n_it > 0, SYMMETRIC,
+                                             HALF, BITS, a_l)
     for it in range(0, n_it):
         _barrier()  # every warp is done with the stage that the next copies overwrite (read at it - 1)
         nxt = it + S - 1
         _issue(w_smem, x_smem, q_ptr, x_ptr, i_lo + nxt, nxt % S, nxt < n_it, rn_c, rm_c, jw, kx, N, M, KW,
                stride_xm, WPS, XS)
         async_copy.commit_group()
-        # this stage's group scales and zero points (4 groups, or 2 for a half block), loaded before the wait so
-        # that their latency overlaps it
-        g = (i_lo + it) * (4 // ITS)
-        s0 = gl.load(srow + g, mask=rn_s < N, other=1.0).to(gl.float32)
-        s1 = gl.load(srow + g + 1, mask=rn_s < N, other=1.0).to(gl.float32)
-        if not HALF:
-            s2 = gl.load(srow + g + 2, mask=rn_s < N, other=1.0).to(gl.float32)
-            s3 = gl.load(srow + g + 3, mask=rn_s < N, other=1.0).to(gl.float32)
-        if SYMMETRIC:
-            z0 = gl.full([BN], 128.0 + (1 << (BITS - 1)), gl.bfloat16, layout=gl.SliceLayout(1, a_l))  # c + mid
-            z1 = z0
-            z2 = z0
-            z3 = z0
+        # this stage's group scales and zero points (4 groups, or 2 for a half block): loaded one iteration ahead
+        # (SPF), or here, before the wait, so that their latency overlaps it
+        if SPF:
+            s0, s1, s2, s3, z0, z1, z2, z3 = n0, n1, n2, n3, m0, m1, m2, m3
+            n0, n1, n2, n3, m0, m1, m2, m3 = _scales(srow, zrow, (i_lo + it + 1) * (4 // ITS), rn_s < N, rn_z < N,
+                                                     it + 1 < n_it, SYMMETRIC, HALF, BITS, a_l)
         else:
-            z0 = (gl.load(zrow + g, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
-            z1 = (gl.load(zrow + g + 1, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
-            if not HALF:
-                z2 = (gl.load(zrow + g + 2, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
-                z3 = (gl.load(zrow + g + 3, mask=rn_z < N, other=0).to(gl.float32) + 128.0).to(gl.bfloat16)
+            s0, s1, s2, s3, z0, z1, z2, z3 = _scales(srow, zrow, (i_lo + it) * (4 // ITS), rn_s < N, rn_z < N,
+                                                     it < n_it, SYMMETRIC, HALF, BITS, a_l)
         async_copy.wait_group(S - 1)  # this thread's copies of stage it are done
         _barrier()  # and every thread's
         ws = w_smem.index(it % S)
@@ -235,7 +260,7 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr, M, N, KW, NB, 
 
 
 def launch(x: torch.Tensor, lay, bn: int, warps: int, stages: int, split: int, out: torch.Tensor,
-           bits: int = 4, half: int = 0, lr: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+           bits: int = 4, half: int = 0, lr: tuple[torch.Tensor, torch.Tensor] | None = None, spf: int = 1) -> None:
     """``lr``: ``(t [M, R] fp32, U [N, R])`` for the Sum's low-rank term, ``t = x V^T`` computed before the call."""
     m, k = x.shape
     n, j = lay.q.shape[0], lay.j
@@ -248,14 +273,16 @@ def launch(x: torch.Tensor, lay, bn: int, warps: int, stages: int, split: int, o
         x, out, lay.q, lay.scales, lay.zeros if lay.zeros is not None else lay.scales, t, u, m, n, k * bits // 32,
         blocks, per, k // 128, rank, x.stride(0), out.stride(0), t.stride(0), u.stride(0), SYMMETRIC=lay.zeros is None,
         J=j, BM=bm, BN=bn, S=stages, ATOMIC=split > 1, BITS=bits, HALF=bool(half), BR=-(-rank // 8) * 8,
-        num_warps=warps)
+        SPF=bool(spf), num_warps=warps)
 
 
-def parse_case(case: str) -> tuple[str, int, int, int, int, int, int, int, int, int]:
-    """``shape:batch:J:BN:warps:stages:split[:bits[:half[:rank]]]`` -> its fields (bits 4, half 0, rank 0 unless
-    given; a rank makes it the Sum with a low-rank term of that rank)."""
+def parse_case(case: str) -> tuple[str, int, int, int, int, int, int, int, int, int, int]:
+    """``shape:batch:J:BN:warps:stages:split[:bits[:half[:rank[:spf]]]]`` -> its fields (bits 4, half 0, rank 0, spf 1
+    unless given; a rank makes it the Sum with a low-rank term of that rank; spf 0 loads each stage's scales in its
+    own iteration instead of one ahead)."""
     f = case.split(":")
-    return (f[0], *(int(v) for v in f[1:7]), *(int(f[i]) if len(f) > i else d for i, d in ((7, 4), (8, 0), (9, 0))))
+    return (f[0], *(int(v) for v in f[1:7]),
+            *(int(f[i]) if len(f) > i else d for i, d in ((7, 4), (8, 0), (9, 0), (10, 1))))
 
 
 def compile_only(cases: list[str]) -> int:
@@ -265,13 +292,13 @@ def compile_only(cases: list[str]) -> int:
 
     fails = 0
     for case in cases:
-        shape, m, j, bn, warps, stages, split, bits, half, rank = parse_case(case)
+        shape, m, j, bn, warps, stages, split, bits, half, rank, spf = parse_case(case)
         for split in dict.fromkeys([split, 1]):
             names = list(gwa_kernel.arg_names)
             types = {"x_ptr": "*bf16", "out_ptr": "*fp32" if split > 1 else "*bf16", "q_ptr": "*i32",
                      "s_ptr": "*fp16", "z_ptr": "*u8", "t_ptr": "*fp32", "u_ptr": "*fp16"}
             consts = dict(SYMMETRIC=False, J=j, BM=8 if m <= 8 else 16, BN=bn, S=stages, ATOMIC=split > 1, BITS=bits,
-                          HALF=bool(half), BR=-(-rank // 8) * 8)
+                          HALF=bool(half), BR=-(-rank // 8) * 8, SPF=bool(spf))
             sig = {nm: "constexpr" if nm in consts else types.get(nm, "i32") for nm in names}
             div = [i for i, nm in enumerate(names) if nm in types or nm in ("KW", "stride_xm", "stride_om",
                                                                                 "stride_tm", "stride_un")]
@@ -289,14 +316,17 @@ def compile_only(cases: list[str]) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=",".join(CASES),
-                    help="shape:batch:J:BN:warps:stages:split[:bits[:half[:rank]]],...")
+                    help="shape:batch:J:BN:warps:stages:split[:bits[:half[:rank[:spf]]]],...")
     ap.add_argument("--compile-only", action="store_true", help="build for sm_90 without a GPU")
+    ap.add_argument("--tune-wa", action="store_true", help="time the shipped dispatcher's tuned choice for each "
+                    "(shape, batch) beside the cases, instead of the fixed configs in WA_TUNED")
     args = ap.parse_args()
     cases = sorted(args.cases.split(","), key=lambda c: (parse_case(c)[0], parse_case(c)[7]))  # one shape at a time
     if args.compile_only:
         sys.exit(1 if compile_only(cases) else 0)
     from kernels import bench_graph, n_copies
 
+    from tensorslim.kernels import dispatch
     from tensorslim.kernels.reference import relative_error
     from wa_probe import call as wa_call
     from wa_probe import load_variants, make
@@ -306,7 +336,7 @@ def main() -> None:
     t0 = time.time()
     weights, timed = {}, {}  # per (shape, bits): the weight copies; the bf16 and "wa" times, each measured once
     for case in cases:
-        shape, m, j, bn, warps, stages, split, bits, half, rank = parse_case(case)
+        shape, m, j, bn, warps, stages, split, bits, half, rank, spf = parse_case(case)
         k, n = (int(v) for v in shape.split("x"))
         if (shape, bits) not in weights:
             weights.clear()  # one shape's copies at a time on the GPU
@@ -326,7 +356,7 @@ def main() -> None:
         try:  # checked in fp32 (a NaN-poisoned output without split-K, a zeroed one with it)
             out = (torch.full((m, n), float("nan"), device="cuda") if split == 1 else
                    torch.zeros(m, n, device="cuda"))
-            launch(x, lay, bn, warps, stages, split, out, bits, half, lr)
+            launch(x, lay, bn, warps, stages, split, out, bits, half, lr, spf)
             torch.cuda.synchronize()
             row["err"] = relative_error(out, ref)
             if (shape, m) not in timed:
@@ -338,16 +368,25 @@ def main() -> None:
             def g(L):  # as wa_probe.call times the shipped kernel: bf16 out, or a zeroed fp32 one for split-K
                 o = (torch.empty(m, n, device="cuda", dtype=torch.bfloat16) if split == 1 else
                      torch.zeros(m, n, device="cuda", dtype=torch.float32))
-                launch(x, L, bn, warps, stages, split, o, bits, half, lr)
+                launch(x, L, bn, warps, stages, split, o, bits, half, lr, spf)
                 return o
 
             row["gluon_us"] = bench_graph([lambda L=L: g(L) for L in lays])
-            cfg = WA_TUNED.get((shape, m), [8 if m <= 8 else 16, 32, 1, 2, 3, 0])
-            row["wa_config"] = cfg
-            key = (shape, m, bits, tuple(cfg))
-            if key not in timed:
-                timed[key] = bench_graph([lambda L=L: wa_call(base, "base", x, L, bits, cfg) for L in lays])
-            row["wa_us"] = timed[key]
+            if args.tune_wa:  # what CompressedLinear would run: the dispatcher's tuned path on the same weights
+                key = (shape, m, bits, "tuned")
+                if key not in timed:
+                    ints = [dispatch.layout(c[0]) for c in weights[(shape, bits)]]
+                    choice = dispatch.tune(ints[0], m, torch.bfloat16)
+                    timed[key] = (bench_graph([lambda L=L: dispatch.run_choice(choice, L, x, None, torch.bfloat16)
+                                               for L in ints]), [choice[0], list(choice[1])])
+                row["wa_us"], row["wa_config"] = timed[key]
+            else:
+                cfg = WA_TUNED.get((shape, m), [8 if m <= 8 else 16, 32, 1, 2, 3, 0])
+                row["wa_config"] = cfg
+                key = (shape, m, bits, tuple(cfg))
+                if key not in timed:
+                    timed[key] = bench_graph([lambda L=L: wa_call(base, "base", x, L, bits, cfg) for L in lays])
+                row["wa_us"] = timed[key]
         except Exception as e:  # a case that fails is reported, not fatal
             row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         print(json.dumps(row), f"[{time.time() - t0:.0f} s]", flush=True)

@@ -130,6 +130,37 @@ def test_wa_sum_epilogue_and_act_order(ops, gen):
         assert relative_error(y, reference_fp32(sw, x, bias)) <= 2e-3, choice
 
 
+def test_wa_serial_split_k_leaves_its_workspace_clean(ops, gen):
+    """Split-K through the workspace (what ``wa_mm`` runs): the tile's last split writes a poisoned output of any
+    dtype, and the workspace and counters are zero again afterwards, so the next call (other rows, other weights)
+    is right too. 5 blocks of 512 inputs in 2, 3 and 4 splits (4: 2 + 2 + 1 + 0, one split has no block), several
+    tiles in M and N."""
+    k = 2560
+    w = quantize_rtn(torch.randn(N, k, generator=gen), IntGroup(bits=4, group_size=128))
+    extra = LowRankWeight.from_factors(LowRank(rank=8), torch.randn(N, 8, generator=gen) * 0.3,
+                                       torch.randn(8, k, generator=gen) * 0.3)
+    sw = SumWeight(format=parse_format(f"{w.format.spec()}+lowrank:r8"), shape=(N, k), base=w, extra=extra)
+    wl = dispatch.wa_of(dispatch.layout(w))
+    for cw in (w, sw, w):
+        for m, config in [(1, (8, 16, 2, 1, 3)), (19, (16, 16, 3, 1, 2)), (33, (16, 32, 4, 2, 3, 1))]:
+            x = torch.randn(m, k, generator=gen).to(torch.float16)
+            ref = reference_fp32(cw, x)
+            tiles = -(-m // config[0]) * -(-N // config[1])
+            ws, cnt = ops.split_scratch(x.device, m, N, tiles)
+            assert ops.split_scratch(x.device, m, N, tiles)[0] is ws  # made once
+            t, u = (torch.nn.functional.linear(x.float(), extra.v.float()), extra.u) if cw is sw else (None, None)
+            for dt in (torch.float32, torch.float16):
+                out = torch.full((m, N), float("nan"), dtype=dt)
+                ops.launch_wa(x, wl.q, wl.scales, wl.zeros, t, u, dispatch.wa_meta(wl), list(config), out,
+                              scratch=(ws, cnt))
+                err = relative_error(out.float(), ref)
+                assert err <= (TOL if dt == torch.float32 else 2e-3), f"m={m} {config} {dt}: {err:.2e} ({gen.seed_})"
+                assert not ws.any() and not cnt.any(), "the workspace must be left zeroed"
+            vp = dispatch.v_parts(extra, x.dtype) if cw is sw else None
+            y = ops.wa_mm(x, wl.q, wl.scales, wl.zeros, vp, u, dispatch.wa_meta(wl), list(config), torch.float16)
+            assert y.dtype == torch.float16 and relative_error(y, ref) <= 2e-3 and not ws.any()
+
+
 def test_wa_in_dispatch(ops):
     def lay(bits, group, k=K):
         return dispatch.layout(quantize_rtn(torch.randn(N, k), IntGroup(bits=bits, group_size=group)))

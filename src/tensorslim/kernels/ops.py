@@ -89,9 +89,11 @@ def pdl_ok(x: Tensor) -> bool:
 
 
 def launch_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Tensor | None, u: Tensor | None,
-              meta: list[int], config: list[int], out: Tensor, pdl: bool = False) -> None:
+              meta: list[int], config: list[int], out: Tensor, pdl: bool = False,
+              scratch: tuple[Tensor, Tensor] | None = None) -> None:
     """Run the weights-as-A kernel (:mod:`.triton.wa`) into ``out`` ``[M, N]`` (fp32 and zeroed when ``SPLIT_K >
-    1``). ``meta = [k, group, symmetric, j(, bits)]`` (layout blocks of ``8 j`` inputs; codes of 4 bits, the default,
+    1``, unless ``scratch``: then split-K reduces in that zeroed workspace, leaves it zeroed, and ``out`` may be of
+    any dtype and content; :func:`split_scratch`). ``meta = [k, group, symmetric, j(, bits)]`` (layout blocks of ``8 j`` inputs; codes of 4 bits, the default,
     3 or 2); ``config = [BM, BN, SPLIT_K, num_warps, num_stages(, half)]`` (``half``: int4
     iterations of half a block, less shared memory a stage); optional low-rank term ``t @ u^T`` as in
     :func:`int_mm`, where ``t`` may also be the ``[C, M, r]`` partial sums of :func:`lowrank_t`. ``pdl``: launched
@@ -102,20 +104,52 @@ def launch_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Ten
     half = bool(config[5]) if len(config) > 5 else False
     m, n = x.shape[0], q.shape[0]
     check_wa_launch(k, group, bits, j, config)
-    assert split_k == 1 or out.dtype == torch.float32
+    serial = split_k > 1 and scratch is not None
+    assert split_k == 1 or serial or out.dtype == torch.float32
+    if serial:
+        ws, cnt = scratch
+        assert ws.dtype == torch.float32 and ws.numel() >= m * n and cnt.numel() >= triton.cdiv(m, bm) * triton.cdiv(
+            n, bn), "split_scratch() gives the workspace and counters of a serial split-K launch"
+    else:
+        ws, cnt = out, out  # unused
     blocks = k // (8 * j)
     has_lr = t is not None and u is not None
     tt = (t if t.dim() == 3 else t.unsqueeze(0)).contiguous() if has_lr else x.unsqueeze(0)  # [C, M, r] partials
     r = tt.shape[2] if has_lr else 1
     uu = u.contiguous() if has_lr else x
     wa_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](
-        x, out, q, scales, zeros if zeros is not None else scales, tt, uu, m, n, k * bits // 32, blocks,
+        x, out, q, scales, zeros if zeros is not None else scales, tt, uu, ws, cnt, m, n, k * bits // 32, blocks,
         -(-blocks // split_k), k // group, r, tt.shape[0], x.stride(0), out.stride(0), tt.stride(0), tt.stride(1),
         uu.stride(0),
         SYMMETRIC=bool(symmetric), GROUP=group, J=j, HAS_LR=has_lr, BR=max(16, _next_pow2(r)),
         TCP=_next_pow2(tt.shape[0]), BM=bm, BN=bn,
         USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, BITS=bits, HALF=half, num_warps=num_warps,
-        num_stages=num_stages, **_pdl_args(pdl and has_lr))
+        num_stages=num_stages, SERIAL=serial, **_pdl_args(pdl and has_lr))
+
+
+def split_scratch(device: torch.device, m: int, n: int, tiles: int) -> tuple[Tensor, Tensor] | None:
+    """The zeroed fp32 workspace (>= ``m * n``) and int32 tile counters (>= ``tiles``) of a serial split-K launch
+    (:func:`launch_wa`) on ``device``'s current stream, or None while a CUDA graph is being captured and none is large
+    enough (the caller then falls back to a zeroed fp32 output). Every launch leaves them zeroed, so they are made
+    once and kept for the process's life (a captured graph may hold their addresses): a new pair only when one is too
+    small, at least twice the size of the largest before. One pair per stream, so concurrent streams never share one
+    (a graph captured on a stream must not run at the same time as launches on that stream outside the graph)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    pairs = _SCRATCH.setdefault((str(device), stream), [])
+    for ws, cnt in pairs:
+        if ws.numel() >= m * n and cnt.numel() >= tiles:
+            return ws, cnt
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    big = max((ws.numel() for ws, _ in pairs), default=0)
+    big_c = max((c.numel() for _, c in pairs), default=0)
+    pair = (torch.zeros(max(m * n, 2 * big), dtype=torch.float32, device=device),
+            torch.zeros(max(tiles, 2 * big_c, 1024), dtype=torch.int32, device=device))
+    pairs.append(pair)
+    return pair
+
+
+_SCRATCH: dict[tuple[str, int], list[tuple[Tensor, Tensor]]] = {}  # split_scratch's pairs, by (device, stream)
 
 
 def _pdl_args(pdl: bool) -> dict:
@@ -166,13 +200,20 @@ def wa_mm(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, vp: Tensor
     """``x @ W^T`` (+ ``(x V^T) U^T`` with ``V`` given as exact parts ``vp``). The output is allocated (and zeroed
     for split-K) first, so that ``lowrank_t`` is the kernel right before "wa", which can then be its programmatic
     dependent launch on Hopper+."""
-    def run(xc: Tensor, out: Tensor) -> None:
+    def run(xc: Tensor, out: Tensor, scratch: tuple[Tensor, Tensor] | None = None) -> None:
         has_lr = vp is not None and u is not None
         pdl = has_lr and pdl_ok(xc)
         t = launch_lowrank_t(xc, vp, pdl) if has_lr else None
-        launch_wa(xc, q, scales, zeros, t, u, meta, config, out, pdl)
+        launch_wa(xc, q, scales, zeros, t, u, meta, config, out, pdl, scratch)
 
-    return _into_new(x, q.shape[0], config[2], out_dtype, run)
+    m, n, bm, bn, split_k = x.shape[0], q.shape[0], config[0], config[1], config[2]
+    scratch = split_scratch(x.device, m, n, triton.cdiv(m, bm) * triton.cdiv(n, bn)) if split_k > 1 else None
+    if scratch is not None:  # serial split-K: no zeroed fp32 output, no conversion afterwards
+        xc = x.contiguous()
+        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+        run(xc, out, scratch)
+        return out
+    return _into_new(x, n, split_k, out_dtype, run)
 
 
 @wa_mm.register_fake

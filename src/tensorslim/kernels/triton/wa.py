@@ -30,7 +30,11 @@ dots accumulate ``sum_k x (q - z)`` in fp32 per group and the group scale multip
 ``x @ decode()^T`` up to fp32 accumulation order (measured ~1e-7 relative). Two dot chains per block (positions
 ``u`` and ``u + 4``) keep two unpacked tiles live (Triton 3.6: 104-136 registers a thread for the decode configs).
 ``ATOMIC``: split-K (``ceil(NB / SPLIT_K)`` blocks a split, so any block count splits: Llama-2's 11008 inputs
-are 43 blocks of 256), partial sums added atomically into a zeroed fp32 output. ``HAS_LR``: the fused ``Sum(int4,
+are 43 blocks of 256), partial sums added atomically into a zeroed fp32 output; with ``SERIAL`` into a zeroed fp32
+workspace instead, and the last split of each output tile to arrive (a per-tile counter) reads the sums back while
+zeroing them, writes the output in its own dtype and resets the counter, so no fill before the call and no
+conversion after it (two kernels fewer) and the workspace is zero again for the next call
+(:func:`tensorslim.kernels.ops.split_scratch`). ``HAS_LR``: the fused ``Sum(int4,
 LowRank)`` epilogue, ``U t^T`` with ``t = x V^T`` computed before the call as ``TC`` K-chunk partial sums
 (:mod:`.lowrank_t`), added up here. ``PDL``: this grid was launched while ``lowrank_t`` still runs (programmatic
 dependent launch, Hopper+); the epilogue waits for it (``gdc_wait``) just before reading ``t``.
@@ -115,13 +119,13 @@ def load_group_rows(srow, zrow, g, nmask, DT: tl.constexpr, C: tl.constexpr, SYM
 
 @triton.jit
 def wa_kernel(
-    x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr,
+    x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr, ws_ptr, cnt_ptr,
     M, N, KW, NB, blocks_per_split, G, R, TC,
     stride_xm, stride_om, stride_tc, stride_tm, stride_un,
     SYMMETRIC: tl.constexpr, GROUP: tl.constexpr, J: tl.constexpr, HAS_LR: tl.constexpr, BR: tl.constexpr,
     TCP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr, ATOMIC: tl.constexpr, BITS: tl.constexpr = 4,
-    HALF: tl.constexpr = False, PDL: tl.constexpr = False,
+    HALF: tl.constexpr = False, PDL: tl.constexpr = False, SERIAL: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)  # batch tiles fastest: the programs sharing a weight tile run together (one DRAM read)
     pid_n = tl.program_id(1)
@@ -230,7 +234,19 @@ def wa_kernel(
             acc += tl.dot(u, t, input_precision="ieee")
     optr = out_ptr + (rm.to(tl.int64) * stride_om)[None, :] + rn[:, None]
     omask = nmask[:, None] & mmask[None, :]
-    if ATOMIC:
+    if ATOMIC and SERIAL:  # split-K into a zeroed fp32 workspace; the tile's last split writes out and re-zeroes it
+        wptr = ws_ptr + (rm.to(tl.int64) * N)[None, :] + rn[:, None]
+        tl.atomic_add(wptr, acc, mask=omask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds precede the release below (cumulative)
+        tile = pid_m * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == tl.num_programs(2) - 1:  # every other split's adds are visible (acquire)
+            tl.debug_barrier()
+            total = tl.load(wptr, mask=omask, other=0.0, cache_modifier=".cg")  # from L2, where the adds are
+            tl.store(wptr, tl.zeros_like(acc), mask=omask)  # no other program touches this tile again in this grid
+            tl.store(optr, total.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(cnt_ptr + tile, 0)
+    elif ATOMIC:
         tl.atomic_add(optr, acc, mask=omask)
     else:
         tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
