@@ -14,7 +14,7 @@ its time is what the memory side alone allows. Variants:
   "wa" does at batch 1.
 
 Also times a device-to-device copy of the words (read + write) for the practical bandwidth. The sum of each program
-is checked against PyTorch's (the copies really happened). Writes ``$OUT/bw_probe.json``.
+is checked against PyTorch's (the copies really happened). Writes ``$OUT/bw_probe_<shape>.json``.
 """
 
 from __future__ import annotations
@@ -136,9 +136,10 @@ def main() -> None:
         results["cases"].append(row)
     out_dir = os.environ.get("OUT") or "runs"
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bw_probe.json.tmp"), "w") as f:
+    path = os.path.join(out_dir, f"bw_probe_{args.shape}.json")
+    with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=1)
-    os.replace(os.path.join(out_dir, "bw_probe.json.tmp"), os.path.join(out_dir, "bw_probe.json"))
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

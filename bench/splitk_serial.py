@@ -61,12 +61,18 @@ def main() -> None:
             ops.launch_wa(x, L.q, L.scales, L.zeros, None, None, meta, cfg, out)
             return out.to(torch.bfloat16)
 
+        ws = [c[0] for c in made[shape]]
+
+        def dispatched(i):  # the same config through dispatch.kernel_linear, as bench/kernels.py times it
+            return dispatch.kernel_linear(ws[i], x, choice=("wa", tuple(cfg)))
+
         row = {"case": case, "err_serial": relative_error(serial(lay), ref),
                "err_atomic": relative_error(atomic(lay), ref)}
-        times: dict = {"serial": [], "atomic": []}
+        times: dict = {"serial": [], "atomic": [], "kernel_linear": []}
         for _ in range(args.rounds):
             for name, fn in (("serial", serial), ("atomic", atomic)):
                 times[name].append(bench_graph([lambda L=L, fn=fn: fn(L) for L in lays]))
+            times["kernel_linear"].append(bench_graph([lambda i=i: dispatched(i) for i in range(len(ws))]))
         row.update({f"{k}_us": statistics.median(v) for k, v in times.items()}, rounds=times)
         print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
         rows.append(row)
@@ -76,10 +82,11 @@ def main() -> None:
     with open(path + ".tmp", "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
     os.replace(path + ".tmp", path)
-    print("\n| case | atomic + fill + convert (us) | serial (us) | change |\n|---|---|---|---|")
+    print("\n| case | atomic + fill + convert (us) | serial (us) | change | serial via kernel_linear (us) |\n"
+          "|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['atomic_us']:.1f} | {r['serial_us']:.1f} | "
-              f"{100 * (r['serial_us'] / r['atomic_us'] - 1):+.0f}% |")
+              f"{100 * (r['serial_us'] / r['atomic_us'] - 1):+.0f}% | {r['kernel_linear_us']:.1f} |")
 
 
 if __name__ == "__main__":
