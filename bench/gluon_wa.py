@@ -65,13 +65,14 @@ WA_TUNED = {("4096x14336", 1): [8, 32, 1, 2, 3, 0], ("4096x14336", 16): [16, 32,
 
 @gluon.jit
 def _issue(w_smem, x_smem, q_ptr, x_ptr, i, stage, valid, rn_c, rm_c, jw, kx, N, M, KW, stride_xm,
-           WPS: gl.constexpr, XS: gl.constexpr):
+           WPS: gl.constexpr, XS: gl.constexpr, XREG: gl.constexpr = False):
     """Start the copies of pipeline step ``i`` (a block, or a half block: its ``[BN, WPS]`` words and ``[BM, XS]``
     activations) into ``stage``."""
     wp = q_ptr + (rn_c.to(gl.int64) * KW)[:, None] + (i * WPS + jw)[None, :]
     _cp_async(w_smem.index(stage), wp, mask=(rn_c < N)[:, None] & valid)
-    xp = x_ptr + (rm_c.to(gl.int64) * stride_xm)[:, None] + (i * XS + kx)[None, :]
-    _cp_async(x_smem.index(stage), xp, mask=(rm_c < M)[:, None] & valid)
+    if not XREG:  # XREG: the activations are read from global memory (L1/L2) into the B operand instead
+        xp = x_ptr + (rm_c.to(gl.int64) * stride_xm)[:, None] + (i * XS + kx)[None, :]
+        _cp_async(x_smem.index(stage), xp, mask=(rm_c < M)[:, None] & valid)
 
 
 @gluon.jit
@@ -141,7 +142,7 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr, M, N, KW, NB, 
                stride_xm, stride_om, stride_tm, stride_un,
                SYMMETRIC: gl.constexpr, J: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, S: gl.constexpr,
                ATOMIC: gl.constexpr, BITS: gl.constexpr = 4, HALF: gl.constexpr = False, BR: gl.constexpr = 0,
-               SPF: gl.constexpr = True):
+               SPF: gl.constexpr = True, XREG: gl.constexpr = False):
     gl.static_assert(J == 64, "the prototype takes groups of 128 inputs as two code positions of 64")
     gl.static_assert(BITS == 4 or BITS == 2, "int4 or int2")
     gl.static_assert(BITS == 4 or not HALF, "half-block stages are for int4")
@@ -163,7 +164,11 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr, M, N, KW, NB, 
     w_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
     x_sl: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
     w_smem = gl.allocate_shared_memory(gl.int32, [S, BN, WPS], w_sl)
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [S, BM, XS], x_sl)
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [1 if XREG else S, BM, 8 if XREG else XS], x_sl)
+    rk_b = gl.arange(0, J, layout=gl.SliceLayout(1, b_l))  # XREG: a [J, BM] B-operand tile straight from x
+    rm_b = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, b_l))
+    xg = x_ptr + (rm_b.to(gl.int64) * stride_xm)[None, :] + rk_b[:, None]
+    xg_m = (rm_b < M)[None, :]
 
     rn_c = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, wcp))
     jw = gl.arange(0, WPS, layout=gl.SliceLayout(0, wcp))
@@ -180,7 +185,7 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr, M, N, KW, NB, 
     n_it = (gl.minimum(b_lo + blocks_per_split, NB) - b_lo) * ITS
     for i in gl.static_range(S - 1):
         _issue(w_smem, x_smem, q_ptr, x_ptr, i_lo + i, i, i < n_it, rn_c, rm_c, jw, kx, N, M, KW, stride_xm, WPS,
-               XS)
+               XS, XREG)
         async_copy.commit_group()
 
     acc = gl.zeros([BN, BM], gl.float32, layout=mma)
@@ -190,7 +195,7 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr, M, N, KW, NB, 
         _barrier()  # every warp is done with the stage that the next copies overwrite (read at it - 1)
         nxt = it + S - 1
         _issue(w_smem, x_smem, q_ptr, x_ptr, i_lo + nxt, nxt % S, nxt < n_it, rn_c, rm_c, jw, kx, N, M, KW,
-               stride_xm, WPS, XS)
+               stride_xm, WPS, XS, XREG)
         async_copy.commit_group()
         # this stage's group scales and zero points (4 groups, or 2 for a half block): loaded one iteration ahead
         # (SPF), or here, before the wait, so that their latency overlaps it
@@ -204,7 +209,8 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr, M, N, KW, NB, 
         async_copy.wait_group(S - 1)  # this thread's copies of stage it are done
         _barrier()  # and every thread's
         ws = w_smem.index(it % S)
-        xs = x_smem.index(it % S)
+        xs = x_smem.index(0 if XREG else it % S)
+        x0 = (i_lo + it) * XS  # this stage's first input
         if HALF:  # one word tile: positions u = 0..3 of this half (bits 4 u, 4 u + 16); groups 0 (u < 2) and 1
             w = ws.load(w_l)
             for u in gl.static_range(4):
@@ -213,7 +219,10 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr, M, N, KW, NB, 
                 else:
                     s_u, z_u = s1, z1
                 a = _pairs(w, 4 * u, 4, BN, J, a_l) - z_u[:, None]
-                xu = xs.slice(u * J, J, dim=1).permute([1, 0]).load(b_l)
+                if XREG:
+                    xu = gl.load(xg + x0 + u * J, mask=xg_m, other=0.0)
+                else:
+                    xu = xs.slice(u * J, J, dim=1).permute([1, 0]).load(b_l)
                 if u % 2 == 0:
                     p = mma_v2(a, xu, gl.zeros([BN, BM], gl.float32, layout=mma))
                 else:
@@ -237,8 +246,12 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr, M, N, KW, NB, 
                 else:
                     lo = _pairs(w_lo, 2 * u, 2, BN, J, a_l) - z_lo[:, None]
                     hi = _pairs(w_lo, 2 * u + 8, 2, BN, J, a_l) - z_hi[:, None]
-                x_lo = xs.slice(u * J, J, dim=1).permute([1, 0]).load(b_l)
-                x_hi = xs.slice((u + 4) * J, J, dim=1).permute([1, 0]).load(b_l)
+                if XREG:
+                    x_lo = gl.load(xg + x0 + u * J, mask=xg_m, other=0.0)
+                    x_hi = gl.load(xg + x0 + (u + 4) * J, mask=xg_m, other=0.0)
+                else:
+                    x_lo = xs.slice(u * J, J, dim=1).permute([1, 0]).load(b_l)
+                    x_hi = xs.slice((u + 4) * J, J, dim=1).permute([1, 0]).load(b_l)
                 if u % 2 == 0:
                     p_lo = mma_v2(lo, x_lo, gl.zeros([BN, BM], gl.float32, layout=mma))
                     p_hi = mma_v2(hi, x_hi, gl.zeros([BN, BM], gl.float32, layout=mma))
@@ -260,7 +273,8 @@ def gwa_kernel(x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr, M, N, KW, NB, 
 
 
 def launch(x: torch.Tensor, lay, bn: int, warps: int, stages: int, split: int, out: torch.Tensor,
-           bits: int = 4, half: int = 0, lr: tuple[torch.Tensor, torch.Tensor] | None = None, spf: int = 1) -> None:
+           bits: int = 4, half: int = 0, lr: tuple[torch.Tensor, torch.Tensor] | None = None, spf: int = 1,
+           xreg: int = 0) -> None:
     """``lr``: ``(t [M, R] fp32, U [N, R])`` for the Sum's low-rank term, ``t = x V^T`` computed before the call."""
     m, k = x.shape
     n, j = lay.q.shape[0], lay.j
@@ -273,16 +287,17 @@ def launch(x: torch.Tensor, lay, bn: int, warps: int, stages: int, split: int, o
         x, out, lay.q, lay.scales, lay.zeros if lay.zeros is not None else lay.scales, t, u, m, n, k * bits // 32,
         blocks, per, k // 128, rank, x.stride(0), out.stride(0), t.stride(0), u.stride(0), SYMMETRIC=lay.zeros is None,
         J=j, BM=bm, BN=bn, S=stages, ATOMIC=split > 1, BITS=bits, HALF=bool(half), BR=-(-rank // 8) * 8,
-        SPF=bool(spf), num_warps=warps)
+        SPF=bool(spf), XREG=bool(xreg), num_warps=warps)
 
 
-def parse_case(case: str) -> tuple[str, int, int, int, int, int, int, int, int, int, int]:
-    """``shape:batch:J:BN:warps:stages:split[:bits[:half[:rank[:spf]]]]`` -> its fields (bits 4, half 0, rank 0, spf 1
-    unless given; a rank makes it the Sum with a low-rank term of that rank; spf 0 loads each stage's scales in its
-    own iteration instead of one ahead)."""
+def parse_case(case: str) -> tuple[str, int, int, int, int, int, int, int, int, int, int, int]:
+    """``shape:batch:J:BN:warps:stages:split[:bits[:half[:rank[:spf[:xreg]]]]]`` -> its fields (bits 4, half 0, rank
+    0, spf 1, xreg 0 unless given; a rank makes it the Sum with a low-rank term of that rank; spf 0 loads each stage's
+    scales in its own iteration instead of one ahead; xreg 1 reads the activations from global memory straight into
+    the B operand's registers, so the shared-memory ring holds only the words)."""
     f = case.split(":")
     return (f[0], *(int(v) for v in f[1:7]),
-            *(int(f[i]) if len(f) > i else d for i, d in ((7, 4), (8, 0), (9, 0), (10, 1))))
+            *(int(f[i]) if len(f) > i else d for i, d in ((7, 4), (8, 0), (9, 0), (10, 1), (11, 0))))
 
 
 def compile_only(cases: list[str]) -> int:
@@ -292,13 +307,13 @@ def compile_only(cases: list[str]) -> int:
 
     fails = 0
     for case in cases:
-        shape, m, j, bn, warps, stages, split, bits, half, rank, spf = parse_case(case)
+        shape, m, j, bn, warps, stages, split, bits, half, rank, spf, xreg = parse_case(case)
         for split in dict.fromkeys([split, 1]):
             names = list(gwa_kernel.arg_names)
             types = {"x_ptr": "*bf16", "out_ptr": "*fp32" if split > 1 else "*bf16", "q_ptr": "*i32",
                      "s_ptr": "*fp16", "z_ptr": "*u8", "t_ptr": "*fp32", "u_ptr": "*fp16"}
             consts = dict(SYMMETRIC=False, J=j, BM=8 if m <= 8 else 16, BN=bn, S=stages, ATOMIC=split > 1, BITS=bits,
-                          HALF=bool(half), BR=-(-rank // 8) * 8, SPF=bool(spf))
+                          HALF=bool(half), BR=-(-rank // 8) * 8, SPF=bool(spf), XREG=bool(xreg))
             sig = {nm: "constexpr" if nm in consts else types.get(nm, "i32") for nm in names}
             div = [i for i, nm in enumerate(names) if nm in types or nm in ("KW", "stride_xm", "stride_om",
                                                                                 "stride_tm", "stride_un")]
@@ -316,7 +331,7 @@ def compile_only(cases: list[str]) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=",".join(CASES),
-                    help="shape:batch:J:BN:warps:stages:split[:bits[:half[:rank[:spf]]]],...")
+                    help="shape:batch:J:BN:warps:stages:split[:bits[:half[:rank[:spf[:xreg]]]]],...")
     ap.add_argument("--compile-only", action="store_true", help="build for sm_90 without a GPU")
     ap.add_argument("--tune-wa", action="store_true", help="time the shipped dispatcher's tuned choice for each "
                     "(shape, batch) beside the cases, instead of the fixed configs in WA_TUNED")
@@ -336,7 +351,7 @@ def main() -> None:
     t0 = time.time()
     weights, timed = {}, {}  # per (shape, bits): the weight copies; the bf16 and "wa" times, each measured once
     for case in cases:
-        shape, m, j, bn, warps, stages, split, bits, half, rank, spf = parse_case(case)
+        shape, m, j, bn, warps, stages, split, bits, half, rank, spf, xreg = parse_case(case)
         k, n = (int(v) for v in shape.split("x"))
         if (shape, bits) not in weights:
             weights.clear()  # one shape's copies at a time on the GPU
@@ -356,7 +371,7 @@ def main() -> None:
         try:  # checked in fp32 (a NaN-poisoned output without split-K, a zeroed one with it)
             out = (torch.full((m, n), float("nan"), device="cuda") if split == 1 else
                    torch.zeros(m, n, device="cuda"))
-            launch(x, lay, bn, warps, stages, split, out, bits, half, lr, spf)
+            launch(x, lay, bn, warps, stages, split, out, bits, half, lr, spf, xreg)
             torch.cuda.synchronize()
             row["err"] = relative_error(out, ref)
             if (shape, m) not in timed:
@@ -368,7 +383,7 @@ def main() -> None:
             def g(L):  # as wa_probe.call times the shipped kernel: bf16 out, or a zeroed fp32 one for split-K
                 o = (torch.empty(m, n, device="cuda", dtype=torch.bfloat16) if split == 1 else
                      torch.zeros(m, n, device="cuda", dtype=torch.float32))
-                launch(x, L, bn, warps, stages, split, o, bits, half, lr, spf)
+                launch(x, L, bn, warps, stages, split, o, bits, half, lr, spf, xreg)
                 return o
 
             row["gluon_us"] = bench_graph([lambda L=L: g(L) for L in lays])

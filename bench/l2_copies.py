@@ -4,7 +4,7 @@
 
 Times one int4 "wa" config (``ops.wa_mm``) and cuBLAS bf16 with ``bench_graph`` over rotations of 1, 2, ... copies
 of the weights. If the time falls with fewer copies, the rotation is partly served from L2 and the benchmark's
-copy count (``bench/kernels.py: n_copies``) must grow. Writes ``$OUT/l2_copies.json``.
+copy count (``bench/kernels.py: n_copies``) must grow. Writes ``$OUT/l2_copies_<shape>_b<batch>.json``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     out_dir = os.environ.get("OUT") or "runs"
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "l2_copies.json")
+    path = os.path.join(out_dir, f"l2_copies_{args.shape}_b{args.batch}.json")
     with open(path + ".tmp", "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "shape": args.shape, "batch": args.batch, "config": cfg,
                    "rows": rows}, f, indent=1)
