@@ -223,14 +223,15 @@ def generate_graph(model: Llama, prompt: torch.Tensor, n_new: int, compile_step:
     caches = model.caches(b)
     tok = torch.zeros(b, 1, dtype=torch.long, device=prompt.device)
     pos = torch.zeros(1, dtype=torch.long, device=prompt.device)
-    s = torch.cuda.Stream()
+    g = torch.cuda.CUDAGraph()
+    capture = torch.cuda.graph(g)
+    s = capture.capture_stream  # warm up on the stream that will capture (split-K scratch is made per stream)
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up: compiles and tunes every kernel outside the capture
         for _ in range(2):
             step(tok, pos, caches)
     torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with capture:
         out = step(tok, pos, caches)
     for c in caches:
         c[0].zero_(), c[1].zero_()

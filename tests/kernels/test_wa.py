@@ -243,3 +243,24 @@ def test_wa_sums_lowrank_partials(ops, gen):
         out = torch.zeros(m, N) if config[2] > 1 else torch.full((m, N), float("nan"))
         ops.launch_wa(x, wl.q, wl.scales, wl.zeros, tp, extra.u, dispatch.wa_meta(wl), config, out)
         assert relative_error(out, reference_fp32(sw, x)) <= TOL, config
+
+
+def test_split_scratch_per_stream_and_under_capture(ops, monkeypatch):
+    """One pair per stream, made once; nothing allocated while a graph is captured: a capturing stream adopts the
+    spare an eager call left (or gets None, and the caller falls back); larger requests get larger pairs."""
+    monkeypatch.setattr(ops, "_SCRATCH", {})
+    cpu = torch.device("cpu")
+    a = ops.split_scratch(cpu, 4, 10, 3, stream=1, capturing=False)
+    assert a[0].numel() >= 40 and a[1].numel() >= 3 and not a[0].any() and not a[1].any()
+    assert ops.split_scratch(cpu, 2, 10, 1, stream=1, capturing=False) is a  # fits: the same pair
+    b = ops.split_scratch(cpu, 4, 10, 3, stream=2, capturing=True)  # adopts the spare
+    assert b is not None and b[0] is not a[0] and not b[0].any()
+    assert ops.split_scratch(cpu, 4, 10, 3, stream=2, capturing=True) is b  # kept by that stream
+    assert ops.split_scratch(cpu, 4, 10, 3, stream=3, capturing=True) is None  # no spare left: fall back
+    assert ops.split_scratch(cpu, 4, 10, 3, stream=1, capturing=False) is a  # an eager call makes a new spare
+    c = ops.split_scratch(cpu, 4, 10, 3, stream=3, capturing=True)
+    assert c is not None and c[0] is not a[0] and c[0] is not b[0]
+    big = ops.split_scratch(cpu, 100, 10, 50, stream=1, capturing=False)  # larger: a new pair, the old one kept
+    assert big[0].numel() >= 1000 and big[1].numel() >= 50 and big[0] is not a[0]
+    assert ops.split_scratch(cpu, 2, 10, 1, stream=1, capturing=False)[0] is a[0]
+    assert ops.split_scratch(cpu, 100, 10, 50, stream=2, capturing=True) is not None  # the larger spare

@@ -436,13 +436,14 @@ def time_graph(fn, calls: int = 8, reps: int = 5, per: int = 1, warm_s: float = 
     """Milliseconds per kernel call of ``fn`` (which makes ``per`` calls) replayed in a CUDA graph (GPU time without
     Python or launch overhead), after ``warm_s`` seconds of replays (:func:`warm_clocks`)."""
     fn()  # compile
-    s = torch.cuda.Stream()
+    g = torch.cuda.CUDAGraph()
+    capture = torch.cuda.graph(g)
+    s = capture.capture_stream  # warm up on the stream that captures: what it sets up (e.g. split-K scratch) is there
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         fn()
     torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with capture:
         for _ in range(calls):
             fn()
     g.replay()

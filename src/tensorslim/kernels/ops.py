@@ -127,26 +127,50 @@ def launch_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Ten
         num_stages=num_stages, SERIAL=serial, **_pdl_args(pdl and has_lr))
 
 
-def split_scratch(device: torch.device, m: int, n: int, tiles: int) -> tuple[Tensor, Tensor] | None:
+def split_scratch(device: torch.device, m: int, n: int, tiles: int, stream: int | None = None,
+                  capturing: bool | None = None) -> tuple[Tensor, Tensor] | None:
     """The zeroed fp32 workspace (>= ``m * n``) and int32 tile counters (>= ``tiles``) of a serial split-K launch
-    (:func:`launch_wa`) on ``device``'s current stream, or None while a CUDA graph is being captured and none is large
-    enough (the caller then falls back to a zeroed fp32 output). Every launch leaves them zeroed, so they are made
-    once and kept for the process's life (a captured graph may hold their addresses): a new pair only when one is too
-    small, at least twice the size of the largest before. One pair per stream, so concurrent streams never share one
-    (a graph captured on a stream must not run at the same time as launches on that stream outside the graph)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    (:func:`launch_wa`) on ``device``'s current stream (``stream``/``capturing``: that stream's id and whether it is
+    capturing a CUDA graph, found here unless given), or None when a graph is being captured and no pair fits (the
+    caller then falls back to a zeroed fp32 output, which is correct under capture).
+
+    Every launch leaves its pair zeroed, so pairs are made once and kept for the process's life (a captured graph
+    holds their addresses); a larger pair is made only when none fits, at least twice the size of the stream's
+    largest. One pair per stream, so launches on concurrent streams never share one. Nothing is allocated while a
+    graph is captured: eager calls keep one spare zeroed pair per device, which a stream capturing a graph for the
+    first time adopts (the usual warm up on one stream, capture on another). Launches on the stream a graph was
+    captured on must not run at the same time as that graph's replays."""
+    if stream is None:
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    if capturing is None:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     pairs = _SCRATCH.setdefault((str(device), stream), [])
-    for ws, cnt in pairs:
-        if ws.numel() >= m * n and cnt.numel() >= tiles:
-            return ws, cnt
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    big = max((ws.numel() for ws, _ in pairs), default=0)
-    big_c = max((c.numel() for _, c in pairs), default=0)
-    pair = (torch.zeros(max(m * n, 2 * big), dtype=torch.float32, device=device),
+    spares = _SCRATCH.setdefault((str(device), -1), [])  # the spare pairs (no stream has id -1)
+
+    def fits(pair: tuple[Tensor, Tensor]) -> bool:
+        return pair[0].numel() >= m * n and pair[1].numel() >= tiles
+
+    hit = next((p for p in pairs if fits(p)), None)
+    if hit is None and capturing:
+        hit = next((p for p in spares if fits(p)), None)
+        if hit is None:
+            return None
+        spares.remove(hit)
+        pairs.append(hit)
+    if hit is None:
+        hit = _new_scratch(device, m * n, tiles, pairs)
+        pairs.append(hit)
+    if not capturing and not any(fits(p) for p in spares):  # spares no launch has used are dropped for a larger one
+        spares[:] = [_new_scratch(device, m * n, tiles, spares)]
+    return hit
+
+
+def _new_scratch(device: torch.device, numel: int, tiles: int, others: list[tuple[Tensor, Tensor]]
+                 ) -> tuple[Tensor, Tensor]:
+    big = max((ws.numel() for ws, _ in others), default=0)
+    big_c = max((c.numel() for _, c in others), default=0)
+    return (torch.zeros(max(numel, 2 * big), dtype=torch.float32, device=device),
             torch.zeros(max(tiles, 2 * big_c, 1024), dtype=torch.int32, device=device))
-    pairs.append(pair)
-    return pair
 
 
 _SCRATCH: dict[tuple[str, int], list[tuple[Tensor, Tensor]]] = {}  # split_scratch's pairs, by (device, stream)
