@@ -321,7 +321,7 @@ def main() -> None:
     args = ap.parse_args()
     prompt_len = 16
     t_start = time.time()
-    model, dense = build(args.layers, prompt_len + args.new + 1, args.fuse, "cuda")
+    model, dense = build(args.layers, prompt_len + max(args.new, 24) + 1, args.fuse, "cuda")  # 24: the token check
     cfg = model.cfg
     batches = [int(b) for b in args.batches.split(",")]
     if args.jobs:  # a fresh machine otherwise compiles ~50 candidates per (shape, format, batch) one by one
