@@ -95,19 +95,21 @@ def check_choice(cw, x, choice) -> float:
         vp = dispatch.v_parts(cw.extra, x.dtype, lay.perm)
         lr = (ops.launch_lowrank_t(x2d, vp, pdl and path == "wa"), cw.extra.u)
     split = config[2] if path == "wa" else config[3]
-    m = x2d.shape[0]  # split-K as the ops run it: through the workspace, into a poisoned output
-    scratch = ops.split_scratch(x.device, m, lay.n, ops.split_tiles(path, m, lay.n, config[0], config[1])) \
-        if split > 1 else None
-    out = torch.full((m, lay.n), float("nan"), device=x.device)
-    if path == "wa":  # takes the partials
+    if path == "wa":  # takes the partials; split-K as wa_mm runs it: through the workspace, into a poisoned output
+        m = x2d.shape[0]
+        scratch = ops.split_scratch(x.device, m, lay.n, -(-m // config[0]) * -(-lay.n // config[1])) \
+            if split > 1 else None
+        out = torch.full((m, lay.n), float("nan"), device=x.device)
         wl = dispatch.wa_of(lay)
         ops.launch_wa(x2d, wl.q, wl.scales, wl.zeros, *(lr or (None, None)), dispatch.wa_meta(wl), list(config), out,
                       pdl=pdl, scratch=scratch)
-    else:
-        lr = (lr[0].sum(0), lr[1]) if lr is not None else (None, None)  # the other kernels take their sum
-        ops.launch_int_mm(x2d, lay.qa, lay.qb, lay.scales, lay.zeros, *lr, meta, path, list(config), out, scratch)
-    err = relative_error(out, ref)
-    return err if scratch is None or not (scratch[0].any() or scratch[1].any()) else float("inf")  # left clean
+        err = relative_error(out, ref)
+        return err if scratch is None or not (scratch[0].any() or scratch[1].any()) else float("inf")  # left clean
+    out = torch.zeros(x.shape[0], lay.n, device=x.device) if split > 1 else \
+        torch.full((x.shape[0], lay.n), float("nan"), device=x.device)
+    lr = (lr[0].sum(0), lr[1]) if lr is not None else (None, None)  # the other kernels take their sum
+    ops.launch_int_mm(x2d, lay.qa, lay.qb, lay.scales, lay.zeros, *lr, meta, path, list(config), out)
+    return relative_error(out, ref)
 
 
 def bench(fn) -> float:

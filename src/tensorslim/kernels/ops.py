@@ -38,32 +38,26 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _into_new(x: Tensor, n: int, split_k: int, out_dtype: torch.dtype, launch, tiles: int) -> Tensor:
-    """Allocate ``[M, n]`` and run ``launch(x, out, scratch)`` on contiguous ``x``. Under split-K the programs reduce
-    serially in :func:`split_scratch`'s workspace (``tiles`` output tiles), straight into ``out_dtype``; where none
-    is at hand (a CUDA graph being captured without one), they add atomically into a zeroed fp32 ``out``, returned
-    cast to ``out_dtype``."""
+def _into_new(x: Tensor, n: int, split_k: int, out_dtype: torch.dtype, launch) -> Tensor:
+    """Allocate ``[M, n]`` (fp32 and zeroed under split-K, whose programs add atomically), run ``launch(x, out)`` on
+    contiguous ``x`` and return ``out`` in ``out_dtype``."""
     x = x.contiguous()
-    m = x.shape[0]
-    scratch = split_scratch(x.device, m, n, tiles) if split_k > 1 else None
-    if split_k > 1 and scratch is None:
-        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    if split_k > 1:
+        out = torch.zeros((x.shape[0], n), dtype=torch.float32, device=x.device)
     else:
-        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    launch(x, out, scratch)
+        out = torch.empty((x.shape[0], n), dtype=out_dtype, device=x.device)
+    launch(x, out)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def launch_int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zeros: Tensor | None, t: Tensor | None,
-                  u: Tensor | None, meta: list[int], path: str, config: list[int], out: Tensor,
-                  scratch: tuple[Tensor, Tensor] | None = None) -> None:
-    """Run the gemv/gemm kernel into ``out`` (``[M, N]``; fp32 and zeroed when ``SPLIT_K > 1``, atomics add into it,
-    unless ``scratch``: then split-K reduces in that zeroed workspace, as :func:`launch_wa` does)."""
+                  u: Tensor | None, meta: list[int], path: str, config: list[int], out: Tensor) -> None:
+    """Run the gemv/gemm kernel into ``out`` (``[M, N]``; fp32 and zeroed when ``SPLIT_K > 1``, atomics add into it)."""
     k, bits, bits_a, bits_b, group, symmetric = meta
     bm, bn, bk, split_k, num_warps, num_stages = config
     m, n = x.shape[0], qa.shape[1]
     check_config(path, meta, config, m)
-    ws, cnt = _serial_args(scratch, split_k, out, m * out.stride(0), split_tiles(path, m, n, bm, bn))
+    assert split_k == 1 or out.dtype == torch.float32
     has_lr = t is not None and u is not None
     r = t.shape[1] if has_lr else 1
     zt = zeros if zeros is not None else scales  # any pointer; unused when symmetric
@@ -74,10 +68,8 @@ def launch_int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zero
         m, n, k, r, k // split_k, group, split_k,
         x.stride(0), out.stride(0), tt.stride(0), uu.stride(0),
     ]
-    common += [ws, cnt]
-    serial = split_k > 1 and scratch is not None
     consts = dict(BITS=bits, BITS_A=bits_a, BITS_B=bits_b, SYMMETRIC=bool(symmetric),
-                  HAS_LR=has_lr, BR=max(16, _next_pow2(r)), BM=bm, BN=bn, BK=bk, SERIAL=serial,
+                  HAS_LR=has_lr, BR=max(16, _next_pow2(r)), BM=bm, BN=bn, BK=bk,
                   num_warps=num_warps, num_stages=num_stages)
     if path == "gemv":
         int_gemv_kernel[(m, triton.cdiv(n, bn), split_k)](*common, **consts)
@@ -85,27 +77,9 @@ def launch_int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zero
         del common[3]  # no plane b
         int4_mma_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](
             *common, SYMMETRIC=bool(symmetric), HAS_LR=has_lr, BR=consts["BR"], BM=bm, BN=bn, BK=bk,
-            USE_ASM=x.device.type == "cuda", SERIAL=serial, num_warps=num_warps, num_stages=num_stages)
+            USE_ASM=x.device.type == "cuda", num_warps=num_warps, num_stages=num_stages)
     else:
         int_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](*common, **consts, PLANES=path == "gemmp")
-
-
-def split_tiles(path: str, m: int, n: int, bm: int, bn: int) -> int:
-    """Output tiles (split-K counters) of a launch: one row a tile for "gemv", ``[BM, BN]`` tiles otherwise."""
-    return (m if path == "gemv" else triton.cdiv(m, bm)) * triton.cdiv(n, bn)
-
-
-def _serial_args(scratch: tuple[Tensor, Tensor] | None, split_k: int, out: Tensor, numel: int, tiles: int
-                 ) -> tuple[Tensor, Tensor]:
-    """The workspace and counters a kernel gets: ``scratch`` for a serial split-K launch (checked), else ``out``
-    twice (unused; plain split-K needs ``out`` fp32 and zeroed)."""
-    if split_k > 1 and scratch is not None:
-        ws, cnt = scratch
-        assert ws.dtype == torch.float32 and ws.numel() >= numel and cnt.numel() >= tiles, \
-            "split_scratch() gives the workspace and counters of a serial split-K launch"
-        return ws, cnt
-    assert split_k == 1 or out.dtype == torch.float32, "split-K without scratch adds into a zeroed fp32 output"
-    return out, out
 
 
 def pdl_ok(x: Tensor) -> bool:
@@ -131,7 +105,13 @@ def launch_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Ten
     m, n = x.shape[0], q.shape[0]
     check_wa_launch(k, group, bits, j, config)
     serial = split_k > 1 and scratch is not None
-    ws, cnt = _serial_args(scratch, split_k, out, m * n, split_tiles("wa", m, n, bm, bn))
+    assert split_k == 1 or serial or out.dtype == torch.float32
+    if serial:
+        ws, cnt = scratch
+        assert ws.dtype == torch.float32 and ws.numel() >= m * n and cnt.numel() >= triton.cdiv(m, bm) * triton.cdiv(
+            n, bn), "split_scratch() gives the workspace and counters of a serial split-K launch"
+    else:
+        ws, cnt = out, out  # unused
     blocks = k // (8 * j)
     has_lr = t is not None and u is not None
     tt = (t if t.dim() == 3 else t.unsqueeze(0)).contiguous() if has_lr else x.unsqueeze(0)  # [C, M, r] partials
@@ -241,18 +221,23 @@ def _lowrank_t_fake(x, vp):
 @torch.library.custom_op("tensorslim::wa_mm", mutates_args=())
 def wa_mm(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, vp: Tensor | None, u: Tensor | None,
           meta: list[int], config: list[int], out_dtype: torch.dtype) -> Tensor:
-    """``x @ W^T`` (+ ``(x V^T) U^T`` with ``V`` given as exact parts ``vp``). The output is allocated (with no
-    zeroing: split-K reduces in :func:`split_scratch`'s workspace) first, so that ``lowrank_t`` is the kernel right
-    before "wa", which can then be its programmatic
+    """``x @ W^T`` (+ ``(x V^T) U^T`` with ``V`` given as exact parts ``vp``). The output is allocated (and zeroed
+    for split-K) first, so that ``lowrank_t`` is the kernel right before "wa", which can then be its programmatic
     dependent launch on Hopper+."""
-    def run(xc: Tensor, out: Tensor, scratch: tuple[Tensor, Tensor] | None) -> None:
+    def run(xc: Tensor, out: Tensor, scratch: tuple[Tensor, Tensor] | None = None) -> None:
         has_lr = vp is not None and u is not None
         pdl = has_lr and pdl_ok(xc)
         t = launch_lowrank_t(xc, vp, pdl) if has_lr else None
         launch_wa(xc, q, scales, zeros, t, u, meta, config, out, pdl, scratch)
 
-    n = q.shape[0]
-    return _into_new(x, n, config[2], out_dtype, run, split_tiles("wa", x.shape[0], n, config[0], config[1]))
+    m, n, bm, bn, split_k = x.shape[0], q.shape[0], config[0], config[1], config[2]
+    scratch = split_scratch(x.device, m, n, triton.cdiv(m, bm) * triton.cdiv(n, bn)) if split_k > 1 else None
+    if scratch is not None:  # serial split-K: no zeroed fp32 output, no conversion afterwards
+        xc = x.contiguous()
+        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+        run(xc, out, scratch)
+        return out
+    return _into_new(x, n, split_k, out_dtype, run)
 
 
 @wa_mm.register_fake
@@ -263,10 +248,8 @@ def _wa_mm_fake(x, q, scales, zeros, vp, u, meta, config, out_dtype):
 @torch.library.custom_op("tensorslim::int_mm", mutates_args=())
 def int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zeros: Tensor | None, t: Tensor | None,
            u: Tensor | None, meta: list[int], path: str, config: list[int], out_dtype: torch.dtype) -> Tensor:
-    n = qa.shape[1]
-    return _into_new(x, n, config[3], out_dtype,
-                     lambda xc, out, scr: launch_int_mm(xc, qa, qb, scales, zeros, t, u, meta, path, config, out, scr),
-                     split_tiles(path, x.shape[0], n, config[0], config[1]))
+    return _into_new(x, qa.shape[1], config[3], out_dtype,
+                     lambda xc, out: launch_int_mm(xc, qa, qb, scales, zeros, t, u, meta, path, config, out))
 
 
 @int_mm.register_fake

@@ -62,9 +62,9 @@ def unpack8(w, DT: tl.constexpr, USE_ASM: tl.constexpr):
 def int4_mma_kernel(
     x_ptr, out_ptr, q_ptr, s_ptr, z_ptr, t_ptr, u_ptr,
     M, N, K, R, k_split, GROUP, SPLIT_K,
-    stride_xm, stride_om, stride_tm, stride_un, ws_ptr, cnt_ptr,
+    stride_xm, stride_om, stride_tm, stride_un,
     SYMMETRIC: tl.constexpr, HAS_LR: tl.constexpr, BR: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_ASM: tl.constexpr, SERIAL: tl.constexpr = False,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -106,4 +106,4 @@ def int4_mma_kernel(
             zc = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.float32) + C
         acc += (part - sx[:, None] * zc[None, :]) * s[None, :]
     store_tile(acc, pid_k, t_ptr, u_ptr, out_ptr, ms, offs_n, mmask, nmask, stride_tm, stride_un, stride_om, R,
-               HAS_LR, BR, SPLIT_K, ws_ptr, cnt_ptr, SERIAL)
+               HAS_LR, BR, SPLIT_K)

@@ -20,19 +20,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import serial_add
-
 from .int_gemv import load_codes3, load_group, tile_k_offsets
 from .tiles import tile_rows_cols
 
 
 @triton.jit
 def store_tile(acc, pid_k, t_ptr, u_ptr, out_ptr, ms, offs_n, mmask, nmask, stride_tm, stride_un, stride_om, R,
-               HAS_LR: tl.constexpr, BR: tl.constexpr, SPLIT_K, ws_ptr=None, cnt_ptr=None,
-               SERIAL: tl.constexpr = False):
+               HAS_LR: tl.constexpr, BR: tl.constexpr, SPLIT_K: tl.constexpr):
     """Epilogue shared by the tiled GEMM kernels: add the low-rank term ``(x V^T) U^T`` once (split 0), then store
-    (or atomically add, under split-K; with ``SERIAL`` through the workspace: :func:`.tiles.serial_add`) the
-    ``[BM, BN]`` tile."""
+    (or atomically add, under split-K) the ``[BM, BN]`` tile."""
     if HAS_LR:
         if pid_k == 0:
             rs = tl.arange(0, BR)
@@ -45,8 +41,6 @@ def store_tile(acc, pid_k, t_ptr, u_ptr, out_ptr, ms, offs_n, mmask, nmask, stri
     omask = mmask[:, None] & nmask[None, :]
     if SPLIT_K == 1:
         tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
-    elif SERIAL:  # the workspace is laid out like the output ([M, stride_om] fp32)
-        serial_add(acc, optr, ws_ptr + ms[:, None] * stride_om + offs_n[None, :], omask, cnt_ptr)
     else:
         tl.atomic_add(optr, acc, mask=omask)
 
@@ -55,10 +49,10 @@ def store_tile(acc, pid_k, t_ptr, u_ptr, out_ptr, ms, offs_n, mmask, nmask, stri
 def int_gemm_kernel(
     x_ptr, out_ptr, qa_ptr, qb_ptr, s_ptr, z_ptr, t_ptr, u_ptr,
     M, N, K, R, k_split, GROUP, SPLIT_K,
-    stride_xm, stride_om, stride_tm, stride_un, ws_ptr, cnt_ptr,
+    stride_xm, stride_om, stride_tm, stride_un,
     BITS: tl.constexpr, BITS_A: tl.constexpr, BITS_B: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_LR: tl.constexpr, BR: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PLANES: tl.constexpr = False, SERIAL: tl.constexpr = False,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PLANES: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -87,7 +81,7 @@ def int_gemm_kernel(
             w = (q - z[None, :]).to(x_ptr.dtype.element_ty)  # [BK, BN], integers: exact in fp16/bf16
             acc += tl.dot(x, w) * s[None, :]
     store_tile(acc, pid_k, t_ptr, u_ptr, out_ptr, ms, offs_n, mmask, nmask, stride_tm, stride_un, stride_om, R,
-               HAS_LR, BR, SPLIT_K, ws_ptr, cnt_ptr, SERIAL)
+               HAS_LR, BR, SPLIT_K)
 
 
 @triton.jit

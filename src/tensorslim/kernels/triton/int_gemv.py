@@ -19,8 +19,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import serial_add
-
 
 @triton.jit
 def load_codes3(qa_ptr, qb_ptr, k0, offs_n, nmask, N,
@@ -96,10 +94,10 @@ def magic128_scale(T: tl.constexpr, BITS: tl.constexpr, LO: tl.constexpr):
 def int_gemv_kernel(
     x_ptr, out_ptr, qa_ptr, qb_ptr, s_ptr, z_ptr, t_ptr, u_ptr,
     M, N, K, R, k_split, GROUP, SPLIT_K,
-    stride_xm, stride_om, stride_tm, stride_un, ws_ptr, cnt_ptr,
+    stride_xm, stride_om, stride_tm, stride_un,
     BITS: tl.constexpr, BITS_A: tl.constexpr, BITS_B: tl.constexpr, SYMMETRIC: tl.constexpr,
     HAS_LR: tl.constexpr, BR: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SERIAL: tl.constexpr = False,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """One activation row per program over a ``[BK/PA, BN]`` tile of words (2-D only: no layout changes in the
     loop). For each code position ``t`` (unrolled) the codes come out of the words by :func:`magic128` and one FMA
@@ -171,7 +169,5 @@ def int_gemv_kernel(
     optr = out_ptr + m.to(tl.int64) * stride_om + offs_n
     if SPLIT_K == 1:
         tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=nmask)
-    elif SERIAL:  # the workspace is laid out like the output ([M, stride_om] fp32); one row a tile
-        serial_add(y, optr, ws_ptr + m.to(tl.int64) * stride_om + offs_n, nmask, cnt_ptr)
     else:
         tl.atomic_add(optr, y, mask=nmask)

@@ -3,8 +3,6 @@ the stores of the float, binary-coded and 2:4 kernels (the integer ones add a lo
 ``int_gemm.store_tile``).
 
 ``ATOMIC`` kernels run split-K: each program adds its partial sum into a zeroed fp32 output instead of storing it.
-The integer kernels (and "wa") can instead reduce serially in a workspace (:func:`serial_add`), which needs neither
-the zeroed output nor a cast afterwards.
 """
 
 from __future__ import annotations
@@ -40,26 +38,3 @@ def store_rows(acc, out_ptr, ms, stride_om, offs_n, mmask, nmask, ATOMIC: tl.con
         tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=omask)
     else:
         tl.atomic_add(optr, acc, mask=omask)
-
-
-@triton.jit
-def serial_add(part, optr, wptr, omask, cnt_ptr):
-    """Split-K without a zeroed output: add this split's partial sums ``part`` (fp32) into the workspace at ``wptr``
-    (all zeros before the grid's first split arrives), then bump the output tile's arrival counter. The last split to
-    arrive reads the sums back, stores them at ``optr`` in the output's dtype, and zeroes its workspace tile and
-    counter again, so the workspace is all zeros for the next launch (:func:`tensorslim.kernels.ops.split_scratch`).
-    The grid is ``(tiles along M, tiles along N, splits)``; the counter of a tile is at ``pid_m * tiles_n + pid_n``.
-
-    Memory order: the adds are relaxed atomics (performed at L2); a CTA barrier puts every thread's adds before the
-    counter's acquire-release increment (release is cumulative), so the last split, after its acquire and a
-    barrier, sees every split's adds; it reads them from L2 (``.cg``)."""
-    tl.atomic_add(wptr, part, mask=omask, sem="relaxed")
-    tl.debug_barrier()
-    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-    if arrived == tl.num_programs(2) - 1:
-        tl.debug_barrier()
-        total = tl.load(wptr, mask=omask, other=0.0, cache_modifier=".cg")
-        tl.store(wptr, tl.zeros_like(part), mask=omask)  # no other program touches this tile again in this grid
-        tl.store(optr, total.to(optr.dtype.element_ty), mask=omask)
-        tl.store(cnt_ptr + tile, 0)

@@ -45,7 +45,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from .gdc import gdc_wait
-from .tiles import serial_add
 
 _LOP4_BF16 = tl.constexpr("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;")
 _LOP4_FP16 = tl.constexpr("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xea;")
@@ -236,7 +235,17 @@ def wa_kernel(
     optr = out_ptr + (rm.to(tl.int64) * stride_om)[None, :] + rn[:, None]
     omask = nmask[:, None] & mmask[None, :]
     if ATOMIC and SERIAL:  # split-K into a zeroed fp32 workspace; the tile's last split writes out and re-zeroes it
-        serial_add(acc, optr, ws_ptr + (rm.to(tl.int64) * N)[None, :] + rn[:, None], omask, cnt_ptr)
+        wptr = ws_ptr + (rm.to(tl.int64) * N)[None, :] + rn[:, None]
+        tl.atomic_add(wptr, acc, mask=omask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds precede the release below (cumulative)
+        tile = pid_m * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == tl.num_programs(2) - 1:  # every other split's adds are visible (acquire)
+            tl.debug_barrier()
+            total = tl.load(wptr, mask=omask, other=0.0, cache_modifier=".cg")  # from L2, where the adds are
+            tl.store(wptr, tl.zeros_like(acc), mask=omask)  # no other program touches this tile again in this grid
+            tl.store(optr, total.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(cnt_ptr + tile, 0)
     elif ATOMIC:
         tl.atomic_add(optr, acc, mask=omask)
     else:
