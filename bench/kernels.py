@@ -14,7 +14,8 @@ Shapes are written ``in x out`` (``4096x14336`` is an up projection: K=4096 inpu
 Correctness: every path against ``x @ decode()^T`` in fp32 (bf16 activations, fp32 output, so the only difference is
 accumulation order), relative Frobenius error <= 1e-3, outputs poisoned with NaN before the kernel writes them.
 Timing: ``triton.testing.do_bench`` median (L2 flushed between runs), bf16 activations and outputs.
-Prints markdown tables and writes JSON to ``$OUT/kernels.json`` (or ``runs/kernels.json``).
+Prints markdown tables and writes JSON to ``$OUT/kernels[_<modes>].json`` (or under ``runs/``), e.g.
+``kernels_issue.json`` for ``--issue``, so that several commands in one device call keep their results.
 """
 
 from __future__ import annotations
@@ -316,7 +317,7 @@ def main() -> None:
     w1 = max((r["rel_err"] for r in results["correct"] if r["path"] != "dequant"), default=0.0)
     print(f"variants checked in {time.time() - t0:.0f}s: {n1} checks, worst relative error {w1:.1e} (dequant: "
           f"weights exact), {sum(1 for r in results['correct'] if not r['rel_err'] <= TOL)} over {TOL:g}", flush=True)
-    _write(results)
+    _write(results, run_name(args))
     if args.sweep_only:
         n_fail = sum(1 for r in results["correct"] if not r["rel_err"] <= TOL)
         assert n_fail == 0, f"{n_fail} checks failed"
@@ -352,7 +353,7 @@ def main() -> None:
           f"(dequant path: weight exactness and output/4) ({time.time() - t0:.0f}s)")
 
     if args.smoke or args.check_only:
-        _write(results)
+        _write(results, run_name(args))
         assert n_fail == 0, f"{n_fail} checks failed"
         return
     # 3. speed: CUDA-graph replay over rotating weight copies (cold L2), plus eager do_bench for int4 (overhead)
@@ -414,13 +415,23 @@ def main() -> None:
               + " | ".join(cells) + f" | {r['int4:g128_eager_us']:.1f} | {r['int4:g128_path'][0]} "
               f"{list(r['int4:g128_path'][1])} |")
     print(f"\nworst relative error of a fused kernel: {worst:.2e}; failures: {n_fail}; total {time.time() - t0:.0f}s")
-    _write(results)
+    _write(results, run_name(args))
 
 
-def _write(results: dict) -> None:
+def run_name(args) -> str:
+    """The JSON's name for this command line: ``kernels`` plus the modes given (``kernels_sweep``,
+    ``kernels_check_issue``, ...)."""
+    modes = [m for m, on in (("sweep", args.sweep_only), ("check", args.check_only), ("quick", args.quick),
+                              ("smoke", args.smoke), ("issue", args.issue), ("sum", args.sum)) if on]
+    return "_".join(["kernels"] + modes)
+
+
+def _write(results: dict, name: str = "kernels") -> None:
+    """``$OUT/<name>.json`` (or under ``runs/``), written atomically; ``name`` tells the mode (``kernels_issue``,
+    ``kernels_sweep``, ...), so that two commands in one device call do not overwrite each other's results."""
     out_dir = os.environ.get("OUT") or "runs"
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "kernels.json")
+    path = os.path.join(out_dir, f"{name}.json")
     with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=1, default=str)
     os.replace(path + ".tmp", path)

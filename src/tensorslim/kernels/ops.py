@@ -221,8 +221,8 @@ def _lowrank_t_fake(x, vp):
 @torch.library.custom_op("tensorslim::wa_mm", mutates_args=())
 def wa_mm(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, vp: Tensor | None, u: Tensor | None,
           meta: list[int], config: list[int], out_dtype: torch.dtype) -> Tensor:
-    """``x @ W^T`` (+ ``(x V^T) U^T`` with ``V`` given as exact parts ``vp``). The output is allocated (and zeroed
-    for split-K) first, so that ``lowrank_t`` is the kernel right before "wa", which can then be its programmatic
+    """``x @ W^T`` (+ ``(x V^T) U^T`` with ``V`` given as exact parts ``vp``). The output is allocated first (zeroed
+    only for split-K without a :func:`split_scratch` workspace), so that ``lowrank_t`` is the kernel right before "wa", which can then be its programmatic
     dependent launch on Hopper+."""
     def run(xc: Tensor, out: Tensor, scratch: tuple[Tensor, Tensor] | None = None) -> None:
         has_lr = vp is not None and u is not None
