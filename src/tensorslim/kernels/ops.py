@@ -38,15 +38,19 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _into_new(x: Tensor, n: int, split_k: int, out_dtype: torch.dtype, launch) -> Tensor:
-    """Allocate ``[M, n]`` (fp32 and zeroed under split-K, whose programs add atomically), run ``launch(x, out)`` on
-    contiguous ``x`` and return ``out`` in ``out_dtype``."""
+def _into_new(x: Tensor, n: int, split_k: int, out_dtype: torch.dtype, launch, tiles: int = 0) -> Tensor:
+    """Allocate ``[M, n]``, run ``launch(x, out, scratch)`` on contiguous ``x`` and return ``out`` in ``out_dtype``.
+    Under split-K with ``tiles`` (output tiles of a kernel that reduces serially) the programs reduce in
+    :func:`split_scratch`'s workspace straight into ``out_dtype``; otherwise (or when no workspace is at hand during a
+    graph capture) they add atomically into a zeroed fp32 ``out``, returned cast."""
     x = x.contiguous()
-    if split_k > 1:
-        out = torch.zeros((x.shape[0], n), dtype=torch.float32, device=x.device)
+    m = x.shape[0]
+    scratch = split_scratch(x.device, m, n, tiles) if split_k > 1 and tiles else None
+    if split_k > 1 and scratch is None:
+        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
     else:
-        out = torch.empty((x.shape[0], n), dtype=out_dtype, device=x.device)
-    launch(x, out)
+        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    launch(x, out, scratch)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
@@ -93,11 +97,11 @@ def launch_wa(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, t: Ten
               scratch: tuple[Tensor, Tensor] | None = None) -> None:
     """Run the weights-as-A kernel (:mod:`.triton.wa`) into ``out`` ``[M, N]`` (fp32 and zeroed when ``SPLIT_K >
     1``, unless ``scratch``: then split-K reduces in that zeroed workspace, leaves it zeroed, and ``out`` may be of
-    any dtype and content; :func:`split_scratch`). ``meta = [k, group, symmetric, j(, bits)]`` (layout blocks of ``8 j`` inputs; codes of 4 bits, the default,
-    3 or 2); ``config = [BM, BN, SPLIT_K, num_warps, num_stages(, half)]`` (``half``: int4
-    iterations of half a block, less shared memory a stage); optional low-rank term ``t @ u^T`` as in
-    :func:`int_mm`, where ``t`` may also be the ``[C, M, r]`` partial sums of :func:`lowrank_t`. ``pdl``: launched
-    as the programmatic dependent of the kernel just before it, which wrote ``t`` (:func:`wa_mm`)."""
+    any dtype and content; :func:`split_scratch`). ``meta = [k, group, symmetric, j(, bits)]`` (layout blocks of
+    ``8 j`` inputs; codes of 4 bits, the default, 3 or 2); ``config = [BM, BN, SPLIT_K, num_warps, num_stages(,
+    half)]`` (``half``: int4 iterations of half a block, less shared memory a stage); optional low-rank term ``t @
+    u^T`` as in :func:`int_mm`, where ``t`` may also be the ``[C, M, r]`` partial sums of :func:`lowrank_t`.
+    ``pdl``: launched as the programmatic dependent of the kernel just before it, which wrote ``t`` (:func:`wa_mm`)."""
     k, group, symmetric, j = meta[:4]
     bits = meta[4] if len(meta) > 4 else 4
     bm, bn, split_k, num_warps, num_stages = config[:5]
@@ -221,23 +225,17 @@ def _lowrank_t_fake(x, vp):
 @torch.library.custom_op("tensorslim::wa_mm", mutates_args=())
 def wa_mm(x: Tensor, q: Tensor, scales: Tensor, zeros: Tensor | None, vp: Tensor | None, u: Tensor | None,
           meta: list[int], config: list[int], out_dtype: torch.dtype) -> Tensor:
-    """``x @ W^T`` (+ ``(x V^T) U^T`` with ``V`` given as exact parts ``vp``). The output is allocated first (zeroed
-    only for split-K without a :func:`split_scratch` workspace), so that ``lowrank_t`` is the kernel right before "wa", which can then be its programmatic
-    dependent launch on Hopper+."""
-    def run(xc: Tensor, out: Tensor, scratch: tuple[Tensor, Tensor] | None = None) -> None:
+    """``x @ W^T`` (+ ``(x V^T) U^T`` with ``V`` given as exact parts ``vp``). The output is allocated first
+    (zeroed only for split-K without a :func:`split_scratch` workspace), so that ``lowrank_t`` is the kernel right
+    before "wa", which can then be its programmatic dependent launch on Hopper+."""
+    def run(xc: Tensor, out: Tensor, scratch: tuple[Tensor, Tensor] | None) -> None:
         has_lr = vp is not None and u is not None
         pdl = has_lr and pdl_ok(xc)
         t = launch_lowrank_t(xc, vp, pdl) if has_lr else None
         launch_wa(xc, q, scales, zeros, t, u, meta, config, out, pdl, scratch)
 
-    m, n, bm, bn, split_k = x.shape[0], q.shape[0], config[0], config[1], config[2]
-    scratch = split_scratch(x.device, m, n, triton.cdiv(m, bm) * triton.cdiv(n, bn)) if split_k > 1 else None
-    if scratch is not None:  # serial split-K: no zeroed fp32 output, no conversion afterwards
-        xc = x.contiguous()
-        out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-        run(xc, out, scratch)
-        return out
-    return _into_new(x, n, split_k, out_dtype, run)
+    m, n = x.shape[0], q.shape[0]
+    return _into_new(x, n, config[2], out_dtype, run, triton.cdiv(m, config[0]) * triton.cdiv(n, config[1]))
 
 
 @wa_mm.register_fake
@@ -248,8 +246,8 @@ def _wa_mm_fake(x, q, scales, zeros, vp, u, meta, config, out_dtype):
 @torch.library.custom_op("tensorslim::int_mm", mutates_args=())
 def int_mm(x: Tensor, qa: Tensor, qb: Tensor | None, scales: Tensor, zeros: Tensor | None, t: Tensor | None,
            u: Tensor | None, meta: list[int], path: str, config: list[int], out_dtype: torch.dtype) -> Tensor:
-    return _into_new(x, qa.shape[1], config[3], out_dtype,
-                     lambda xc, out: launch_int_mm(xc, qa, qb, scales, zeros, t, u, meta, path, config, out))
+    return _into_new(x, qa.shape[1], config[3], out_dtype,  # split-K adds atomically (no tiles: no workspace)
+                     lambda xc, out, _: launch_int_mm(xc, qa, qb, scales, zeros, t, u, meta, path, config, out))
 
 
 @int_mm.register_fake
