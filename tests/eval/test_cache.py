@@ -26,6 +26,15 @@ def _pair(seed: int):
     return base, other, tokens
 
 
+def _disk_filled(directory, **kw):
+    """A fresh pair, the plain (uncached) report, and a directory cache that has been through one evaluation."""
+    base, other, tokens = _pair(int(torch.randint(0, 10_000, ())))
+    plain = evaluate_lm(other, tokens, baseline=base, window=32)
+    cache = CachedBaseline(base, directory=directory, **kw)
+    evaluate_lm(other, tokens, baseline=cache, window=32)
+    return base, other, tokens, plain, cache
+
+
 def test_cached_equals_plain_and_runs_base_once() -> None:
     seed = int(torch.randint(0, 10_000, ()))
     base, other, tokens = _pair(seed)
@@ -47,11 +56,7 @@ def test_cached_equals_plain_and_runs_base_once() -> None:
 
 
 def test_directory_cache_is_reused_and_keyed_by_model(tmp_path) -> None:
-    seed = int(torch.randint(0, 10_000, ()))
-    base, other, tokens = _pair(seed)
-    plain = evaluate_lm(other, tokens, baseline=base, window=32)
-    a = CachedBaseline(base, directory=tmp_path)
-    evaluate_lm(other, tokens, baseline=a, window=32)
+    base, other, tokens, plain, _ = _disk_filled(tmp_path)
     b = CachedBaseline(base, directory=tmp_path)  # a fresh process would see the same files
     got = evaluate_lm(other, tokens, baseline=b, window=32)
     assert b.misses == 0 and b.hits == 3
@@ -76,11 +81,7 @@ def test_extra_arguments_refused() -> None:
 
 
 def test_directory_cache_keeps_no_window_in_memory_unless_asked(tmp_path) -> None:
-    seed = int(torch.randint(0, 10_000, ()))
-    base, other, tokens = _pair(seed)
-    plain = evaluate_lm(other, tokens, baseline=base, window=32)
-    disk = CachedBaseline(base, directory=tmp_path)
-    evaluate_lm(other, tokens, baseline=disk, window=32)
+    base, other, tokens, plain, disk = _disk_filled(tmp_path)
     again = evaluate_lm(other, tokens, baseline=disk, window=32)
     assert not disk._memo  # read back from the files: one window in memory at a time
     assert (disk.misses, disk.hits) == (3, 3) and _fields(again) == _fields(plain)
