@@ -2,16 +2,24 @@
 
 A plain module swap, not a tensor subclass: it holds one compressed weight and the (dense) bias. Moving the module
 moves the stored tensors but never changes their dtypes, so the bytes a report counts are the bytes that run.
+
+On a GPU the kernels read their own repack of the codes (:mod:`tensorslim.kernels.dispatch`), built on the first
+call, so the GPU then holds the stored codes *and* the repack. :meth:`CompressedLinear.prepare_kernels` keeps only
+the repack there: the stored weight moves to host memory (``save``, ``decode`` and other activation dtypes still use
+it).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .base import CompressedWeight
+
+log = logging.getLogger(__name__)
 
 
 class CompressedLinear(nn.Module):
@@ -21,22 +29,66 @@ class CompressedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.method = method
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._kernel: tuple | None = None  # (runtime layout, low-rank term or None) after prepare_kernels()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight: CompressedWeight, *, method: str | None = None) -> "CompressedLinear":
         return cls(weight.to(linear.weight.device), linear.bias, method=method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is not None:
+            from ..kernels import dispatch
+
+            lay, extra = self._kernel
+            if dispatch.activation_reason(x) is None and x.device == dispatch.wa_of(lay).q.device:
+                return dispatch.layout_linear(lay, extra, x, self.bias)
+            if not getattr(self, "_warned", False):
+                log.warning("%s: prepare_kernels() left the stored weight in host memory; this %s %s call copies "
+                            "it to %s each time (the kernels take float16/bfloat16 activations on the GPU)",
+                            self.extra_repr(), x.dtype, tuple(x.shape), x.device)
+                self._warned = True
+            return self.compressed.to(x.device).linear(x, self.bias)
         return self.compressed.linear(x, self.bias)
+
+    def prepare_kernels(self, host: torch.device | str = "cpu") -> bool:
+        """Keep one copy of the codes on the GPU: build the kernels' repack now and move the stored weight to
+        ``host`` (where ``save``, ``decode`` and the reference path use it; a call the kernels cannot take copies it
+        back for that call, with a warning). Only where the "wa" kernel runs the weight (2-4-bit integer groups and
+        ternary whose blocks fit, alone or summed with a low-rank term, which stays on the GPU); returns whether it
+        did. Moving the module (``.to``, ``.cuda``, ``.half``) first brings the stored weight back and undoes this."""
+        from ..kernels import dispatch
+
+        if self._kernel is not None:
+            return True
+        cw = self.compressed
+        base = dispatch._int_part(cw)
+        probe = torch.empty(0, dtype=torch.bfloat16, device=self._device())
+        if base is None or dispatch.kernel_reason(cw, probe) is not None:
+            return False
+        lay = dispatch.runtime_layout(base)
+        if lay.qa is not None:  # this weight runs on the transposed layout's kernels, which need the stored copy
+            return False
+        extra = cw.extra if base is not cw else None  # type: ignore[attr-defined]
+        self._kernel = (lay, extra)
+        self.compressed = cw.to(host)
+        return True
+
+    def _device(self) -> torch.device:
+        return next(iter(self.compressed.tensors().values())).device
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):  # type: ignore[override]
         # Follow device moves of the model; keep stored dtypes (a model.half() must not re-encode scales).
+        if self._kernel is not None:  # undo prepare_kernels(): the stored weight back where the kernels ran
+            from ..kernels import dispatch
+
+            self.compressed = self.compressed.to(dispatch.wa_of(self._kernel[0]).q.device)
+            self._kernel = None
         self.compressed = _moved(self.compressed, fn)
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.compressed.format.spec()}, "
-                f"bits_per_weight={self.compressed.bits_per_weight:.3f}")
+                f"bits_per_weight={self.compressed.bits_per_weight:.3f}" + (", prepared" if self._kernel else ""))
 
 
 def _moved(cw: CompressedWeight, fn: Callable[[torch.Tensor], torch.Tensor]) -> CompressedWeight:

@@ -50,6 +50,7 @@ _LAYOUTS: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDi
 _VPARTS: "weakref.WeakKeyDictionary[CompressedWeight, tuple[torch.dtype, torch.Tensor | None, torch.Tensor]]" = \
     weakref.WeakKeyDictionary()
 _WA: "weakref.WeakKeyDictionary[IntKernelLayout, WALayout]" = weakref.WeakKeyDictionary()
+_RUNTIME: "weakref.WeakKeyDictionary[CompressedWeight, IntKernelLayout]" = weakref.WeakKeyDictionary()
 _TUNED: dict[tuple, Choice] = {}
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -88,10 +89,9 @@ def _is_int_like(cw: CompressedWeight) -> bool:
 # -- what runs -----------------------------------------------------------------------------------------------------
 def kernel_reason(cw: CompressedWeight, x: torch.Tensor | None = None) -> str | None:
     """``None`` if a kernel can run ``cw`` (for ``x``), else why the reference path runs."""
-    if x is not None and x.dtype not in _KERNEL_DTYPES:
-        return f"activation dtype {x.dtype} (kernels take float16/bfloat16)"
-    if x is not None and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "activations are not on a CUDA device"
+    reason = None if x is None else activation_reason(x)
+    if reason is not None:
+        return reason
     base = _int_part(cw)
     if base is None:  # float, binary-coded and 2:4 sparse formats: :mod:`.dispatch_ext`
         from .dispatch_ext import ext_reason
@@ -101,6 +101,15 @@ def kernel_reason(cw: CompressedWeight, x: torch.Tensor | None = None) -> str | 
     if reason is None and _ops() is None:
         reason = "triton is not installed"
     return reason
+
+
+def activation_reason(x: torch.Tensor) -> str | None:
+    """``None`` if the kernels take activations like ``x``, else why not."""
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"activation dtype {x.dtype} (kernels take float16/bfloat16)"
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "activations are not on a CUDA device"
+    return None
 
 
 def _int_part(cw: CompressedWeight) -> CompressedWeight | None:
@@ -130,12 +139,20 @@ def kernel_linear(cw: CompressedWeight, x: torch.Tensor, bias: torch.Tensor | No
 
         return ext_linear(cw, x, bias, choice=choice, out_dtype=out_dtype)
     assert base is not None, kernel_reason(cw, x)
-    lay = layout(base)
+    lay = layout(base) if choice is not None else runtime_layout(base)
+    return layout_linear(lay, cw.extra if base is not cw else None, x, bias,  # type: ignore[attr-defined]
+                         choice=choice, out_dtype=out_dtype)
+
+
+def layout_linear(lay: IntKernelLayout, extra: CompressedWeight | None, x: torch.Tensor,
+                  bias: torch.Tensor | None = None, *, choice: Choice | None = None,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ W^T (+ the low-rank term extra) + bias`` from a kernel layout alone (:func:`kernel_linear`, and
+    ``CompressedLinear.prepare_kernels``, whose stored codes are no longer on the GPU)."""
     x2d = x.reshape(-1, x.shape[-1])
     lr = None
-    if base is not cw:  # (V as exact parts in the kernels' input order, U [N, r])
-        extra = cw.extra  # type: ignore[attr-defined]
-        lr = (v_parts(extra, x2d.dtype, lay.perm), extra.u)
+    if extra is not None:  # (V as exact parts in the kernels' input order, U [N, r])
+        lr = (v_parts(extra, x2d.dtype, lay.perm), extra.u)  # type: ignore[attr-defined]
     if lay.perm is not None:
         x2d = x2d.index_select(1, lay.perm.to(x2d.device))
     out_dtype = out_dtype or x.dtype
@@ -180,6 +197,29 @@ def layout(base: CompressedWeight) -> IntKernelLayout:
     return lay
 
 
+def runtime_layout(base: CompressedWeight) -> IntKernelLayout:
+    """The layout the dispatcher keeps for a weight's own calls (:func:`kernel_linear` without a forced choice).
+
+    Where "wa" runs the weight (2-, 3- and 4-bit codes and ternary whose blocks fit; it won every tuned key of the
+    issue shapes at 1-128 rows on the H100), only its repack is kept: the transposed words are built, repacked and
+    dropped, and the returned layout has ``qa = None`` (its candidates are "wa" and, for 64+ rows, "dequant" from the
+    repack). So the GPU holds one kernel copy of the codes, not two. Otherwise :func:`layout`. Memoized per weight
+    object (weak keys). Forced choices (tests, benchmarks) use :func:`layout`, which offers every path."""
+    lay = _RUNTIME.get(base)
+    if lay is None:
+        full = _LAYOUTS.get(base)
+        if full is None:
+            full = int_layout(base) if isinstance(base, IntGroupWeight) else ternary_layout(base)
+        if wa_reason(full) is None:
+            wl = _WA.get(full) or wa_layout(full)
+            lay = dataclasses.replace(full, qa=None, qb=None, scales=None, zeros=None)
+            _WA[lay] = wl
+        else:
+            lay = layout(base)
+        _RUNTIME[base] = lay
+    return lay
+
+
 def wa_meta(wl: WALayout) -> list[int]:
     """``meta`` of :func:`.ops.launch_wa` for a weights-as-A layout."""
     return [wl.k, wl.group, int(wl.symmetric), wl.j, wl.bits]
@@ -209,8 +249,11 @@ def run_choice(choice: Choice, lay: IntKernelLayout, x2d: torch.Tensor, lr: tupl
     meta = [lay.k, lay.bits, lay.bits_a, lay.bits_b, lay.group, int(lay.symmetric)]
     t, u = (ops.lowrank_t(x2d, lr[0]).sum(0), lr[1]) if lr is not None else (None, None)
     if path == "dequant":
-        w_t = ops.int_dequant(lay.qa, lay.qb, lay.scales, lay.zeros, meta, x2d.dtype)  # [K, N]
-        y = x2d @ w_t
+        if lay.qa is None:  # only the weights-as-A repack is kept (runtime_layout)
+            wl = wa_of(lay)
+            y = torch.nn.functional.linear(x2d, ops.wa_dequant(wl.q, wl.scales, wl.zeros, wa_meta(wl), x2d.dtype))
+        else:
+            y = x2d @ ops.int_dequant(lay.qa, lay.qb, lay.scales, lay.zeros, meta, x2d.dtype)  # W^T [K, N]
         if t is not None:
             y = y + torch.nn.functional.linear(t, u.float()).to(y.dtype)
         return y.to(out_dtype)
@@ -251,6 +294,9 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
     H200 and H100 sweeps (docs/results/kernels.md).
     """
     n, k, g = lay.n, lay.k, lay.group
+    if lay.qa is None:  # runtime_layout kept only the weights-as-A repack
+        out = [("wa", c) for c in wa_candidates(n, k, lay.bits, wa_block_words(k, g), m, sms)]
+        return out + [("dequant", ())] if m >= 64 else out
     bks = [b for b in (128, 64, 32) if g % b == 0 and k % b == 0]
     out: list[Choice] = []
     if m <= 16:
@@ -407,8 +453,8 @@ def tuned_choice(lay: IntKernelLayout, x2d: torch.Tensor, rank: int | None) -> C
     bucket = _pow2(m)
     if x2d.device.type != "cuda":  # the interpreter: no timing, first candidate
         return candidates(lay, bucket)[0]
-    key = (lay.n, lay.k, lay.bits, lay.group, lay.symmetric, lay.qb is not None, bucket, x2d.dtype, rank,
-           x2d.device)
+    key = (lay.n, lay.k, lay.bits, lay.group, lay.symmetric, lay.qb is not None, lay.qa is None, bucket, x2d.dtype,
+           rank, x2d.device)
     hit = _TUNED.get(key)
     if hit is None:
         if torch.cuda.is_current_stream_capturing():  # cannot time inside a capture: a safe default, not remembered
@@ -422,14 +468,23 @@ def _cold_copies(lay: IntKernelLayout, l2_bytes: int) -> list[IntKernelLayout]:
     """The layout plus copies of its tensors, together over twice the L2 cache, so that timing a rotation through
     them reads the weights from DRAM as a model's forward pass does (a layer that fits in L2 would otherwise be timed
     hot, and the tuner picked configs for the wrong regime). Layers over twice L2 are timed as they are."""
-    nbytes = sum(t.numel() * t.element_size() for t in (lay.qa, lay.qb, lay.scales, lay.zeros) if t is not None)
+    wl = wa_of(lay) if lay.qa is None else None  # runtime_layout: the repack is what runs
+    held = (lay.qa, lay.qb, lay.scales, lay.zeros) if wl is None else (wl.q, wl.scales, wl.zeros)
+    nbytes = sum(t.numel() * t.element_size() for t in held if t is not None)
     n = min(16, -(-2 * l2_bytes // max(nbytes, 1)))
 
     def clone(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.clone()
 
-    return [lay] + [dataclasses.replace(lay, qa=lay.qa.clone(), qb=clone(lay.qb), scales=lay.scales.clone(),
-                                        zeros=clone(lay.zeros)) for _ in range(n - 1)]
+    def copy() -> IntKernelLayout:
+        if wl is None:
+            return dataclasses.replace(lay, qa=lay.qa.clone(), qb=clone(lay.qb), scales=lay.scales.clone(),
+                                       zeros=clone(lay.zeros))
+        c = dataclasses.replace(lay)
+        _WA[c] = dataclasses.replace(wl, q=wl.q.clone(), scales=wl.scales.clone(), zeros=clone(wl.zeros))
+        return c
+
+    return [lay] + [copy() for _ in range(n - 1)]
 
 
 def time_graph(fn, calls: int = 8, reps: int = 5, per: int = 1, warm_s: float = 0.0) -> float:

@@ -36,7 +36,9 @@ PLANES: dict[int, tuple[int, int]] = {1: (1, 0), 2: (2, 0), 3: (2, 1), 4: (4, 0)
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class IntKernelLayout:
-    """What the integer kernels read for one ``IntGroupWeight`` (tensors are views or one-time repacks)."""
+    """What the integer kernels read for one ``IntGroupWeight`` (tensors are views or one-time repacks). ``qa``,
+    ``qb``, ``scales`` and ``zeros`` are all ``None`` in the dispatcher's runtime layout of a weight that runs on
+    "wa" (:func:`tensorslim.kernels.dispatch.runtime_layout`: only the weights-as-A repack is kept)."""
 
     n: int  # out features
     k: int  # in features
@@ -45,9 +47,9 @@ class IntKernelLayout:
     bits_b: int
     group: int
     symmetric: bool
-    qa: torch.Tensor  # int32 [k * bits_a / 32, n]
+    qa: torch.Tensor | None  # int32 [k * bits_a / 32, n]
     qb: torch.Tensor | None  # int32 [k * bits_b / 32, n] or None
-    scales: torch.Tensor  # [n_groups, n], stored dtype
+    scales: torch.Tensor | None  # [n_groups, n], stored dtype
     zeros: torch.Tensor | None  # uint8 [n_groups, n], or None when symmetric
     perm: torch.Tensor | None  # int64 [k] or None
 

@@ -10,6 +10,8 @@ Ops (namespace ``tensorslim``):
   with ``vp`` (the low-rank term's ``V`` as exact parts, ``[P, r, K]``) and ``u`` it runs ``lowrank_t`` first and
   the "wa" kernel as its programmatic dependent launch (Hopper+): the weights stream while ``t`` is computed;
 - ``int_dequant(qa, qb?, scales, zeros?, meta, out_dtype)`` -> dense ``W^T [K, N]`` (stored column order);
+- ``wa_dequant(q, scales, zeros?, meta, out_dtype)`` -> dense ``W [N, K]`` from the weights-as-A layout (``meta`` as
+  ``wa_mm``'s), for weights whose only kernel copy is that layout;
 - ``lowrank_t(x2d, v_parts)`` -> ``[C, M, r]`` fp32 partial sums over K chunks of ``t = x V^T`` (``int_mm`` takes
   ``t`` = their sum; ``wa_mm`` computes them itself and sums them in its epilogue).
 ``meta = [k, bits, bits_a, bits_b, group, symmetric]``; ``config = [BM, BN, BK, SPLIT_K, num_warps, num_stages]``.
@@ -27,6 +29,7 @@ from .layout import check_config, check_wa_launch
 from .triton.int_gemm import int_dequant_kernel, int_gemm_kernel
 from .triton.int4_mma import int4_mma_kernel
 from .triton.wa import wa_kernel
+from .triton.wa_dequant import wa_dequant_kernel
 from .triton.int_gemv import int_gemv_kernel
 from .triton.gdc import HAS_GDC
 from .triton.lowrank_t import lowrank_t_kernel
@@ -280,3 +283,30 @@ def int_dequant(qa: Tensor, qb: Tensor | None, scales: Tensor, zeros: Tensor | N
 @int_dequant.register_fake
 def _int_dequant_fake(qa, qb, scales, zeros, meta, out_dtype):
     return qa.new_empty((meta[0], qa.shape[1]), dtype=out_dtype)
+
+
+def launch_wa_dequant(q: Tensor, scales: Tensor, zeros: Tensor | None, meta: list[int], out: Tensor) -> None:
+    """Write the dense ``W [N, K]`` of a weights-as-A layout (``meta = [k, group, symmetric, j, bits]``) into ``out``
+    (fp16/bf16, row stride free, unit column stride)."""
+    k, group, symmetric, j = meta[:4]
+    bits = meta[4] if len(meta) > 4 else 4
+    n = q.shape[0]
+    assert out.shape == (n, k) and out.stride(1) == 1 and out.dtype in (torch.float16, torch.bfloat16)
+    bn = 32
+    wa_dequant_kernel[(triton.cdiv(n, bn), k // (8 * j))](
+        q, scales, zeros if zeros is not None else scales, out, n, k * bits // 32, k // group, out.stride(0),
+        SYMMETRIC=bool(symmetric), GROUP=group, J=j, BITS=bits, BN=bn, USE_ASM=q.device.type == "cuda",
+        num_warps=4,
+    )
+
+
+@torch.library.custom_op("tensorslim::wa_dequant", mutates_args=())
+def wa_dequant(q: Tensor, scales: Tensor, zeros: Tensor | None, meta: list[int], out_dtype: torch.dtype) -> Tensor:
+    out = torch.empty((q.shape[0], meta[0]), dtype=out_dtype, device=q.device)
+    launch_wa_dequant(q, scales, zeros, meta, out)
+    return out
+
+
+@wa_dequant.register_fake
+def _wa_dequant_fake(q, scales, zeros, meta, out_dtype):
+    return q.new_empty((q.shape[0], meta[0]), dtype=out_dtype)
