@@ -11,11 +11,13 @@ random bf16 weights. For each state, ``torch.cuda.memory_allocated()`` (live ten
 weights' parameter count, in bits per weight:
 - ``stored``: the compressed weights as stored, before any call;
 - ``runtime``: after a call at 1 and 64 rows (tuning done; the dispatcher keeps its runtime layout);
-- ``sessions <= 10``: plus the transposed layout and its "wa" repack, what the dispatcher kept before (rebuilt here
-  with ``dispatch.layout`` and ``dispatch.wa_of``, then dropped);
+- ``sessions <= 10``: plus the transposed layout, which the dispatcher kept beside the "wa" repack before (rebuilt
+  here with ``dispatch.layout``, then dropped);
 - ``prepared``: after ``CompressedLinear.prepare_kernels()`` (the stored weight moved to host memory).
 Each state's outputs at 1 and 64 rows are checked against ``x @ decode()^T`` in fp32 (relative error <= 1e-3, bf16
-activations, fp32 outputs); ``runtime`` and ``prepared`` must give equal outputs (same kernel and config).
+activations, fp32 outputs; "dequant" against the decoded weights rounded to bf16, as that path rounds them), and
+the largest relative difference between the ``runtime`` and ``prepared`` bf16 outputs is reported (same kernel and
+config; split-K adds its partial sums in arrival order, so the last bits may differ).
 
 Part 2, speed at many rows (``--rows``) on 4096x14336, 14336x4096 and 4096x4096 (int4 g128): the runtime choice
 (tuned over "wa" configs and "dequant" from the repack) against the former "dequant" (transposed layout, then cuBLAS),
@@ -53,30 +55,39 @@ def build_dense(layers: int, seed: int = 0) -> list[torch.nn.Linear]:
     out = []
     for _ in range(layers):
         for _, k, n in BLOCK:
-            lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+            lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
             with torch.no_grad():
                 lin.weight.copy_(torch.randn(n, k, device="cuda", generator=g) * 0.02)
             out.append(lin)
     return out
 
 
+def reference(cw, x: torch.Tensor, path: str) -> torch.Tensor:
+    """``x @ decode()^T`` in fp32; for "dequant" (the weights decoded to the activation dtype, then cuBLAS, as a
+    bf16 model rounds them) with the decoded weights rounded to that dtype first."""
+    from tensorslim.kernels.reference import reference_fp32
+
+    if path != "dequant":
+        return reference_fp32(cw, x)
+    return x.float() @ cw.decode(torch.float32).to(x.dtype).float().t()
+
+
 def check(mods, xs, tag: str, refs: dict) -> tuple[float, list[torch.Tensor]]:
     """Worst relative error of every module at each batch in ``xs`` (fp32 outputs of the path the module runs)
     against the fp32 reference (cached in ``refs``), and the modules' own (bf16) outputs."""
     from tensorslim.kernels import dispatch
-    from tensorslim.kernels.reference import reference_fp32, relative_error
+    from tensorslim.kernels.reference import relative_error
 
     worst, outs = 0.0, []
     for i, mod in enumerate(mods):
         for m, x in xs[mod.in_features].items():
             outs.append(mod(x))
-            if mod._kernel is not None:
-                y = dispatch.layout_linear(*mod._kernel, x, out_dtype=torch.float32)
-            else:
-                y = dispatch.kernel_linear(mod.compressed, x, out_dtype=torch.float32)
-            if (i, m) not in refs:
-                refs[(i, m)] = reference_fp32(mod.compressed, x)
-            worst = max(worst, relative_error(y, refs[(i, m)]))
+            lay = mod._kernel[0] if mod._kernel is not None else dispatch.runtime_layout(mod.compressed)
+            y = dispatch.layout_linear(lay, None, x, out_dtype=torch.float32)
+            path = dispatch.tuned_choice(lay, x, None)[0]
+            if (i, m, path) not in refs:
+                refs[(i, m, path)] = reference(mod.compressed, x, path)
+            worst = max(worst, relative_error(y, refs[(i, m, path)]))
     if not worst <= TOL:
         print(f"FAIL {tag}: relative error {worst:.2e}", flush=True)
     return worst, outs
@@ -113,8 +124,7 @@ def memory_part(layers: int, formats: list[str]) -> list[dict]:
         refs: dict = {}
         err, outs_rt = check(mods, xs, f"{spec} runtime", refs)
         note("runtime", err)
-        old = [(dispatch.layout(dispatch._int_part(m_.compressed)),) for m_ in mods]
-        old = [(lay, dispatch.wa_of(lay)) for (lay,) in old]
+        old = [dispatch.layout(dispatch._int_part(m_.compressed)) for m_ in mods]  # + the transposed words
         note("sessions <= 10")
         del old
         dispatch._LAYOUTS.clear()  # the full layouts were only for the measurement above
@@ -125,10 +135,11 @@ def memory_part(layers: int, formats: list[str]) -> list[dict]:
         rows[-1]["prepare_s"] = time.time() - t0
         err, outs_p = check(mods, xs, f"{spec} prepared", refs)
         rows[-1]["rel_err"] = err
-        same = all(torch.equal(a, b) for a, b in zip(outs_rt, outs_p))
-        rows[-1]["equal_to_runtime"] = same
-        if not same:
-            print(f"FAIL {spec}: prepared outputs differ from the runtime path's", flush=True)
+        from tensorslim.kernels.reference import relative_error
+
+        diff = max(relative_error(a, b) for a, b in zip(outs_p, outs_rt))  # split-K adds in arrival order
+        rows[-1]["rel_diff_to_runtime"] = diff
+        print(f"{spec}: prepared vs runtime outputs (bf16), largest relative difference {diff:.1e}", flush=True)
         del mods, outs_rt, outs_p, refs
         dispatch._RUNTIME.clear()
     del dense
@@ -138,7 +149,7 @@ def memory_part(layers: int, formats: list[str]) -> list[dict]:
 def speed_part(rows: list[int]) -> list[dict]:
     from kernels import bench_graph, make_int, n_copies
     from tensorslim.kernels import dispatch
-    from tensorslim.kernels.reference import reference_fp32, relative_error
+    from tensorslim.kernels.reference import relative_error
 
     out = []
     for k, n in [(4096, 14336), (14336, 4096), (4096, 4096)]:
@@ -153,8 +164,8 @@ def speed_part(rows: list[int]) -> list[dict]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             row = {"shape": f"{k}x{n}", "m": m}
             y = dispatch.kernel_linear(cws[0], x, out_dtype=torch.float32)
-            row["runtime_rel_err"] = relative_error(y, reference_fp32(cws[0], x))
             row["runtime_path"] = list(dispatch.tuned_choice(dispatch.runtime_layout(cws[0]), x, None))
+            row["runtime_rel_err"] = relative_error(y, reference(cws[0], x, row["runtime_path"][0]))
             row["runtime_us"] = bench_graph([lambda c=c: dispatch.kernel_linear(c, x) for c in cws])
             row["old_dequant_us"] = bench_graph([lambda c=c: dispatch.kernel_linear(c, x, choice=("dequant", ()))
                                                  for c in cws])

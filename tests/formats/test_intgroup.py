@@ -108,3 +108,17 @@ def test_tampered_tensors_rejected():
     t["scales"] = t["scales"][:, :1]
     with pytest.raises(ConfigError):
         IntGroupWeight.from_tensors(f, cw.shape, t)
+
+
+def test_weights_built_from_a_parameter_hold_no_autograd_graph():
+    """Quantizing ``nn.Linear.weight`` (requires grad) must not keep the graph, and with it fp32 copies of the
+    matrix, alive in the stored tensors (every format's weight detaches them on construction)."""
+    from tensorslim.formats.fp8 import FP8, quantize_fp8
+    from tensorslim.formats.mx import NVFP4, quantize_nvfp4
+    from tensorslim.formats.ternary import Ternary, quantize_ternary
+
+    w = torch.nn.Parameter(torch.randn(32, 256))
+    for cw in (quantize_rtn(w, IntGroup(bits=4, group_size=128)), quantize_rtn(w * 2, IntGroup(bits=3)),
+               quantize_fp8(w, FP8()), quantize_nvfp4(w, NVFP4()), quantize_ternary(w, Ternary(group_size=128))):
+        for name, t in cw.tensors().items():
+            assert not t.requires_grad and t.grad_fn is None, (type(cw).__name__, name)

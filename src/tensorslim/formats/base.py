@@ -68,6 +68,14 @@ class CompressedWeight(ABC):
     format: Format
     shape: Shape
 
+    def __post_init__(self) -> None:
+        # Stored tensors are data, never part of an autograd graph: a weight quantized from a parameter that requires
+        # grad would otherwise keep the graph, and with it fp32 copies of the dense matrix, alive as long as it lives.
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor) and (v.requires_grad or v.grad_fn is not None):
+                object.__setattr__(self, f.name, v.detach())
+
     @abstractmethod
     def decode(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The reference dense ``[out, in]`` matrix."""

@@ -176,7 +176,7 @@ def quantize_nvfp4(w: torch.Tensor, fmt: NVFP4) -> NVFP4Weight:
     out, inp = w.shape
     b = fmt.block_size
     blocks = w.float().reshape(out, inp // b, b)
-    g = torch.tensor([nvfp4_global_scale(float(w.abs().max()))], dtype=torch.float32, device=w.device)
+    g = torch.tensor([nvfp4_global_scale(float(w.detach().abs().max()))], dtype=torch.float32, device=w.device)
     sb = encode_fp8(blocks.abs().amax(-1) / 6.0 * g, "e4m3").float()
     sb = torch.where(sb > 0, sb, torch.full_like(sb, 2.0**-9)).to(FP8_DTYPES["e4m3"])  # exact: both representable
     eff = sb.float() / g
