@@ -81,19 +81,43 @@ def check(mods, xs, tag: str, refs: dict) -> tuple[float, list[torch.Tensor]]:
     worst, outs = 0.0, []
     for i, mod in enumerate(mods):
         for m, x in xs[mod.in_features].items():
-            outs.append(mod(x))
+            out = mod(x)
+            outs.append(out)
             lay = mod._kernel[0] if mod._kernel is not None else dispatch.runtime_layout(mod.compressed)
             y = dispatch.layout_linear(lay, None, x, out_dtype=torch.float32)
-            path = dispatch.tuned_choice(lay, x, None)[0]
-            if (i, m, path) not in refs:
-                refs[(i, m, path)] = reference(mod.compressed, x, path)
-            worst = max(worst, relative_error(y, refs[(i, m, path)]))
+            choice = dispatch.tuned_choice(lay, x, None)
+            if (i, m, choice[0]) not in refs:
+                refs[(i, m, choice[0])] = reference(mod.compressed, x, choice[0])
+            ref = refs[(i, m, choice[0])]
+            worst = max(worst, relative_error(y, ref))
+            e16 = relative_error(out, ref)  # the module's own bf16 output: one rounding, ~1e-3
+            if not e16 <= 4e-3:
+                print(f"FAIL {tag}: module {i} ({mod.in_features}->{mod.out_features}) m={m} {choice}: bf16 output "
+                      f"rel err {e16:.2e}, fp32 output {relative_error(y, ref):.2e}", flush=True)
     if not worst <= TOL:
         print(f"FAIL {tag}: relative error {worst:.2e}", flush=True)
     return worst, outs
 
 
-def memory_part(layers: int, formats: list[str]) -> list[dict]:
+def live_cuda_tensors(top: int = 8) -> None:
+    """The largest groups of live CUDA tensors by (shape, dtype): what holds memory beyond the expected layouts."""
+    from collections import Counter
+
+    seen, sizes, counts = set(), Counter(), Counter()
+    for o in gc.get_objects():
+        try:
+            if isinstance(o, torch.Tensor) and o.is_cuda and id(o) not in seen:
+                seen.add(id(o))
+                key = (tuple(o.shape), str(o.dtype).replace("torch.", ""))
+                sizes[key] += o.untyped_storage().nbytes()
+                counts[key] += 1
+        except Exception:
+            pass
+    for key, b in sizes.most_common(top):
+        print(f"  live: {counts[key]} x {key}: {b / 2**20:.1f} MiB (storages, shared ones counted per tensor)")
+
+
+def memory_part(layers: int, formats: list[str], diagnose: bool = False) -> list[dict]:
     from tensorslim.formats import CompressedLinear, parse_format, quantize_rtn
     from tensorslim.kernels import dispatch
 
@@ -124,6 +148,8 @@ def memory_part(layers: int, formats: list[str]) -> list[dict]:
         refs: dict = {}
         err, outs_rt = check(mods, xs, f"{spec} runtime", refs)
         note("runtime", err)
+        if diagnose:
+            live_cuda_tensors()
         old = [dispatch.layout(dispatch._int_part(m_.compressed)) for m_ in mods]  # + the transposed words
         note("sessions <= 10")
         del old
@@ -191,6 +217,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--formats", default="int4:g128,int3:g128")
     ap.add_argument("--rows", default="256,2048", help="batch sizes of part 2 ('' skips it)")
+    ap.add_argument("--diagnose", action="store_true", help="list the live CUDA tensors after the first calls")
     ap.add_argument("--jobs", type=int, default=0, help="compile the tuner's candidates in this many processes first")
     args = ap.parse_args()
     formats = args.formats.split(",")
@@ -202,7 +229,7 @@ def main() -> None:
         tasks += [(k, n, "int4:g128", rows) for k, n in [(4096, 14336), (14336, 4096), (4096, 4096)] if rows]
         prewarm(tasks, args.jobs)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "memory": memory_part(args.layers, formats)}
+           "memory": memory_part(args.layers, formats, args.diagnose)}
     if rows:
         res["speed"] = speed_part(rows)
     path = os.path.join(os.environ.get("OUT") or "runs", "gpu_memory.json")

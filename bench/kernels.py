@@ -12,7 +12,9 @@ Run from the repo root on a CUDA machine (no install needed):
                                            # (with --quick: speed on 4096x14336 and 8192x28672 only)
 Shapes are written ``in x out`` (``4096x14336`` is an up projection: K=4096 inputs, N=14336 outputs).
 Correctness: every path against ``x @ decode()^T`` in fp32 (bf16 activations, fp32 output, so the only difference is
-accumulation order), relative Frobenius error <= 1e-3, outputs poisoned with NaN before the kernel writes them.
+accumulation order), relative Frobenius error <= 1e-3, outputs poisoned with NaN before the kernel writes them;
+"wa" also into a bf16 output (what a model gets; one more rounding, bound 4e-3), which caught a race in its split-K
+reduction that fp32 outputs never showed (session 11).
 Timing: ``triton.testing.do_bench`` median (L2 flushed between runs), bf16 activations and outputs.
 Prints markdown tables and writes JSON to ``$OUT/kernels[_<modes>].json`` (or under ``runs/``), e.g.
 ``kernels_issue.json`` for ``--issue``, so that several commands in one device call keep their results.
@@ -100,12 +102,16 @@ def check_choice(cw, x, choice) -> float:
         m = x2d.shape[0]
         scratch = ops.split_scratch(x.device, m, lay.n, -(-m // config[0]) * -(-lay.n // config[1])) \
             if split > 1 else None
-        out = torch.full((m, lay.n), float("nan"), device=x.device)
         wl = dispatch.wa_of(lay)
-        ops.launch_wa(x2d, wl.q, wl.scales, wl.zeros, *(lr or (None, None)), dispatch.wa_meta(wl), list(config), out,
-                      pdl=pdl, scratch=scratch)
-        err = relative_error(out, ref)
-        return err if scratch is None or not (scratch[0].any() or scratch[1].any()) else float("inf")  # left clean
+        err = 0.0
+        for dt in (torch.float32, x.dtype):  # fp32, and the activation dtype a model gets (one more rounding)
+            out = torch.full((m, lay.n), float("nan"), device=x.device, dtype=dt)
+            ops.launch_wa(x2d, wl.q, wl.scales, wl.zeros, *(lr or (None, None)), dispatch.wa_meta(wl), list(config),
+                          out, pdl=pdl, scratch=scratch)
+            err = max(err, relative_error(out.float(), ref) / (1 if dt == torch.float32 else 4))  # bf16: bound 4e-3
+            if scratch is not None and (scratch[0].any() or scratch[1].any()):
+                return float("inf")  # the workspace must be left clean
+        return err
     out = torch.zeros(x.shape[0], lay.n, device=x.device) if split > 1 else \
         torch.full((x.shape[0], lay.n), float("nan"), device=x.device)
     lr = (lr[0].sum(0), lr[1]) if lr is not None else (None, None)  # the other kernels take their sum

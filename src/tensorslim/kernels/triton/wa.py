@@ -243,6 +243,9 @@ def wa_kernel(
         if arrived == tl.num_programs(2) - 1:  # every other split's adds are visible (acquire)
             tl.debug_barrier()
             total = tl.load(wptr, mask=omask, other=0.0, cache_modifier=".cg")  # from L2, where the adds are
+            # every thread has its sums before any thread zeroes: the compiler may give the load and the store
+            # different thread-to-element layouts (it did for 16-bit outputs with 2+ rows: 2-40% wrong, session 11)
+            tl.debug_barrier()
             tl.store(wptr, tl.zeros_like(acc), mask=omask)  # no other program touches this tile again in this grid
             tl.store(optr, total.to(out_ptr.dtype.element_ty), mask=omask)
             tl.store(cnt_ptr + tile, 0)
