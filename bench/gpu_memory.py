@@ -99,6 +99,25 @@ def check(mods, xs, tag: str, refs: dict) -> tuple[float, list[torch.Tensor]]:
     return worst, outs
 
 
+def kernel_bytes(mods) -> int:
+    """Bytes of the "wa" repacks the modules run from (their runtime layouts)."""
+    from tensorslim.kernels import dispatch
+
+    total = 0
+    for mod in mods:
+        lay = mod._kernel[0] if mod._kernel is not None else dispatch._RUNTIME.get(mod.compressed)
+        wl = dispatch._WA.get(lay) if lay is not None else None
+        if wl is not None:
+            total += sum(t.untyped_storage().nbytes() for t in (wl.q, wl.scales, wl.zeros) if t is not None)
+    return total
+
+
+def scratch_bytes() -> int:
+    from tensorslim.kernels import ops
+
+    return sum(t.untyped_storage().nbytes() for pairs in ops._SCRATCH.values() for pair in pairs for t in pair)
+
+
 def live_cuda_tensors(top: int = 8) -> None:
     """The largest groups of live CUDA tensors by (shape, dtype): what holds memory beyond the expected layouts."""
     from collections import Counter
@@ -135,28 +154,33 @@ def memory_part(layers: int, formats: list[str], diagnose: bool = False) -> list
         bpw = mods[0].compressed.bits_per_weight
         states = {}
 
-        def note(state: str, err: float | None = None) -> None:
-            states[state] = 8 * (allocated() - start) / params
-            row = {"format": spec, "state": state, "bits_per_weight": bpw, "gpu_bits_per_weight": states[state]}
+        def note(state: str, err: float | None = None, held: tuple = (), mods: list = mods) -> None:
+            """``held``: this bench's own tensors (outputs, references), left out of the count."""
+            own = sum(t.untyped_storage().nbytes() for group in held for t in group)
+            states[state] = 8 * (allocated() - start - own) / params
+            row = {"format": spec, "state": state, "bits_per_weight": bpw, "gpu_bits_per_weight": states[state],
+                   "kernel_copy_bits_per_weight": 8 * kernel_bytes(mods) / params,
+                   "split_scratch_mib": scratch_bytes() / 2**20}
             if err is not None:
                 row["rel_err"] = err
             rows.append(row)
-            print(f"{spec} {state}: {states[state]:.3f} bits/weight on the GPU"
+            print(f"{spec} {state}: {states[state]:.3f} bits/weight on the GPU (kernel copy "
+                  f"{row['kernel_copy_bits_per_weight']:.3f}, split-K scratch {row['split_scratch_mib']:.1f} MiB)"
                   + (f" (rel err {err:.1e})" if err is not None else ""), flush=True)
 
         note("stored")
         refs: dict = {}
         err, outs_rt = check(mods, xs, f"{spec} runtime", refs)
-        note("runtime", err)
+        note("runtime", err, (outs_rt, refs.values()))
         if diagnose:
             live_cuda_tensors()
         old = [dispatch.layout(dispatch._int_part(m_.compressed)) for m_ in mods]  # + the transposed words
-        note("sessions <= 10")
+        note("sessions <= 10", None, (outs_rt, refs.values()))
         del old
         dispatch._LAYOUTS.clear()  # the full layouts were only for the measurement above
         t0 = time.time()
         prepared = sum(m_.prepare_kernels() for m_ in mods)
-        note("prepared")
+        note("prepared", None, (outs_rt, refs.values()))
         rows[-1]["prepared_modules"] = f"{prepared}/{len(mods)}"
         rows[-1]["prepare_s"] = time.time() - t0
         err, outs_p = check(mods, xs, f"{spec} prepared", refs)
