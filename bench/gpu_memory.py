@@ -64,7 +64,8 @@ def build_dense(layers: int, seed: int = 0) -> list[torch.nn.Linear]:
 
 def reference(cw, x: torch.Tensor, path: str) -> torch.Tensor:
     """``x @ decode()^T`` in fp32; for "dequant" (the weights decoded to the activation dtype, then cuBLAS, as a
-    bf16 model rounds them) with the decoded weights rounded to that dtype first."""
+    bf16 model rounds them) with the decoded weights rounded to that dtype first. "dequant" returns cuBLAS's
+    product in the activation dtype, so its bound is 4e-3 (as in ``bench/kernels.py``)."""
     from tensorslim.kernels.reference import reference_fp32
 
     if path != "dequant":
@@ -89,7 +90,7 @@ def check(mods, xs, tag: str, refs: dict) -> tuple[float, list[torch.Tensor]]:
             if (i, m, choice[0]) not in refs:
                 refs[(i, m, choice[0])] = reference(mod.compressed, x, choice[0])
             ref = refs[(i, m, choice[0])]
-            worst = max(worst, relative_error(y, ref))
+            worst = max(worst, relative_error(y, ref) / (4 if choice[0] == "dequant" else 1))  # bf16 product
             e16 = relative_error(out, ref)  # the module's own bf16 output: one rounding, ~1e-3
             if not e16 <= 4e-3:
                 print(f"FAIL {tag}: module {i} ({mod.in_features}->{mod.out_features}) m={m} {choice}: bf16 output "
@@ -227,7 +228,7 @@ def speed_part(rows: list[int]) -> list[dict]:
             print(f"{k}x{n} m={m}: runtime {row['runtime_us']:.1f} us {row['runtime_path']} (err "
                   f"{row['runtime_rel_err']:.1e}), old dequant {row['old_dequant_us']:.1f}, full tuned "
                   f"{row['full_us']:.1f} {row['full_path']}, bf16 {row['bf16_us']:.1f}", flush=True)
-            if not row["runtime_rel_err"] <= TOL:
+            if not row["runtime_rel_err"] <= (4 * TOL if row["runtime_path"][0] == "dequant" else TOL):
                 print(f"FAIL {k}x{n} m={m}: runtime path rel err {row['runtime_rel_err']:.2e}", flush=True)
         del cws, ws
         dispatch._LAYOUTS.clear()
