@@ -18,9 +18,10 @@
 Which path and tile config run is *measured*, not guessed: the first call for a (shape, format, batch bucket, dtype,
 device) key times the candidate configs in CUDA-graph replays (median; GPU time, no Python overhead) and keeps the
 fastest in ``_TUNED`` (a per-process memo, like Triton's autotuner; batch buckets are powers of two). Kernel layouts
-(views or one-time repacks of the stored tensors, :mod:`.layout`) are memoized per weight object in ``_LAYOUTS``
-(weak keys: they go away with the weight; moving a ``CompressedLinear`` makes a new weight object and so a new
-layout). Neither memo changes results: every candidate is a correct path.
+(views or one-time repacks of the stored tensors, :mod:`.layout`) are memoized per weight object (weak keys: they go
+away with the weight; moving a ``CompressedLinear`` makes a new weight object and so a new layout): a model's own
+calls use :func:`runtime_layout` (``_RUNTIME``; only the "wa" repack where "wa" runs the weight), forced choices the
+full :func:`layout` (``_LAYOUTS``). Neither memo changes results: every candidate is a correct path.
 """
 
 from __future__ import annotations
