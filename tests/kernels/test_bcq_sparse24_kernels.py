@@ -105,3 +105,25 @@ def test_ops_registration(ops_ext, gen):
     torch.library.opcheck(ops_ext.sparse24_mm, (x, sl.inner.qa, sl.idx, sl.inner.scales, sl.inner.zeros, sl.meta(),
                                                 "gemv", [1, 64, 64, 1, 4, 3], torch.float32),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("spec", ["sparse:2:4+int4:g64", "sparse:2:4+int4:g128:sym", "sparse:2:4+int4:pc"])
+def test_sparse24_as_dense_int4(ops_ext, spec, gen):
+    """The "dense" path: the same weight as dense int4 (pruned positions at their group's zero point, groups twice
+    the compact group) decodes to exactly the sparse weight's matrix, runs on "wa" where 512 inputs fit, and matches
+    the fp32 reference through the dispatcher."""
+    k = 512
+    keep = torch.rand(N, k // 4, 4, generator=gen).argsort(-1)[..., :2]
+    mask = torch.zeros(N, k // 4, 4, dtype=torch.bool).scatter_(-1, keep, True).reshape(N, k)
+    cw = encode_sparse(parse_format(spec), torch.randn(N, k, generator=gen), mask)
+    dense = dispatch_ext.dense_int4(cw)
+    assert dense.format.bits == 4 and dense.format.group(k) == 2 * cw.inner.format.group(k // 2)
+    assert torch.equal(dense.decode(), cw.decode())
+    lay = dispatch_ext.dense_layout(cw)
+    assert lay.qa is None and dispatch_ext.dense_layout(cw) is lay  # "wa" repack only; memoized
+    cands = dispatch_ext.candidates(cw, dispatch_ext.layout(cw), 1, torch.bfloat16)
+    assert ("dense", ()) in cands
+    for m in (1, 5):
+        x = torch.randn(m, k, generator=gen).to(torch.float16)
+        y = dispatch_ext.run_choice(("dense", ()), cw, dispatch_ext.layout(cw), x, torch.float32)
+        assert relative_error(y, reference_fp32(cw, x)) <= TOL, f"{spec} m={m} (seed {gen.seed_})"

@@ -118,3 +118,8 @@ def test_prepare_kernels_keeps_only_the_repack(ops, gen, caplog, monkeypatch):
     lin = CompressedLinear(sw)
     assert lin.prepare_kernels() and lin._kernel[1] is extra
     assert relative_error(lin(x), reference_fp32(sw, x)) <= 2e-3
+    from tensorslim.formats import prepare_kernels
+
+    model = torch.nn.Sequential(CompressedLinear(_weight("int4:g128", gen)), torch.nn.ReLU(),
+                                CompressedLinear(_weight("int5:g128", gen)))
+    assert prepare_kernels(model) == (1, 2) and model[0]._kernel is not None and model[2]._kernel is None

@@ -2,7 +2,7 @@
 
 from .base import CompressedWeight, Format, check_weight, weight_class
 from .intgroup import IntGroup, IntGroupWeight, quantize_rtn
-from .module import CompressedLinear
+from .module import CompressedLinear, prepare_kernels
 from .sum import Sum, SumWeight
 from .registry import format_from_dict, known_formats, parse_format, register_format
 from .lowrank import LowRank, LowRankWeight  # noqa: E402  (registers lowrank:)
@@ -50,6 +50,7 @@ __all__ = [
     "format_from_dict",
     "known_formats",
     "parse_format",
+    "prepare_kernels",
     "quantize_rtn",
     "register_format",
     "GroupSparse",

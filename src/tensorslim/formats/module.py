@@ -91,6 +91,13 @@ class CompressedLinear(nn.Module):
                 f"bits_per_weight={self.compressed.bits_per_weight:.3f}" + (", prepared" if self._kernel else ""))
 
 
+def prepare_kernels(model: nn.Module, host: torch.device | str = "cpu") -> tuple[int, int]:
+    """:meth:`CompressedLinear.prepare_kernels` on every ``CompressedLinear`` of ``model`` (already on its GPU):
+    returns (modules prepared, ``CompressedLinear`` modules in all)."""
+    mods = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    return sum(m.prepare_kernels(host) for m in mods), len(mods)
+
+
 def _moved(cw: CompressedWeight, fn: Callable[[torch.Tensor], torch.Tensor]) -> CompressedWeight:
     import dataclasses
 

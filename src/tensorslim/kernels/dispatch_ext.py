@@ -6,7 +6,11 @@ device) by timing the candidates in CUDA-graph replays (:func:`.dispatch.time_gr
 - float formats: "gemv" (1-16 rows), "gemm" (tensor cores, >= 2 rows), "reference" (>= 64 rows: decode to the
   activation dtype, then cuBLAS; rounds the weights to bf16 as a bf16 model would);
 - BCQ: "lut" (LUT-GEMM, 1-16 rows), "gemm" (sign planes on tensor cores, any rows), "reference" (>= 64 rows);
-- 2:4 + int4: "gemv" (1-16 rows), "gemm" (any rows >= 2), "reference" (>= 64 rows).
+- 2:4 + int4: "gemv" (1-16 rows), "gemm" (any rows >= 2), "reference" (>= 64 rows), and "dense" (any rows): the
+  same weight as dense int4 (each pruned position holds its group's zero point, so it decodes to exactly 0), run by
+  the integer dispatcher ("wa" where it fits). The sparse kernels read ~3 bits a weight but were slower than bf16 on
+  the H100 (session 8 and 11); "dense" reads 4.19 and runs at int4's speed. Its layout, the dense int4 "wa" repack,
+  is the GPU copy that path keeps (:func:`dense_layout`).
 Every candidate is a correct path, so the memo changes speed, never results. Layouts (:mod:`.layout_ext`) are
 memoized per weight object (weak keys).
 
@@ -32,6 +36,7 @@ from .reference import reference_linear
 log = logging.getLogger(__name__)
 
 _LAYOUTS: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
+_DENSE: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
 _TUNED: dict[tuple, Choice] = {}
 
 
@@ -58,6 +63,37 @@ def layout(cw: CompressedWeight):
         lay = ext_layout(cw)
         _LAYOUTS[cw] = lay
     return lay
+
+
+def dense_int4(cw: CompressedWeight):
+    """A 2:4 + int4 ``SparseWeight`` as the dense int4 ``IntGroupWeight`` that decodes to the same matrix, or None
+    (an act-order inner weight). A compact group of ``g`` kept values spans ``2 g`` inputs (every run of 4 keeps 2),
+    so the dense groups are ``2 g`` wide with the same scales and zero points; pruned positions hold the zero point."""
+    import dataclasses
+
+    from ..formats.intgroup import IntGroupWeight
+
+    inner = cw.inner  # type: ignore[attr-defined]
+    if inner.perm is not None:
+        return None
+    out, inp = cw.shape
+    g = inner.format.group(inp // 2)
+    codes, scale, zero = inner.unpacked()
+    dense = zero.round().long().repeat_interleave(2 * g, dim=1)
+    dense[cw.dense_mask()] = codes.reshape(-1)  # row-major order of the kept positions, as decode() places them
+    fmt = dataclasses.replace(inner.format, group_size=None if 2 * g == inp else 2 * g)
+    return IntGroupWeight.from_codes(fmt, dense, scale, zero)
+
+
+def dense_layout(cw: CompressedWeight):
+    """The integer dispatcher's runtime layout of :func:`dense_int4` (memoized per weight; the dense weight itself is
+    not kept), or None."""
+    from . import dispatch
+
+    if cw not in _DENSE:
+        dense = dense_int4(cw)
+        _DENSE[cw] = None if dense is None else dispatch.runtime_layout(dense)
+    return _DENSE[cw]
 
 
 def _bks(k: int, ok) -> list[int]:
@@ -98,6 +134,8 @@ def candidates(cw: CompressedWeight, lay, m: int, dtype: torch.dtype, sms: int =
                 c = ("gemm", (bm, bn, bk, split, warps, stages))
                 if c not in out:
                     out.append(c)
+    if isinstance(lay, Sparse24KernelLayout) and cw.inner.perm is None:  # type: ignore[attr-defined]
+        out.append(("dense", ()))
     if m >= 64 or not out:
         out.append(("reference", ()))
     return out
@@ -107,6 +145,10 @@ def run_choice(choice: Choice, cw: CompressedWeight, lay, x2d: torch.Tensor, out
     path, config = choice
     if path == "reference":
         return reference_linear(cw, x2d).to(out_dtype)
+    if path == "dense":
+        from .dispatch import layout_linear
+
+        return layout_linear(dense_layout(cw), None, x2d, out_dtype=out_dtype)
     ops = _ops()
     assert ops is not None
     cfg = list(config)
