@@ -36,7 +36,7 @@ class CompressedLinear(nn.Module):
         return cls(weight.to(linear.weight.device), linear.bias, method=method)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel is not None:
+        if getattr(self, "_kernel", None) is not None:  # (modules pickled before session 11 have no such field)
             from ..kernels import dispatch
 
             lay, extra = self._kernel
@@ -58,7 +58,7 @@ class CompressedLinear(nn.Module):
         did. Moving the module (``.to``, ``.cuda``, ``.half``) first brings the stored weight back and undoes this."""
         from ..kernels import dispatch
 
-        if self._kernel is not None:
+        if getattr(self, "_kernel", None) is not None:
             return True
         cw = self.compressed
         base = dispatch._int_part(cw)
@@ -78,7 +78,7 @@ class CompressedLinear(nn.Module):
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):  # type: ignore[override]
         # Follow device moves of the model; keep stored dtypes (a model.half() must not re-encode scales).
-        if self._kernel is not None:  # undo prepare_kernels(): the stored weight back where the kernels ran
+        if getattr(self, "_kernel", None) is not None:  # undo prepare_kernels(): stored weight back by the layout
             from ..kernels import dispatch
 
             self.compressed = self.compressed.to(dispatch.wa_of(self._kernel[0]).q.device)
@@ -88,7 +88,8 @@ class CompressedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.compressed.format.spec()}, "
-                f"bits_per_weight={self.compressed.bits_per_weight:.3f}" + (", prepared" if self._kernel else ""))
+                f"bits_per_weight={self.compressed.bits_per_weight:.3f}"
+                + (", prepared" if getattr(self, "_kernel", None) else ""))
 
 
 def prepare_kernels(model: nn.Module, host: torch.device | str = "cpu") -> tuple[int, int]:
