@@ -78,9 +78,14 @@ def check_choice(cw, x, choice) -> float:
     x2d = x if lay.perm is None else x.index_select(1, lay.perm)
     meta = [lay.k, lay.bits, lay.bits_a, lay.bits_b, lay.group, int(lay.symmetric)]
     if path == "dequant":
-        w = torch.full((lay.k, lay.n), float("nan"), device=x.device, dtype=x.dtype)
-        ops.launch_int_dequant(lay.qa, lay.qb, lay.scales, lay.zeros, meta, w)
-        w = w.t()
+        if dispatch.runtime_layout(base).qa is None:  # what a model runs: dequant from the "wa" repack
+            wl = dispatch.wa_of(lay)
+            w = torch.full((lay.n, lay.k), float("nan"), device=x.device, dtype=x.dtype)
+            ops.launch_wa_dequant(wl.q, wl.scales, wl.zeros, dispatch.wa_meta(wl), w)
+        else:
+            w = torch.full((lay.k, lay.n), float("nan"), device=x.device, dtype=x.dtype)
+            ops.launch_int_dequant(lay.qa, lay.qb, lay.scales, lay.zeros, meta, w)
+            w = w.t()
         # the dense matrix itself must be exact before cuBLAS rounds the product
         from tensorslim.kernels.layout import layout_decode
 
@@ -345,7 +350,7 @@ def main() -> None:
         prewarm(tasks, args.jobs)
     for k, n in shapes:
         _, cw = make_int(k, n, "int4:g128")
-        lay = dispatch.layout(cw)
+        lay = dispatch.runtime_layout(cw)  # what a model's calls run
         for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             c = dispatch.tuned_choice(lay, x, None)
@@ -398,7 +403,7 @@ def main() -> None:
             for spec, cws in weights.items():
                 if spec != "int4:g128" and m not in other_batches:
                     continue
-                lay = dispatch.layout(dispatch._int_part(cws[0]))
+                lay = dispatch.runtime_layout(dispatch._int_part(cws[0]))  # the choice kernel_linear times
                 row[f"{spec}_path"] = dispatch.tuned_choice(lay, x, 32 if "lowrank" in spec else None)
                 row[f"{spec}_us"] = bench_graph([lambda c=c: dispatch.kernel_linear(c, x) for c in cws])
             row["int4:g128_eager_us"] = bench(lambda: dispatch.kernel_linear(weights["int4:g128"][0], x))
