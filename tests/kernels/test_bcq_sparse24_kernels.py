@@ -127,3 +127,20 @@ def test_sparse24_as_dense_int4(ops_ext, spec, gen):
         x = torch.randn(m, k, generator=gen).to(torch.float16)
         y = dispatch_ext.run_choice(("dense", ()), cw, dispatch_ext.layout(cw), x, torch.float32)
         assert relative_error(y, reference_fp32(cw, x)) <= TOL, f"{spec} m={m} (seed {gen.seed_})"
+
+
+def test_sparse24_prepare_kernels(ops_ext, gen):
+    """``prepare_kernels`` on a 2:4 + int4 module keeps only the dense int4 "wa" repack and matches the reference;
+    float and BCQ weights are left alone."""
+    from tensorslim.formats import CompressedLinear
+
+    k = 512
+    keep = torch.rand(N, k // 4, 4, generator=gen).argsort(-1)[..., :2]
+    mask = torch.zeros(N, k // 4, 4, dtype=torch.bool).scatter_(-1, keep, True).reshape(N, k)
+    cw = encode_sparse(parse_format("sparse:2:4+int4:g64"), torch.randn(N, k, generator=gen), mask)
+    lin = CompressedLinear(cw)
+    assert lin.prepare_kernels() and lin._kernel[0].qa is None and lin._kernel[1] is None
+    x = torch.randn(3, k, generator=gen).to(torch.float16)
+    assert relative_error(lin(x), reference_fp32(cw, x)) <= 2e-3
+    bw = quantize_bcq(torch.randn(16, 64, generator=gen), parse_format("bcq2:g64"), rounds=1)
+    assert not CompressedLinear(bw).prepare_kernels()

@@ -54,8 +54,8 @@ class CompressedLinear(nn.Module):
         """Keep one copy of the codes on the GPU: build the kernels' repack now and move the stored weight to
         ``host`` (where ``save``, ``decode`` and the reference path use it; a call the kernels cannot take copies it
         back for that call, with a warning). Only where the "wa" kernel runs the weight (2-4-bit integer groups and
-        ternary whose blocks fit, alone or summed with a low-rank term, which stays on the GPU); returns whether it
-        did. Moving the module (``.to``, ``.cuda``, ``.half``) first brings the stored weight back and undoes this."""
+        ternary whose blocks fit, alone or summed with a low-rank term, which stays on the GPU; 2:4 + int4 as its
+        equal dense int4 weight); returns whether it did. Moving the module (``.to``, ``.cuda``, ``.half``) first brings the stored weight back and undoes this."""
         from ..kernels import dispatch
 
         if getattr(self, "_kernel", None) is not None:
@@ -63,12 +63,21 @@ class CompressedLinear(nn.Module):
         cw = self.compressed
         base = dispatch._int_part(cw)
         probe = torch.empty(0, dtype=torch.bfloat16, device=self._device())
-        if base is None or dispatch.kernel_reason(cw, probe) is not None:
+        if dispatch.kernel_reason(cw, probe) is not None:
             return False
-        lay = dispatch.runtime_layout(base)
-        if lay.qa is not None:  # this weight runs on the transposed layout's kernels, which need the stored copy
+        if base is None:  # 2:4 + int4 runs as its equal dense int4 weight ("dense"); other formats keep theirs
+            from ..kernels import dispatch_ext
+            from ..kernels.layout_ext import Sparse24KernelLayout
+
+            if not isinstance(dispatch_ext.layout(cw), Sparse24KernelLayout):
+                return False
+            lay = dispatch_ext.dense_layout(cw)
+            dispatch_ext._LAYOUTS.pop(cw, None)  # the sparse kernels' layout is not used from here on
+        else:
+            lay = dispatch.runtime_layout(base)
+        if lay is None or lay.qa is not None:  # it runs on the transposed layout's kernels, which need the stored copy
             return False
-        extra = cw.extra if base is not cw else None  # type: ignore[attr-defined]
+        extra = cw.extra if base is not None and base is not cw else None  # type: ignore[attr-defined]
         self._kernel = (lay, extra)
         self.compressed = cw.to(host)
         return True
