@@ -5,6 +5,10 @@ Run from the repo root on a CUDA machine (no install, no download):
     python bench/decode.py --layers 8      # a shallower model (quick check; tokens/s scale ~1/layers)
     python bench/decode.py --fuse          # q/k/v and gate/up as one linear each, for bf16 and compressed alike
     python bench/decode.py --fuse --compile --batches 1   # the step through torch.compile (compile ~1 min/variant)
+    python bench/decode.py --fuse --compile --batches 1 --formats int4:g128,int4:g128@prepared
+                                           # "@prepared": CompressedLinear.prepare_kernels() after compressing
+Each row also gives ``extra_gpu_gib``: ``torch.cuda.memory_allocated()`` after its timing, less bf16's (the bench
+keeps the bf16 weights for every variant, so this is what the compressed linears and their kernel layouts add).
 The shapes come from a ``transformers.LlamaConfig`` (Llama-2-7B: 32 layers, 4096 hidden, 11008 MLP, 32 heads,
 32000 vocab) with random weights (std 0.02) on the GPU. The decoder is a minimal gpt-fast-style Llama (RMSNorm,
 RoPE, static KV cache, SDPA) whose linears are plain ``nn.Linear`` (bf16) or ``CompressedLinear`` (every linear of
@@ -20,6 +24,7 @@ Prints a markdown table and writes ``$OUT/decode_b<batches>[_compiled].json`` (o
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -158,9 +163,16 @@ def fuse(dense: dict) -> dict:
 
 def compress(model: Llama, dense: dict, spec: str, ref: str | None = None) -> None:
     """Every block linear compressed to ``spec``: ``CompressedLinear`` (the kernels), or with ``ref`` a
-    :class:`RefLinear` of that mode."""
-    from tensorslim.formats import CompressedLinear, parse_format, quantize_rtn
+    :class:`RefLinear` of that mode. ``spec@prepared``: then ``prepare_kernels`` on them (stored weights to host)."""
+    from tensorslim.formats import CompressedLinear, parse_format, prepare_kernels, quantize_rtn
 
+    spec, _, mode = spec.partition("@")
+    if mode:
+        assert mode == "prepared" and not ref, mode
+        compress(model, dense, spec)
+        done, total = prepare_kernels(model)
+        print(f"prepare_kernels: {done} of {total} linears", flush=True)
+        return
     fmt = parse_format(spec)
     for i, blk in enumerate(model.blocks):
         for name in sorted({n for (j, n) in dense if j == i}):
@@ -329,7 +341,8 @@ def main() -> None:
         from kernels import prewarm
 
         shapes = sorted({(w.shape[1], w.shape[0]) for w in dense.values()})
-        prewarm([(k, n, spec, batches) for k, n in shapes for spec in args.formats.split(",")], args.jobs)
+        specs = dict.fromkeys(f.partition("@")[0] for f in args.formats.split(","))
+        prewarm([(k, n, spec, batches) for k, n in shapes for spec in specs], args.jobs)
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}; torch {torch.__version__}; {args.layers} layers; built in {time.time() - t_start:.0f}s")
     prompts = {b: torch.randint(0, cfg.vocab_size, (b, prompt_len), device="cuda") for b in batches}
@@ -340,7 +353,7 @@ def main() -> None:
             p1 = prompts[batches[0]][:1]
             refs = {}
             for mode in ("exact", "bf16"):
-                compress(model, dense, spec, ref=mode)
+                compress(model, dense, spec.partition("@")[0], ref=mode)
                 refs[mode] = generate_eager(model, p1, 24)
             compress(model, dense, spec)
             got = generate_eager(model, p1, 24)
@@ -359,23 +372,29 @@ def main() -> None:
             toks, sec = generate_graph(model, prompts[b], args.new, compile_step=args.compile, profile=prof)
             print(f"{spec} batch {b}: {time.time() - t_c:.0f}s incl. compile/tune", flush=True)
             tps = b * (args.new - 1) / sec
+            torch.cuda.synchronize()
+            gc.collect()
             row = {"format": spec, "batch": b, "tokens_per_s": tps, "ms_per_step": 1e3 * sec / (args.new - 1),
-                   **check}
+                   "gpu_allocated_gib": torch.cuda.memory_allocated() / 2**30, **check}
             rows.append(row)
             print(json.dumps(row))
         restore(model, dense)
         torch.cuda.empty_cache()
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["format"] == "bf16"}
+    mem0 = {r["batch"]: r["gpu_allocated_gib"] for r in rows if r["format"] == "bf16"}
+    for r in rows:
+        r["extra_gpu_gib"] = r["gpu_allocated_gib"] - mem0[r["batch"]]
     fused = (", q/k/v and gate/up fused" if args.fuse else "") + (", torch.compile" if args.compile else "")
     print(f"\n{dev}, Llama-2-7B shapes ({args.layers} layers{fused}), random weights, greedy, CUDA graph per step\n")
-    print("| format | batch | tokens/s | ms/step | vs bf16 | greedy prefix equal (of 24): exact / bf16 reference | "
-          "teacher-forced top-1 equal (of 24): exact / bf16 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| format | batch | tokens/s | ms/step | vs bf16 | GPU GiB beyond bf16 | greedy prefix equal (of 24): exact / "
+          "bf16 reference | teacher-forced top-1 equal (of 24): exact / bf16 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         m1 = " / ".join(str(r.get(f"greedy_equal_prefix_of_24_{m}", "")) for m in ("exact", "bf16"))
         m2 = " / ".join(str(r.get(f"teacher_forced_top1_of_24_{m}", "")) for m in ("exact", "bf16"))
         print(f"| {r['format']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | "
-              f"{r['tokens_per_s'] / base[r['batch']]:.2f}x | {m1 if r['format'] != 'bf16' else ''} | "
+              f"{r['tokens_per_s'] / base[r['batch']]:.2f}x | {r['extra_gpu_gib']:.2f} | "
+              f"{m1 if r['format'] != 'bf16' else ''} | "
               f"{m2 if r['format'] != 'bf16' else ''} |")
     print(f"\ntotal {time.time() - t_start:.0f}s")
     out_dir = os.environ.get("OUT") or "runs"
