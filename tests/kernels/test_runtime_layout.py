@@ -123,3 +123,16 @@ def test_prepare_kernels_keeps_only_the_repack(ops, gen, caplog, monkeypatch):
     model = torch.nn.Sequential(CompressedLinear(_weight("int4:g128", gen)), torch.nn.ReLU(),
                                 CompressedLinear(_weight("int5:g128", gen)))
     assert prepare_kernels(model) == (1, 2) and model[0]._kernel is not None and model[2]._kernel is None
+
+
+def test_prepared_modules_save_what_they_stored(ops, gen):
+    """A checkpoint of prepared modules holds the stored tensors (from the host copy), unchanged."""
+    from tensorslim.formats import CompressedLinear, prepare_kernels
+    from tensorslim.io.checkpoint import collect_state
+
+    model = torch.nn.Sequential(CompressedLinear(_weight("int4:g128", gen)), CompressedLinear(_weight("int3:g64", gen)))
+    before, layers_before, _ = collect_state(model)
+    assert prepare_kernels(model) == (2, 2)
+    after, layers_after, _ = collect_state(model)
+    assert layers_after == layers_before and sorted(after) == sorted(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
