@@ -53,26 +53,26 @@ class CompressedLinear(nn.Module):
     def prepare_kernels(self, host: torch.device | str = "cpu") -> bool:
         """Keep one copy of the codes on the GPU: build the kernels' repack now and move the stored weight to
         ``host`` (where ``save``, ``decode`` and the reference path use it; a call the kernels cannot take copies it
-        back for that call, with a warning). Only where the "wa" kernel runs the weight (2-4-bit integer groups and
-        ternary whose blocks fit, alone or summed with a low-rank term, which stays on the GPU; 2:4 + int4 as its
-        equal dense int4 weight); returns whether it did. Moving the module (``.to``, ``.cuda``, ``.half``) first brings the stored weight back and undoes this."""
+        back for that call, with a warning). Only where the "wa" kernel runs the weight: 2-4-bit integer groups and
+        ternary whose blocks fit, alone or summed with a low-rank term (which stays on the GPU), and 2:4 + int4 as
+        its equal dense int4 weight. Returns whether it did. Moving the module (``.to``, ``.cuda``, ``.half``) first
+        brings the stored weight back and undoes this. The dispatcher's memos of the GPU weight go with it."""
         from ..kernels import dispatch
 
         if getattr(self, "_kernel", None) is not None:
             return True
         cw = self.compressed
         base = dispatch._int_part(cw)
-        probe = torch.empty(0, dtype=torch.bfloat16, device=self._device())
+        probe = torch.empty(0, dtype=torch.bfloat16, device=cw.device)
         if dispatch.kernel_reason(cw, probe) is not None:
             return False
-        if base is None:  # 2:4 + int4 runs as its equal dense int4 weight ("dense"); other formats keep theirs
+        if base is None:  # a 2:4 + int4 (the sparse weight with a kernel) runs as its equal dense int4 weight
             from ..kernels import dispatch_ext
-            from ..kernels.layout_ext import Sparse24KernelLayout
+            from .sparse import SparseWeight
 
-            if not isinstance(dispatch_ext.layout(cw), Sparse24KernelLayout):
+            if not isinstance(cw, SparseWeight):  # float and binary-coded formats keep their stored weights
                 return False
             lay = dispatch_ext.dense_layout(cw)
-            dispatch_ext._LAYOUTS.pop(cw, None)  # the sparse kernels' layout is not used from here on
         else:
             lay = dispatch.runtime_layout(base)
         if lay is None or lay.qa is not None:  # it runs on the transposed layout's kernels, which need the stored copy
@@ -81,9 +81,6 @@ class CompressedLinear(nn.Module):
         self._kernel = (lay, extra)
         self.compressed = cw.to(host)
         return True
-
-    def _device(self) -> torch.device:
-        return next(iter(self.compressed.tensors().values())).device
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):  # type: ignore[override]
         # Follow device moves of the model; keep stored dtypes (a model.half() must not re-encode scales).
