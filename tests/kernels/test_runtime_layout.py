@@ -136,3 +136,19 @@ def test_prepared_modules_save_what_they_stored(ops, gen):
     after, layers_after, _ = collect_state(model)
     assert layers_after == layers_before and sorted(after) == sorted(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_runtime_layout_only_where_wa_passed_its_self_check(ops, gen, monkeypatch):
+    """The "wa" self-check covers the dequantizer of its repack too (a wrong one fails it), and a weight whose "wa"
+    did not pass keeps the full layout, so the other paths remain."""
+    key = ("wa", 3, "cpu", torch.float16)
+    dispatch._CHECKED.pop(key, None)
+    assert dispatch.kernel_verified("wa", 3, torch.device("cpu"), torch.float16)
+    dispatch._CHECKED.pop(key, None)
+    monkeypatch.setattr(ops, "launch_wa_dequant", lambda q, s, z, meta, out: out.zero_())
+    assert not dispatch.kernel_verified("wa", 3, torch.device("cpu"), torch.float16)
+    dispatch._CHECKED.pop(key, None)
+    monkeypatch.setattr(dispatch, "_wa_trusted", lambda lay: False)
+    w = _weight("int4:g128", gen)
+    lay = dispatch.runtime_layout(w)
+    assert lay.qa is not None and {c[0] for c in dispatch.candidates(lay, 16)} >= {"wa", "gemv", "gemm"}

@@ -39,8 +39,8 @@ import torch
 from ..formats.base import CompressedWeight
 from ..formats.intgroup import IntGroupWeight
 from .layout import (
-    WALayout, IntKernelLayout, int_layout, int_layout_reason, ternary_layout, ternary_layout_reason, wa_block_words,
-    wa_layout, wa_reason,
+    WALayout, IntKernelLayout, int_layout, int_layout_reason, layout_decode, ternary_layout, ternary_layout_reason,
+    wa_block_words, wa_layout, wa_reason,
 )
 from .reference import reference_linear
 
@@ -202,7 +202,8 @@ def runtime_layout(base: CompressedWeight) -> IntKernelLayout:
     """The layout the dispatcher keeps for a weight's own calls (:func:`kernel_linear` without a forced choice).
 
     Where "wa" runs the weight (2-, 3- and 4-bit codes and ternary whose blocks fit; it won every tuned key of the
-    issue shapes at 1-128 rows on the H100), only its repack is kept: the transposed words are built, repacked and
+    issue shapes at 1-128 rows on the H100) and passed its self-check on the device (:func:`_wa_trusted`), only its
+    repack is kept: the transposed words are built, repacked and
     dropped, and the returned layout has ``qa = None`` (its candidates are "wa" and, for 64+ rows, "dequant" from the
     repack). So the GPU holds one kernel copy of the codes, not two. Otherwise :func:`layout`. Memoized per weight
     object (weak keys). Forced choices (tests, benchmarks) use :func:`layout`, which offers every path."""
@@ -211,7 +212,7 @@ def runtime_layout(base: CompressedWeight) -> IntKernelLayout:
         full = _LAYOUTS.get(base)
         if full is None:
             full = int_layout(base) if isinstance(base, IntGroupWeight) else ternary_layout(base)
-        if wa_reason(full) is None:
+        if wa_reason(full) is None and _wa_trusted(full):
             wl = _WA.get(full) or wa_layout(full)
             lay = dataclasses.replace(full, qa=None, qb=None, scales=None, zeros=None)
             _WA[lay] = wl
@@ -219,6 +220,19 @@ def runtime_layout(base: CompressedWeight) -> IntKernelLayout:
             lay = layout(base)
         _RUNTIME[base] = lay
     return lay
+
+
+def _wa_trusted(lay: IntKernelLayout) -> bool:
+    """Whether "wa" and the dequantizer of its repack passed their self-check (:func:`kernel_verified`) for both
+    activation dtypes on the layout's device. Only then does :func:`runtime_layout` drop the transposed layout, which
+    the other paths need. Off CUDA (the interpreter) there is nothing to check; inside a CUDA-graph capture only an
+    earlier check counts."""
+    dev = lay.qa.device  # type: ignore[union-attr]
+    if dev.type != "cuda":
+        return True
+    if torch.cuda.is_current_stream_capturing():
+        return all(_CHECKED.get(("wa", lay.bits, str(dev), dt), False) for dt in _KERNEL_DTYPES)
+    return all(kernel_verified("wa", lay.bits, dev, dt) for dt in _KERNEL_DTYPES)
 
 
 def wa_meta(wl: WALayout) -> list[int]:
@@ -417,10 +431,15 @@ def kernel_verified(path: str, bits: int, device: torch.device, dtype: torch.dty
                     meta = [lay.k, lay.bits, lay.bits_a, lay.bits_b, lay.group, int(lay.symmetric)]
                     ops.launch_int_mm(x, lay.qa, lay.qb, lay.scales, lay.zeros, None, None, meta, "mma4",
                                       [16, 64, 128, 1, 4, 3], out)
-                else:
+                else:  # and the dequantizer of its repack (the same unpacking), which runtime layouts use
                     wl = wa_of(lay)
                     ops.launch_wa(x, wl.q, wl.scales, wl.zeros, None, None, wa_meta(wl), [16, 64, 1, 4, 3], out)
+                    dense = torch.full((96, 512), float("nan"), device=device, dtype=dtype)
+                    ops.launch_wa_dequant(wl.q, wl.scales, wl.zeros, wa_meta(wl), dense)
+                    err_w = relative_error(dense.float(), layout_decode(lay).to(dtype).float())
                 err = relative_error(out, reference_fp32(w, x))
+                if path == "wa":
+                    err = max(err, err_w)
             except Exception as e:  # compiler or launch failure
                 log.warning("%s kernel (int%d) unavailable on %s: %s", path, bits, device, e)
                 err = float("inf")
