@@ -107,6 +107,10 @@ def test_prepare_kernels_keeps_only_the_repack(ops, gen, caplog, monkeypatch):
     with caplog.at_level("WARNING"):
         y32 = lin(x.float())
     assert len(calls) == 1 and "host memory" in caplog.text and relative_error(y32, reference_fp32(w, x.float(), bias)) <= 1e-5
+    import copy
+
+    twin = copy.deepcopy(lin)  # its own layout objects, which the dispatcher's memo has never seen
+    assert twin._kernel[0] is not lin._kernel[0] and torch.equal(twin(x), lin(x))
     lin.half()  # a move (here a no-op for the stored dtypes) brings the stored weight back and drops the repack
     assert lin._kernel is None and relative_error(lin(x.float()), reference_fp32(w, x.float(), bias)) <= 1e-5
     assert not CompressedLinear(_weight("int5:g128", gen)).prepare_kernels()

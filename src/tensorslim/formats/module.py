@@ -29,7 +29,7 @@ class CompressedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.method = method
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self._kernel: tuple | None = None  # (runtime layout, low-rank term or None) after prepare_kernels()
+        self._kernel: tuple | None = None  # (runtime layout, low-rank term or None, its "wa" repack) once prepared
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight: CompressedWeight, *, method: str | None = None) -> "CompressedLinear":
@@ -39,8 +39,9 @@ class CompressedLinear(nn.Module):
         if getattr(self, "_kernel", None) is not None:  # (modules pickled before session 11 have no such field)
             from ..kernels import dispatch
 
-            lay, extra = self._kernel
-            if dispatch.activation_reason(x) is None and x.device == dispatch.wa_of(lay).q.device:
+            lay, extra, wl = self._kernel
+            if dispatch.activation_reason(x) is None and x.device == wl.q.device:
+                dispatch.keep_wa(lay, wl)  # (a deep copy or an unpickled module brings its own layout objects)
                 return dispatch.layout_linear(lay, extra, x, self.bias)
             if not getattr(self, "_warned", False):
                 log.warning("%s: prepare_kernels() left the stored weight in host memory; this %s %s call copies "
@@ -78,16 +79,14 @@ class CompressedLinear(nn.Module):
         if lay is None or lay.qa is not None:  # it runs on the transposed layout's kernels, which need the stored copy
             return False
         extra = cw.extra if base is not None and base is not cw else None  # type: ignore[attr-defined]
-        self._kernel = (lay, extra)
+        self._kernel = (lay, extra, dispatch.wa_of(lay))
         self.compressed = cw.to(host)
         return True
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):  # type: ignore[override]
         # Follow device moves of the model; keep stored dtypes (a model.half() must not re-encode scales).
         if getattr(self, "_kernel", None) is not None:  # undo prepare_kernels(): stored weight back by the layout
-            from ..kernels import dispatch
-
-            self.compressed = self.compressed.to(dispatch.wa_of(self._kernel[0]).q.device)
+            self.compressed = self.compressed.to(self._kernel[2].q.device)
             self._kernel = None
         self.compressed = _moved(self.compressed, fn)
         return super()._apply(fn, recurse)

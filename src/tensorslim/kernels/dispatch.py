@@ -235,6 +235,13 @@ def _wa_trusted(lay: IntKernelLayout) -> bool:
     return all(kernel_verified("wa", lay.bits, dev, dt) for dt in _KERNEL_DTYPES)
 
 
+def keep_wa(lay: IntKernelLayout, wl: WALayout) -> None:
+    """Make ``wl`` the "wa" repack of the runtime layout ``lay`` (a module that holds both, deep-copied or unpickled,
+    has layout objects this process's memo has not seen)."""
+    if _WA.get(lay) is not wl:
+        _WA[lay] = wl
+
+
 def wa_meta(wl: WALayout) -> list[int]:
     """``meta`` of :func:`.ops.launch_wa` for a weights-as-A layout."""
     return [wl.k, wl.group, int(wl.symmetric), wl.j, wl.bits]
