@@ -156,3 +156,20 @@ def test_runtime_layout_only_where_wa_passed_its_self_check(ops, gen, monkeypatc
     w = _weight("int4:g128", gen)
     lay = dispatch.runtime_layout(w)
     assert lay.qa is not None and {c[0] for c in dispatch.candidates(lay, 16)} >= {"wa", "gemv", "gemm"}
+
+
+def test_prepared_module_traces_without_graph_breaks(ops, gen):
+    """``torch.compile`` (dynamo, ``aot_eager``) traces a prepared module, and a deep copy of one, in one graph
+    through the custom ops, with the reference's results."""
+    import copy
+
+    from tensorslim.formats import CompressedLinear
+
+    w = _weight("int4:g128", gen)
+    lin = CompressedLinear(w)
+    assert lin.prepare_kernels()
+    x = torch.randn(3, K, generator=gen).to(torch.float16)
+    for mod in (lin, copy.deepcopy(lin)):
+        torch._dynamo.reset()
+        assert torch._dynamo.explain(mod)(x).graph_break_count == 0
+        assert relative_error(torch.compile(mod, backend="aot_eager")(x), reference_fp32(w, x)) <= 2e-3
