@@ -14,7 +14,8 @@ weights' parameter count, in bits per weight:
 - ``sessions <= 10``: plus the transposed layout, which the dispatcher kept beside the "wa" repack before (rebuilt
   here with ``dispatch.layout``, then dropped);
 - ``prepared``: after ``CompressedLinear.prepare_kernels()`` (the stored weight moved to host memory).
-Each state's outputs at 1 and 64 rows are checked against ``x @ decode()^T`` in fp32 (relative error <= 1e-3, bf16
+Several formats run one process each (a fixed ~75 MB left by one format's first calls would otherwise skew the
+next one's count). Each state's outputs at 1 and 64 rows are checked against ``x @ decode()^T`` in fp32 (relative error <= 1e-3, bf16
 activations, fp32 outputs; "dequant" against the decoded weights rounded to bf16, as that path rounds them), and
 the largest relative difference between the ``runtime`` and ``prepared`` bf16 outputs is reported (same kernel and
 config; split-K adds its partial sums in arrival order, so the last bits may differ).
@@ -32,6 +33,7 @@ import gc
 import json
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, "src")
@@ -253,8 +255,21 @@ def main() -> None:
         tasks = [(k, n, spec, [1, 64]) for spec in formats for k, n in {(k, n) for _, k, n in BLOCK}]
         tasks += [(k, n, "int4:g128", rows) for k, n in [(4096, 14336), (14336, 4096), (4096, 4096)] if rows]
         prewarm(tasks, args.jobs)
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "memory": memory_part(args.layers, formats, args.diagnose)}
+    if len(formats) > 1:  # one process per format: what one format's first calls leave behind (a fixed ~75 MB,
+        # likely cuBLAS workspaces) is released during the next one's and would skew its count (session 11)
+        import subprocess
+
+        memory = memory_part(args.layers, [], args.diagnose)  # the bf16 row
+        for spec in formats:
+            with tempfile.TemporaryDirectory() as tmp:
+                subprocess.run([sys.executable, __file__, "--layers", str(args.layers), "--formats", spec, "--rows", ""]
+                               + (["--diagnose"] if args.diagnose else []), env={**os.environ, "OUT": tmp},
+                               check=True)
+                with open(os.path.join(tmp, "gpu_memory.json")) as f:
+                    memory += [r for r in json.load(f)["memory"] if r["format"] != "bf16"]
+    else:
+        memory = memory_part(args.layers, formats, args.diagnose)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "memory": memory}
     if rows:
         res["speed"] = speed_part(rows)
     path = os.path.join(os.environ.get("OUT") or "runs", "gpu_memory.json")
