@@ -63,22 +63,11 @@ class CompressedLinear(nn.Module):
         if getattr(self, "_kernel", None) is not None:
             return True
         cw = self.compressed
-        base = dispatch._int_part(cw)
         probe = torch.empty(0, dtype=torch.bfloat16, device=cw.device)
-        if dispatch.kernel_reason(cw, probe) is not None:
+        found = dispatch.standalone_layout(cw) if dispatch.kernel_reason(cw, probe) is None else None
+        if found is None:
             return False
-        if base is None:  # a 2:4 + int4 (the sparse weight with a kernel) runs as its equal dense int4 weight
-            from ..kernels import dispatch_ext
-            from .sparse import SparseWeight
-
-            if not isinstance(cw, SparseWeight):  # float and binary-coded formats keep their stored weights
-                return False
-            lay = dispatch_ext.dense_layout(cw)
-        else:
-            lay = dispatch.runtime_layout(base)
-        if lay is None or lay.qa is not None:  # it runs on the transposed layout's kernels, which need the stored copy
-            return False
-        extra = cw.extra if base is not None and base is not cw else None  # type: ignore[attr-defined]
+        lay, extra = found
         self._kernel = (lay, extra, dispatch.wa_of(lay))
         self.compressed = cw.to(host)
         return True

@@ -190,10 +190,14 @@ def v_parts(extra: CompressedWeight, dtype: torch.dtype, perm: torch.Tensor | No
     return out
 
 
+def _full_layout(base: CompressedWeight) -> IntKernelLayout:
+    return int_layout(base) if isinstance(base, IntGroupWeight) else ternary_layout(base)
+
+
 def layout(base: CompressedWeight) -> IntKernelLayout:
     lay = _LAYOUTS.get(base)
     if lay is None:
-        lay = int_layout(base) if isinstance(base, IntGroupWeight) else ternary_layout(base)
+        lay = _full_layout(base)
         _LAYOUTS[base] = lay
     return lay
 
@@ -209,9 +213,7 @@ def runtime_layout(base: CompressedWeight) -> IntKernelLayout:
     object (weak keys). Forced choices (tests, benchmarks) use :func:`layout`, which offers every path."""
     lay = _RUNTIME.get(base)
     if lay is None:
-        full = _LAYOUTS.get(base)
-        if full is None:
-            full = int_layout(base) if isinstance(base, IntGroupWeight) else ternary_layout(base)
+        full = _LAYOUTS.get(base) or _full_layout(base)
         if wa_reason(full) is None and _wa_trusted(full):
             wl = _WA.get(full) or wa_layout(full)
             lay = dataclasses.replace(full, qa=None, qb=None, scales=None, zeros=None)
@@ -220,6 +222,26 @@ def runtime_layout(base: CompressedWeight) -> IntKernelLayout:
             lay = layout(base)
         _RUNTIME[base] = lay
     return lay
+
+
+def standalone_layout(cw: CompressedWeight) -> tuple[IntKernelLayout, CompressedWeight | None] | None:
+    """``(runtime layout, low-rank term or None)`` that run ``cw``'s kernel calls without its stored tensors (a "wa"
+    repack; a 2:4 + int4 weight's as its equal dense int4 weight), for ``CompressedLinear.prepare_kernels``; None
+    where the kernels need the stored weight (other formats, or no "wa" repack)."""
+    base = _int_part(cw)
+    if base is None:
+        from ..formats.sparse import SparseWeight
+
+        if not isinstance(cw, SparseWeight) or kernel_reason(cw) is not None:  # only 2:4 + int4 has a kernel
+            return None
+        from .dispatch_ext import dense_layout
+
+        lay = dense_layout(cw)
+    else:
+        lay = runtime_layout(base)
+    if lay is None or lay.qa is not None:
+        return None
+    return lay, (cw.extra if base is not None and base is not cw else None)  # type: ignore[attr-defined]
 
 
 def _wa_trusted(lay: IntKernelLayout) -> bool:
