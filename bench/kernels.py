@@ -66,8 +66,10 @@ def make_lowrank(k: int, n: int, r: int, seed: int = 1):
     return LowRankWeight.from_factors(LowRank(rank=r), u, v)
 
 
-def check_choice(cw, x, choice) -> float:
-    """Relative error of one path vs the fp32 reference, with a NaN-poisoned output buffer."""
+def check_choice(cw, x, choice, runtime: bool = False) -> float:
+    """Relative error of one path vs the fp32 reference, with a NaN-poisoned output buffer. ``runtime``: ``choice``
+    came from the dispatcher's runtime layout (what a model runs), whose "dequant" decodes the "wa" repack; otherwise
+    from the full layout (every candidate), whose "dequant" decodes the transposed words."""
     from tensorslim.kernels import dispatch, ops
     from tensorslim.kernels.reference import reference_fp32, relative_error
 
@@ -78,7 +80,7 @@ def check_choice(cw, x, choice) -> float:
     x2d = x if lay.perm is None else x.index_select(1, lay.perm)
     meta = [lay.k, lay.bits, lay.bits_a, lay.bits_b, lay.group, int(lay.symmetric)]
     if path == "dequant":
-        if dispatch.runtime_layout(base).qa is None:  # what a model runs: dequant from the "wa" repack
+        if runtime and dispatch.runtime_layout(base).qa is None:  # dequant from the "wa" repack
             wl = dispatch.wa_of(lay)
             w = torch.full((lay.n, lay.k), float("nan"), device=x.device, dtype=x.dtype)
             ops.launch_wa_dequant(wl.q, wl.scales, wl.zeros, dispatch.wa_meta(wl), w)
@@ -354,7 +356,7 @@ def main() -> None:
         for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             c = dispatch.tuned_choice(lay, x, None)
-            err = check_choice(cw, x, c)
+            err = check_choice(cw, x, c, runtime=True)
             results["correct"].append({"format": "int4:g128", "shape": f"{k}x{n}", "m": m, "path": c[0],
                                        "config": list(c[1]), "rel_err": err, "tuned": True})
             if not err <= TOL:
