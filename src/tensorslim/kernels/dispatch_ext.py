@@ -9,7 +9,7 @@ device) by timing the candidates in CUDA-graph replays (:func:`.dispatch.time_gr
 - 2:4 + int4: "gemv" (1-16 rows), "gemm" (any rows >= 2), "reference" (>= 64 rows), and "dense" (any rows): the
   same weight as dense int4 (each pruned position holds its group's zero point, so it decodes to exactly 0), run by
   the integer dispatcher ("wa" where it fits). The sparse kernels read ~3.1 bits a weight but were slower than bf16 on
-  the H100 (session 8 and 11); "dense" reads 4.19 and runs at int4's speed. Its layout, the dense int4 "wa" repack,
+  the H100 (session 8 and 11); "dense" reads ~4.1 and runs at int4's speed. Its layout, the dense int4 "wa" repack,
   is the GPU copy that path keeps (:func:`dense_layout`).
 Every candidate is a correct path, so the memo changes speed, never results. Layouts (:mod:`.layout_ext`) are
 memoized per weight object (weak keys).
