@@ -250,11 +250,13 @@ def main() -> None:
     ap.add_argument("--new-formats", action="store_true",
                     help="only the FP8/MXFP4/NVFP4/BCQ/2:4+int4 kernels: correctness and speed at batch 1 and 16 "
                          "(bench/kernels_new_formats.py; a few minutes)")
+    ap.add_argument("--specs", default="",
+                    help="with --new-formats: a comma-separated subset of its formats (default: all)")
     args = ap.parse_args()
     if args.new_formats:
         from kernels_new_formats import run as run_new_formats
 
-        run_new_formats(bench_graph, n_copies, quick=args.quick)
+        run_new_formats(bench_graph, n_copies, quick=args.quick, specs=[s for s in args.specs.split(",") if s])
         return
     from tensorslim.formats import SumWeight, parse_format
     from tensorslim.kernels import dispatch

@@ -1,6 +1,7 @@
 """``python bench/kernels.py --new-formats``: check and time the FP8 / MXFP4 / NVFP4 / BCQ / 2:4+int4 kernels.
 
-1. Correctness (bf16 activations, fp32 output, NaN-poisoned buffer): every dispatcher candidate of every format at
+1. Correctness (bf16 activations, fp32 output, NaN-poisoned buffer; MXFP4 "wa" also into bf16 outputs, bound
+   4e-3): every dispatcher candidate of every format at
    batch 1, 2, 3, 7, 16, 33 on 4096x14336 and 576x1536, then the tuned choice on the issue's shapes at batch 1 and
    16, against ``x @ decode()^T`` in fp32, relative Frobenius error <= 1e-3 (the "reference" path,
    bf16 weights, is bounded by 4e-3 like the int "dequant" path).
@@ -65,6 +66,13 @@ def check(cw, x, choice) -> float:
         inner = dispatch.tuned_choice(dispatch_ext.dense_layout(cw), x, None)[0]
         scale = 4 if inner == "dequant" else 1  # that path's product comes from cuBLAS in bf16: bound 4e-3
         return max(relative_error(y32, ref) / scale, relative_error(y16.float(), ref) / 4)
+    if path == "wa":  # MXFP4 weights-as-A: fp32 into a poisoned (or, split-K, zeroed) buffer, and bf16 output
+        wl = dispatch_ext.mx_wa(cw)
+        out = torch.zeros(x.shape[0], lay.n, device=x.device) if config[2] > 1 else \
+            torch.full((x.shape[0], lay.n), float("nan"), device=x.device)
+        ops_ext.launch_mx_wa(x, wl.q, wl.e8, wl.meta(), list(config), out)
+        y16 = ops_ext.mx_wa_mm(x, wl.q, wl.e8, wl.meta(), list(config), x.dtype)  # serial split-K
+        return max(relative_error(out, ref), relative_error(y16.float(), ref) / 4)
     out = torch.zeros(x.shape[0], lay.n, device=x.device) if config[3] > 1 else \
         torch.full((x.shape[0], lay.n), float("nan"), device=x.device)
     cfg = list(config)
@@ -86,9 +94,14 @@ def save(results: dict) -> None:
         json.dump(results, f, indent=1, default=str)
 
 
-def run(bench_graph, n_copies, quick: bool = False) -> None:
-    """``quick``: speed on 4096x14336 and 8192x28672 only."""
+def run(bench_graph, n_copies, quick: bool = False, specs: list[str] | None = None) -> None:
+    """``quick``: speed on 4096x14336 and 8192x28672 only; ``specs``: a subset of :data:`SPECS`."""
     from tensorslim.kernels import dispatch_ext
+
+    unknown = set(specs or []) - set(SPECS)
+    if unknown:
+        raise SystemExit(f"--specs: unknown {sorted(unknown)}; choose from {SPECS}")
+    chosen = [s for s in SPECS if not specs or s in specs]
 
     dev = torch.cuda.get_device_name()
     print(f"new formats: {dev}; torch {torch.__version__}; triton {__import__('triton').__version__}")
@@ -104,7 +117,7 @@ def run(bench_graph, n_copies, quick: bool = False) -> None:
     # 1a. every candidate: batch 1 with those for 1 row, batch 2-33 with those for 16 rows (valid for any batch;
     # reusing them keeps the number of compiles, the bulk of this run, down)
     for k, n in [(4096, 14336), (576, 1536)]:
-        for spec in SPECS:
+        for spec in chosen:
             cw = make(spec, k, n)
             for m in (1, 2, 3, 7, 16, 33):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -119,7 +132,7 @@ def run(bench_graph, n_copies, quick: bool = False) -> None:
     shapes = [SHAPES[0], SHAPES[2]] if quick else SHAPES
     # 1b. the tuned choice on the issue shapes (tunes them for step 2)
     for k, n in shapes:
-        for spec in SPECS:
+        for spec in chosen:
             cw = make(spec, k, n)
             for m in (1, 16):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -138,7 +151,7 @@ def run(bench_graph, n_copies, quick: bool = False) -> None:
     results["speed"] = rows
     for k, n in shapes:
         weights = {}
-        for spec in SPECS:
+        for spec in chosen:
             cw = make(spec, k, n)
             nbytes = cw.nbytes
             weights[spec] = [dataclasses.replace(cw) for _ in range(n_copies(nbytes))]  # own kernel layouts each
@@ -150,7 +163,10 @@ def run(bench_graph, n_copies, quick: bool = False) -> None:
             for spec, cws in weights.items():
                 row[f"{spec}_path"] = dispatch_ext.tuned_choice(cws[0], dispatch_ext.layout(cws[0]), x)
                 row[f"{spec}_us"] = bench_graph([lambda c=c: dispatch.kernel_linear(c, x) for c in cws])
+            row["scaled_mm_us"] = float("nan")
             try:  # opt-in FP8 x FP8 (activations quantized per row): its own column, never dispatched
+                if "fp8:e4m3" not in weights:
+                    raise LookupError("fp8:e4m3 is not among --specs")
                 from tensorslim.kernels.reference import reference_fp32, relative_error
                 from tensorslim.kernels.scaled_mm import fp8_scaled_mm_linear
 
@@ -168,11 +184,11 @@ def run(bench_graph, n_copies, quick: bool = False) -> None:
         torch.cuda.empty_cache()
     print(f"\n{dev}: microseconds per call, CUDA-graph replay over rotating weight copies, median "
           "(speedup vs cuBLAS bf16); tuned path below each\n")
-    print("| shape (in x out) | batch | bf16 | " + " | ".join(SPECS) + " | fp8 _scaled_mm (x in FP8; rel err) |")
-    print("|---|---|---|" + "---|" * len(SPECS) + "---|")
+    print("| shape (in x out) | batch | bf16 | " + " | ".join(chosen) + " | fp8 _scaled_mm (x in FP8; rel err) |")
+    print("|---|---|---|" + "---|" * len(chosen) + "---|")
     for r in rows:
         cells = [f"{r[f'{s}_us']:.1f} ({r['bf16_us'] / r[f'{s}_us']:.2f}x) {r[f'{s}_path'][0]} "
-                 f"{list(r[f'{s}_path'][1])}" for s in SPECS]
+                 f"{list(r[f'{s}_path'][1])}" for s in chosen]
         t = r["scaled_mm_us"]
         cells.append(f"{t:.1f} ({r['bf16_us'] / t:.2f}x; {r.get('scaled_mm_rel_err', float('nan')):.1e})")
         print(f"| {r['shape']} | {r['m']} | {r['bf16_us']:.1f} | " + " | ".join(cells) + " |")

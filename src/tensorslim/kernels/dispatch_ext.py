@@ -6,6 +6,10 @@ device) by timing the candidates in CUDA-graph replays (:func:`.dispatch.time_gr
 - float formats: "gemv" (1-16 rows), "gemm" (tensor cores, >= 2 rows), "reference" (>= 64 rows: decode to the
   activation dtype, then cuBLAS; rounds the weights to bf16 as a bf16 model would);
 - BCQ: "lut" (LUT-GEMM, 1-16 rows), "gemm" (sign planes on tensor cores, any rows), "reference" (>= 64 rows);
+- MXFP4 also "wa" (any rows; :mod:`.triton.wa_fp4`: the codes in int4's weights-as-A repack, decoded by bit tricks
+  in registers straight into the tensor cores' A operand), where the block scales' exponent range suits the
+  activation dtype (:attr:`.layout_ext.MX_WA_EXP`) and its inline-PTX decode passed a self-check on this device
+  (:func:`mx_wa_verified`); its repack is memoized beside the float layout (:func:`mx_wa`);
 - 2:4 + int4: "gemv" (1-16 rows), "gemm" (any rows >= 2), "reference" (>= 64 rows), and "dense" (any rows): the
   same weight as dense int4 (each pruned position holds its group's zero point, so it decodes to exactly 0), run by
   the integer dispatcher ("wa" where it fits). The sparse kernels read ~3.1 bits a weight but were slower than bf16 on
@@ -29,14 +33,17 @@ from typing import Any
 import torch
 
 from ..formats.base import CompressedWeight
-from .dispatch import Choice, _pow2, _splits, time_graph
-from .layout_ext import BCQKernelLayout, FloatKernelLayout, Sparse24KernelLayout, ext_layout, ext_layout_reason
+from .dispatch import Choice, _pow2, _splits, time_graph, wa_candidates
+from .layout_ext import (BCQKernelLayout, FloatKernelLayout, MXWALayout, Sparse24KernelLayout, ext_layout,
+                         ext_layout_reason, mx_wa_layout, mx_wa_reason)
 from .reference import reference_linear
 
 log = logging.getLogger(__name__)
 
 _LAYOUTS: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
 _DENSE: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
+_MXWA: "weakref.WeakKeyDictionary[CompressedWeight, MXWALayout]" = weakref.WeakKeyDictionary()
+_MXWA_CHECKED: dict[tuple, bool] = {}
 _TUNED: dict[tuple, Choice] = {}
 
 
@@ -96,17 +103,72 @@ def dense_layout(cw: CompressedWeight):
     return _DENSE[cw]
 
 
+def mx_wa(cw: CompressedWeight) -> MXWALayout:
+    """The weights-as-A repack of an MXFP4 weight (memoized per weight)."""
+    wl = _MXWA.get(cw)
+    if wl is None:
+        wl = mx_wa_layout(cw)
+        _MXWA[cw] = wl
+    return wl
+
+
+def mx_wa_ok(cw: CompressedWeight, dtype: torch.dtype, device: torch.device | None = None) -> bool:
+    """May "wa" run this MXFP4 weight with ``dtype`` activations (on ``device``: its self-check passed, or, inside a
+    CUDA-graph capture where the check cannot run, had passed)?"""
+    if mx_wa_reason(cw) is not None or not mx_wa(cw).dtype_ok(dtype):
+        return False
+    if device is None or device.type != "cuda":
+        return True
+    if torch.cuda.is_current_stream_capturing():
+        return _MXWA_CHECKED.get((str(device), dtype), False)
+    return mx_wa_verified(device, dtype)
+
+
+def mx_wa_verified(device: torch.device, dtype: torch.dtype) -> bool:
+    """Once per (device, dtype): does MXFP4 "wa" (inline PTX the CPU tests cannot run) match ``x @ decode()^T`` in
+    fp32 on a small problem with a poisoned output, split-K and bf16 output included? If not it is never picked."""
+    key = (str(device), dtype)
+    ok = _MXWA_CHECKED.get(key)
+    if ok is None:
+        from ..formats.mx import MXFP, quantize_mx
+        from .reference import reference_fp32, relative_error
+
+        g = torch.Generator(device=device).manual_seed(0)
+        w = quantize_mx(torch.randn(96, 1024, device=device, generator=g) * 0.02, MXFP(element="e2m1"))
+        wl = mx_wa(w)
+        x = torch.randn(5, 1024, device=device, generator=g).to(dtype)
+        ref = reference_fp32(w, x)
+        err = float("inf")
+        try:
+            ops = _ops()
+            out = torch.full((5, 96), float("nan"), device=device)
+            ops.launch_mx_wa(x, wl.q, wl.e8, wl.meta(), [16, 64, 1, 4, 3], out)
+            y = ops.mx_wa_mm(x, wl.q, wl.e8, wl.meta(), [8, 64, 2, 4, 3], dtype)
+            err = max(relative_error(out, ref), relative_error(y.float(), ref) / 4)
+        except Exception as e:  # compiler or launch failure
+            log.warning("mxfp4 wa kernel unavailable on %s: %s", device, e)
+        ok = err <= 1e-3
+        if not ok:
+            log.warning("mxfp4 wa kernel failed its self-check on %s (%s, rel err %.2e); not used", device, dtype, err)
+        _MXWA_CHECKED[key] = ok
+    return ok
+
+
 def _bks(k: int, ok) -> list[int]:
     return [b for b in (256, 128, 64, 32, 16) if k % b == 0 and ok(b)]
 
 
-def candidates(cw: CompressedWeight, lay, m: int, dtype: torch.dtype, sms: int = 132) -> list[Choice]:
+def candidates(cw: CompressedWeight, lay, m: int, dtype: torch.dtype, sms: int = 132,
+               device: torch.device | None = None) -> list[Choice]:
     """Correct (path, config) choices for ``m`` rows, best guess first; config = (BM, BN, BK, SPLIT_K, warps,
-    stages)."""
+    stages), for "wa" (BM, BN, SPLIT_K, warps, stages)."""
     from .ops_ext import float_bk_ok
 
     n, k = lay.n, lay.k
     out: list[Choice] = []
+    if isinstance(lay, FloatKernelLayout) and mx_wa_ok(cw, dtype, device):
+        wl = mx_wa(cw)
+        out += [("wa", c[:5]) for c in wa_candidates(n, k, 4, wl.j, m, sms) if not c[5]]
     bm = min(max(16, _pow2(m)), 128)
     if isinstance(lay, FloatKernelLayout):
         one, one_ok = "gemv", (lambda b: b >= 32 and float_bk_ok("gemv", lay.meta(), b, dtype))
@@ -151,6 +213,9 @@ def run_choice(choice: Choice, cw: CompressedWeight, lay, x2d: torch.Tensor, out
         return layout_linear(dense_layout(cw), None, x2d, out_dtype=out_dtype)
     ops = _ops()
     assert ops is not None
+    if path == "wa":
+        wl = mx_wa(cw)
+        return ops.mx_wa_mm(x2d, wl.q, wl.e8, wl.meta(), list(config), out_dtype)
     cfg = list(config)
     if isinstance(lay, FloatKernelLayout):
         return ops.float_mm(x2d, lay.q, lay.scales, lay.global_scale, lay.meta(), path, cfg, out_dtype)
@@ -179,11 +244,11 @@ def tuned_choice(cw: CompressedWeight, lay, x2d: torch.Tensor) -> Choice:
     bucket = _pow2(x2d.shape[0])
     if x2d.device.type != "cuda":  # the interpreter: no timing, first candidate
         return candidates(cw, lay, bucket, x2d.dtype)[0]
-    key = lay.key() + (bucket, x2d.dtype, x2d.device)
+    key = lay.key() + (bucket, x2d.dtype, x2d.device, mx_wa_ok(cw, x2d.dtype, x2d.device))
     hit = _TUNED.get(key)
     if hit is None:
         if torch.cuda.is_current_stream_capturing():
-            return candidates(cw, lay, bucket, x2d.dtype)[0]
+            return candidates(cw, lay, bucket, x2d.dtype, device=x2d.device)[0]
         hit = tune(cw, lay, bucket, x2d.dtype, x2d.device)
         _TUNED[key] = hit
     return hit
@@ -194,7 +259,7 @@ def tune(cw: CompressedWeight, lay, m: int, dtype: torch.dtype, device: torch.de
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     x = torch.randn(m, lay.k, device=device, dtype=dtype)
     best: tuple[float, Choice] | None = None
-    for c in candidates(cw, lay, m, dtype, sms):
+    for c in candidates(cw, lay, m, dtype, sms, torch.device(device)):
         try:
             ms = time_graph(lambda: run_choice(c, cw, lay, x, dtype))
         except Exception as e:  # a config the compiler rejects is skipped, not fatal

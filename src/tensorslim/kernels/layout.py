@@ -200,9 +200,8 @@ def wa_layout(lay: IntKernelLayout, j: int | None = None) -> WALayout:
         codes = torch.where(gk, zp.repeat_interleave(lay.group, dim=1), codes)
         scales = scales.masked_fill(dead, 1)
     nb = k // (8 * j)
-    if bits == 4:  # block input j t + 2p + e, t = 4h + u -> word h j/2 + p, nibble 4e + u
-        blocks = codes.reshape(n, nb, 2, 4, j // 2, 2).permute(0, 1, 2, 4, 5, 3)
-        q = pack_codes(blocks.reshape(n, k), 4).view(torch.int32)
+    if bits == 4:
+        q = wa_pack4(codes, j)
     else:  # low 2 bits: block input j t + 2p + e -> word p, code 8e + t
         low = codes & 3 if bits == 3 else codes
         q = pack_codes(low.reshape(n, nb, 8, j // 2, 2).permute(0, 1, 3, 4, 2).reshape(n, k), 2).view(torch.int32)
@@ -215,6 +214,14 @@ def wa_layout(lay: IntKernelLayout, j: int | None = None) -> WALayout:
         q=q.reshape(n, k * bits // 32).contiguous(),
         scales=scales, zeros=zeros,
     )
+
+
+def wa_pack4(codes: torch.Tensor, j: int) -> torch.Tensor:
+    """4-bit codes ``[n, k]`` (stored input order) -> the weights-as-A words ``int32 [n, k/8]``: block input ``j t + 2p
+    + e`` (``t = 4h + u``) is nibble ``4e + u`` of the block's word ``h j/2 + p``."""
+    n, k = codes.shape
+    blocks = codes.reshape(n, k // (8 * j), 2, 4, j // 2, 2).permute(0, 1, 2, 4, 5, 3)
+    return pack_codes(blocks.reshape(n, k), 4).view(torch.int32).reshape(n, k // 8)
 
 
 def _zeros_t(zeros: torch.Tensor, bits: int, n_groups: int) -> torch.Tensor:

@@ -10,6 +10,8 @@ the outputs, so a ``[BK/P, BN]`` tile is one coalesced load.
 - :class:`BCQKernelLayout` (``BCQWeight``): each sign plane ``[out, in/8]`` bytes viewed as int32 (bit ``b`` of word
   ``j`` = input ``32j + b``) and transposed: ``planes [q, K/32, N]``; alphas ``[q, n_groups, N]``, offsets
   ``[n_groups, N]`` (stored dtype).
+- :class:`MXWALayout` (``MXFPWeight`` with E2M1 elements): int4's weights-as-A repack of the codes and the E8M0
+  exponents ``[N, n_blocks]`` for :mod:`.triton.wa_fp4` (blocks whose codes are all zero get a harmless exponent).
 - :class:`Sparse24KernelLayout` (``SparseWeight`` 2:4 with an inner int4 ``IntGroup``): the inner weight's integer
   layout (compact ``[K/2]`` codes: :func:`.layout.int_layout`) plus 2-bit position metadata: for every run of 4
   inputs a nibble ``i0 | i1 << 2`` (the two kept positions, ``i0 < i1``; the compact values are stored in that
@@ -24,7 +26,7 @@ import torch
 
 from ..formats.base import CompressedWeight
 from ..formats.packing import pack_codes
-from .layout import IntKernelLayout, int_layout, int_layout_reason
+from .layout import IntKernelLayout, int_layout, int_layout_reason, wa_block_words, wa_pack4
 
 ELEMS = {"e2m1": 0, "e4m3": 1, "e5m2": 2}
 SCALE_FLOAT, SCALE_E8M0, SCALE_E4M3 = 0, 1, 2
@@ -178,3 +180,59 @@ def ext_layout(cw: CompressedWeight):
     if isinstance(cw, t["sparse"]):
         return sparse24_layout(cw)
     return float_layout(cw)
+
+
+# E8M0 exponents for which wa_fp4's tile (element x 2^(e - 127), built by one packed multiply) is exact and normal:
+# bf16 needs the multiplier 2^(e - 1) to be a bf16 and 0.5 x 2^(e - 127) >= 2^-126; fp16 needs 2^(e - 113) to be a
+# normal fp16 and the tile's values to lie on fp16's grid (>= 2^-24) and range.
+MX_WA_EXP = {torch.bfloat16: (2, 128), torch.float16: (104, 128)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class MXWALayout:
+    n: int
+    k: int
+    j: int  # words a row per block of 8 j inputs
+    group: int  # the MX block (a multiple of j)
+    q: torch.Tensor  # int32 [n, k/8]: wa_pack4 of the E2M1 codes
+    e8: torch.Tensor  # uint8 [n, k/group] E8M0 exponents
+    exp_range: tuple[int, int]  # min and max exponent over the blocks with a nonzero code
+
+    def dtype_ok(self, dtype: torch.dtype) -> bool:
+        lo, hi = MX_WA_EXP.get(dtype, (1, 0))
+        return lo <= self.exp_range[0] and self.exp_range[1] <= hi
+
+    def meta(self) -> list[int]:
+        return [self.k, self.group, self.j]
+
+    def key(self) -> tuple:
+        return ("mxwa", self.n, self.k, self.group, self.j)
+
+
+def mx_wa_reason(cw: CompressedWeight) -> str | None:
+    """``None`` if :func:`mx_wa_layout` can repack ``cw`` (an MXFP4 weight whose block fits the "wa" blocks)."""
+    from ..formats.mx import MXFPWeight
+
+    if not (isinstance(cw, MXFPWeight) and cw.format.element == "e2m1"):
+        return f"{type(cw).__name__}: the weights-as-A float kernel takes MXFP4 (E2M1) only"
+    out, inp = cw.shape
+    g = cw.format.block_size
+    j = wa_block_words(inp, g)
+    if j is None or j < 32:
+        return f"mxfp4: in_features {inp} / block {g} do not fit blocks of 256 or 512 inputs"
+    return None
+
+
+def mx_wa_layout(cw: CompressedWeight) -> MXWALayout:
+    from ..formats.packing import unpack_codes
+
+    assert mx_wa_reason(cw) is None, mx_wa_reason(cw)
+    out, inp = cw.shape
+    g = cw.format.block_size
+    j = wa_block_words(inp, g)
+    codes = unpack_codes(cw.codes, 4, inp)  # [out, inp] E2M1 codes
+    live = (codes & 7).reshape(out, inp // g, g).any(-1)  # blocks with a nonzero element
+    e8 = torch.where(live, cw.scales.view(torch.uint8), torch.full_like(cw.scales.view(torch.uint8), 127))
+    ev = e8[live].int()
+    rng = (int(ev.min()), int(ev.max())) if ev.numel() else (127, 127)
+    return MXWALayout(n=out, k=inp, j=j, group=g, q=wa_pack4(codes, j), e8=e8.contiguous(), exp_range=rng)

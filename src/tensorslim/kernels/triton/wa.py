@@ -232,6 +232,15 @@ def wa_kernel(
             tmask = (cs < TC)[:, None, None] & mmask[None, None, :] & (rs < R)[None, :, None]
             t = tl.sum(tl.load(tptr, mask=tmask, other=0.0).to(tl.float32), axis=0)
             acc += tl.dot(u, t, input_precision="ieee")
+    write_tile(acc, out_ptr, ws_ptr, cnt_ptr, rm, rn, mmask, nmask, N, stride_om, pid_m, pid_n, ATOMIC, SERIAL)
+
+
+@triton.jit
+def write_tile(acc, out_ptr, ws_ptr, cnt_ptr, rm, rn, mmask, nmask, N, stride_om, pid_m, pid_n,
+               ATOMIC: tl.constexpr, SERIAL: tl.constexpr):
+    """Store the ``[BN, BM]`` fp32 tile ``acc`` (``y^T``) of outputs ``rn`` x rows ``rm``: plainly, atomically into a
+    zeroed fp32 output (split-K), or (``SERIAL``) through the zeroed fp32 workspace ``ws_ptr`` and the per-tile
+    counters ``cnt_ptr``, the tile's last split writing the output in its dtype and re-zeroing both."""
     optr = out_ptr + (rm.to(tl.int64) * stride_om)[None, :] + rn[:, None]
     omask = nmask[:, None] & mmask[None, :]
     if ATOMIC and SERIAL:  # split-K into a zeroed fp32 workspace; the tile's last split writes out and re-zeroes it

@@ -1,0 +1,124 @@
+"""MXFP4 (E2M1 codes, E8M0 block scales) through the weights-as-A scheme of :mod:`.wa` ("wa", session 12).
+
+Layout (:func:`tensorslim.kernels.layout_ext.mx_wa_layout`): exactly int4's weights-as-A layout (the 4-bit codes
+permuted so that, for code position ``u``, one shift puts the pair of adjacent inputs ``(2p, 2p + 1)`` at bits ``4u``
+and ``4u + 16`` of a word), with E2M1 codes (sign in bit 3) instead of integers, and the E8M0 exponents ``[N, G]``
+row-major. ``J = 32`` words a block row for MX's 32-input blocks, so each code position of a block is one scale block.
+
+Decode of a code pair on the GPU (inline PTX, one 32-bit register in and the dot operand's register out): the 3
+magnitude bits ``e1 e0 m0`` go to the low two exponent bits and the top mantissa bit of each half (bits 6-8 of a
+bf16, 9-11 of an fp16) and the sign to bit 15, so each half is the element times ``2^-126`` (bf16) or ``2^-14`` (fp16)
+exactly, the zero-exponent codes (0, 0.5) landing on subnormals (two shifts, an ``and``, a ``lop3``). One packed
+multiply by the block's ``2^(e - 1)`` (bf16) or ``2^(e - 113)`` (fp16) then gives the element times its scale,
+exactly and as a normal number, where the layout's exponent range allows it (``mx_wa_layout`` records for which
+activation dtypes it does; the dispatcher offers this path only for those). The scale is thus inside the tile, so the
+dots of a whole split chain into one fp32 accumulator with no per-block rescaling. Five instructions a code pair
+against int4's three (no zero point, but a sign and a multiply).
+
+Under Triton's interpreter (CI) the same tiles come from plain Triton: the element via the fp16 bit build of
+:func:`.float_mm.elem_fp16` and the scale as ``2^(e - 127)`` in fp32, both exact in the activation dtype.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .float_mm import elem_fp16
+from .wa import write_tile
+
+# per code position u (pair at bits 4u, 4u + 16): magnitude bits -> 6..8 (bf16) / 9..11 (fp16), sign bit -> 15
+_BF16 = [tl.constexpr(
+    "{ .reg .b32 m, s; " + (f"shl.b32 m, $1, {6 - 4 * u}; " if u < 2 else f"shr.u32 m, $1, {4 * u - 6}; ")
+    + (f"shl.b32 s, $1, {12 - 4 * u}; " if u < 3 else "mov.b32 s, $1; ")
+    + "and.b32 m, m, 0x01C001C0; lop3.b32 $0, m, s, 0x80008000, 0xF8; }") for u in range(4)]
+_FP16 = [tl.constexpr(
+    "{ .reg .b32 m, s; " + (f"shl.b32 m, $1, {9 - 4 * u}; " if u < 3 else "shr.u32 m, $1, 3; ")
+    + (f"shl.b32 s, $1, {12 - 4 * u}; " if u < 3 else "mov.b32 s, $1; ")
+    + "and.b32 m, m, 0x0E000E00; lop3.b32 $0, m, s, 0x80008000, 0xF8; }") for u in range(4)]
+_BF16_0, _BF16_1, _BF16_2, _BF16_3 = _BF16
+_FP16_0, _FP16_1, _FP16_2, _FP16_3 = _FP16
+
+
+@triton.jit
+def _asm(v2, s: tl.constexpr, DT: tl.constexpr):
+    return tl.inline_asm_elementwise(s, "=r,r,r", [v2], dtype=DT, is_pure=True, pack=2)
+
+
+@triton.jit
+def _asm_pairs(v2, u: tl.constexpr, DT: tl.constexpr):
+    if DT == tl.bfloat16:
+        if u == 0:
+            return _asm(v2, _BF16_0, DT)
+        elif u == 1:
+            return _asm(v2, _BF16_1, DT)
+        elif u == 2:
+            return _asm(v2, _BF16_2, DT)
+        else:
+            return _asm(v2, _BF16_3, DT)
+    else:
+        if u == 0:
+            return _asm(v2, _FP16_0, DT)
+        elif u == 1:
+            return _asm(v2, _FP16_1, DT)
+        elif u == 2:
+            return _asm(v2, _FP16_2, DT)
+        else:
+            return _asm(v2, _FP16_3, DT)
+
+
+@triton.jit
+def fp4_tile(w, e, u: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr, BN: tl.constexpr, J: tl.constexpr):
+    """Words ``[BN, J/2]`` and the rows' E8M0 exponents ``e [BN]`` (int32) of position ``u``'s block -> the ``[BN, J]``
+    tile of element times block scale in ``DT`` (element ``(n, 2p + h)``: the code at bit ``4u + 16 h`` of word
+    ``(n, p)``)."""
+    v2 = tl.reshape(tl.join(w, w), (BN, J))
+    if USE_ASM:
+        if DT == tl.bfloat16:
+            mult = ((e + 126) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 2^(e - 1)
+        else:
+            mult = ((e - 98) << 10).to(tl.int16).to(tl.float16, bitcast=True)  # 2^(e - 113)
+        return _asm_pairs(v2, u, DT) * mult[:, None]
+    h = tl.arange(0, J) % 2
+    code = (v2 >> (4 * u + 16 * h)[None, :]) & 0xF
+    scale = (e << 23).to(tl.float32, bitcast=True)  # 2^(e - 127) for e >= 1 (the layout guarantees e >= 2)
+    return (elem_fp16(code, 0) * 16384.0 * scale[:, None]).to(DT)
+
+
+@triton.jit
+def wa_fp4_kernel(
+    x_ptr, out_ptr, q_ptr, e_ptr, ws_ptr, cnt_ptr,
+    M, N, KW, NB, blocks_per_split, G, stride_xm, stride_om,
+    GROUP: tl.constexpr, J: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, USE_ASM: tl.constexpr,
+    ATOMIC: tl.constexpr, SERIAL: tl.constexpr = False,
+):
+    pid_m = tl.program_id(0)  # batch tiles fastest, as in wa_kernel
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    BK: tl.constexpr = 8 * J
+    H: tl.constexpr = J // 2
+    rn = pid_n * BN + tl.arange(0, BN)
+    nmask = rn < N
+    rm = pid_m * BM + tl.arange(0, BM)
+    mmask = rm < M
+    wrow = q_ptr + (rn.to(tl.int64) * KW)[:, None] + tl.arange(0, H)[None, :]
+    xrow = x_ptr + (rm.to(tl.int64) * stride_xm)[:, None] + tl.arange(0, J)[None, :]
+    erow = e_ptr + rn.to(tl.int64) * G
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    b_lo = pid_k * blocks_per_split
+    b_hi = tl.minimum(b_lo + blocks_per_split, NB)
+    for b in range(b_lo, b_hi):
+        w_lo = tl.load(wrow + b * J, mask=nmask[:, None], other=0)  # positions 0..3
+        w_hi = tl.load(wrow + b * J + H, mask=nmask[:, None], other=0)  # positions 4..7
+        xb = xrow + b * BK
+        for u in tl.static_range(4):
+            e_lo = tl.load(erow + (b * BK + u * J) // GROUP, mask=nmask, other=127).to(tl.int32)
+            e_hi = tl.load(erow + (b * BK + (u + 4) * J) // GROUP, mask=nmask, other=127).to(tl.int32)
+            lo = fp4_tile(w_lo, e_lo, u, DT, USE_ASM, BN, J)
+            hi = fp4_tile(w_hi, e_hi, u, DT, USE_ASM, BN, J)
+            x_lo = tl.trans(tl.load(xb + u * J, mask=mmask[:, None], other=0.0))
+            x_hi = tl.trans(tl.load(xb + (u + 4) * J, mask=mmask[:, None], other=0.0))
+            acc = tl.dot(lo, x_lo, acc)
+            acc = tl.dot(hi, x_hi, acc)
+    write_tile(acc, out_ptr, ws_ptr, cnt_ptr, rm, rn, mmask, nmask, N, stride_om, pid_m, pid_n, ATOMIC, SERIAL)

@@ -1,0 +1,159 @@
+"""MXFP4 through the weights-as-A kernel ("wa", :mod:`tensorslim.kernels.triton.wa_fp4`).
+
+The GPU decodes code pairs with inline PTX the interpreter cannot run, so (1) the PTX strings themselves are executed
+here by a small emulator of the five instructions they use, on every code at every position, against the E2M1 table
+times the block scale, with the packed multiply done in the target dtype; (2) the kernel's plain-Triton form runs
+under the interpreter against ``x @ decode()^T`` in fp32 (poisoned outputs, split-K both ways). The GPU form is
+checked at run time by ``dispatch_ext.mx_wa_verified`` and by ``bench/kernels.py --new-formats``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from tensorslim.formats import parse_format
+from tensorslim.formats.floatcodec import decode_e2m1
+from tensorslim.formats.mx import quantize_mx
+from tensorslim.kernels import dispatch_ext
+from tensorslim.kernels.layout_ext import MX_WA_EXP, mx_wa_layout, mx_wa_reason
+from tensorslim.kernels.reference import reference_fp32, relative_error
+
+TOL = 1e-3
+
+
+def run_ptx(src: str, word: np.ndarray) -> np.ndarray:
+    """Execute one of wa_fp4's inline-PTX strings (``$1`` = ``word``, uint32) and return ``$0``."""
+    regs = {"$1": word.astype(np.uint32)}
+
+    def val(tok: str) -> np.ndarray:
+        tok = tok.strip()
+        return regs[tok] if tok in regs else np.uint32(int(tok, 0))
+
+    for ins in [i.strip() for i in src.strip("{} ").split(";") if i.strip()]:
+        op, args = ins.split(None, 1)
+        a = [t.strip() for t in args.split(",")]
+        if op == ".reg":
+            continue
+        if op == "shl.b32":
+            regs[a[0]] = (val(a[1]).astype(np.uint64) << int(a[2])).astype(np.uint32)
+        elif op == "shr.u32":
+            regs[a[0]] = val(a[1]) >> np.uint32(int(a[2]))
+        elif op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op == "and.b32":
+            regs[a[0]] = val(a[1]) & val(a[2])
+        elif op == "lop3.b32":
+            x, y, z, lut = val(a[1]), val(a[2]), val(a[3]), int(a[4], 0)
+            out = np.zeros_like(x)
+            for i in range(8):  # bit i of the LUT is f(x, y, z) for x = i & 4, y = i & 2, z = i & 1 (0xF0/0xCC/0xAA)
+                if lut >> i & 1:
+                    mx = x if i & 4 else ~x
+                    my = y if i & 2 else ~y
+                    mz = z if i & 1 else ~z
+                    out |= mx & my & mz
+            regs[a[0]] = out
+        else:
+            raise AssertionError(f"unknown instruction {op!r} in {src!r}")
+    return regs["$0"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ptx_decode_is_exact_for_every_code_position_and_exponent(dtype):
+    from tensorslim.kernels.triton import wa_fp4
+
+    strings = [getattr(wa_fp4, f"_{'BF16' if dtype == torch.bfloat16 else 'FP16'}_{u}").value for u in range(4)]
+    assert all(re.search(r"lop3\.b32 \$0", s) for s in strings)
+    lo_e, hi_e = MX_WA_EXP[dtype]
+    codes = np.arange(256)  # every (low, high) pair of codes, the other six nibbles of the word random
+    rng = np.random.default_rng(0)
+    for u in range(4):
+        other = rng.integers(0, 2**32, size=codes.size, dtype=np.uint64).astype(np.uint32)
+        mask = np.uint32((0xF << (4 * u)) | (0xF << (4 * u + 16)))
+        word = (other & ~mask) | ((codes & 15).astype(np.uint32) << (4 * u)) \
+            | ((codes >> 4).astype(np.uint32) << (4 * u + 16))
+        pair = run_ptx(strings[u], word)
+        halves = torch.from_numpy(np.stack([pair & 0xFFFF, pair >> 16], 1).astype(np.int32)).to(torch.int16)
+        tile = halves.view(dtype)  # [256, 2]: element times 2^-126 (bf16) / 2^-14 (fp16)
+        expect = decode_e2m1(torch.from_numpy(np.stack([codes & 15, codes >> 4], 1)))
+        for e in (lo_e, 127, hi_e, (lo_e + hi_e) // 2):
+            mult = torch.tensor(2.0 ** (e - 1 if dtype == torch.bfloat16 else e - 113)).to(dtype)
+            assert float(mult) == 2.0 ** (e - 1 if dtype == torch.bfloat16 else e - 113)  # exact multiplier
+            got = (tile * mult).double()  # the packed multiply, in the tile's dtype
+            assert torch.equal(got, expect.double() * 2.0 ** (e - 127)), (u, e)
+            normal = got[got != 0].abs().min() >= (2.0 ** -126 if dtype == torch.bfloat16 else 2.0 ** -24)
+            assert normal
+
+
+def weight(n: int, k: int, gen, block: int = 32, scale: float = 0.02):
+    w = torch.randn(n, k, generator=gen) * scale
+    w[1, :block] = 0  # an all-zero block (E8M0 code 0 in the format; the layout gives it a harmless exponent)
+    w[::5, 7] *= 40.0  # outliers: the rest of those blocks become small or zero codes
+    return quantize_mx(w, parse_format("mxfp4" if block == 32 else f"mxfp4:b{block}"))
+
+
+def test_layout_exponent_range_and_reasons(gen):
+    cw = weight(48, 512, gen)
+    wl = mx_wa_layout(cw)
+    assert mx_wa_reason(cw) is None and wl.j == 32 and wl.q.shape == (48, 64) and wl.e8.shape == (48, 16)
+    assert int(cw.scales[1, 0]) == 0 and int(wl.e8[1, 0]) == 127  # the dead block
+    assert wl.dtype_ok(torch.bfloat16) and wl.dtype_ok(torch.float16)
+    tiny = mx_wa_layout(weight(48, 512, gen, scale=1e-9))  # exponents near 2^-32: fine for bf16, not fp16
+    assert tiny.dtype_ok(torch.bfloat16) and not tiny.dtype_ok(torch.float16)
+    big = mx_wa_layout(weight(48, 512, gen, scale=50.0))  # block scales above 2: neither
+    assert not big.dtype_ok(torch.bfloat16) and not big.dtype_ok(torch.float32)
+    assert mx_wa_layout(weight(16, 512, gen, block=64)).j == 64
+    assert "256 or 512" in mx_wa_reason(weight(8, 96, gen))
+    nv = parse_format("nvfp4")
+    from tensorslim.formats.mx import quantize_nvfp4
+
+    assert "MXFP4" in mx_wa_reason(quantize_nvfp4(torch.randn(8, 256, generator=gen), nv))
+    # candidates follow the exponent range: "wa" for bf16 only on the tiny weight
+    tw = weight(48, 512, gen, scale=1e-9)
+    lay = dispatch_ext.layout(tw)
+    assert dispatch_ext.candidates(tw, lay, 1, torch.bfloat16)[0][0] == "wa"
+    assert all(c[0] != "wa" for c in dispatch_ext.candidates(tw, lay, 1, torch.float16))
+
+
+@pytest.fixture(scope="module")
+def ops_ext(ops):
+    from tensorslim.kernels import ops_ext as mod
+
+    return mod
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_wa_fp4_kernel_matches_reference(ops_ext, gen, block):
+    """Plain-Triton form under the interpreter (fp16 activations: its bf16 ``tl.dot`` is unreliable)."""
+    from tensorslim.kernels import ops
+
+    n, k = 48, 1024
+    cw = weight(n, k, gen, block)
+    wl = dispatch_ext.mx_wa(cw)
+    for m, config in [(1, (8, 64, 1, 4, 3)), (3, (16, 32, 2, 2, 3)), (16, (16, 64, 3, 4, 2))]:
+        config = config[:2] + (min(config[2], k // (8 * wl.j)),) + config[3:]  # 4 blocks (32), 2 (64)
+        x = torch.randn(m, k, generator=gen).to(torch.float16)
+        ref = reference_fp32(cw, x)
+        out = torch.zeros(m, n) if config[2] > 1 else torch.full((m, n), float("nan"))
+        ops_ext.launch_mx_wa(x, wl.q, wl.e8, wl.meta(), list(config), out)  # atomic split-K into zeros
+        assert relative_error(out, ref) <= TOL, (m, config, gen.seed_)
+        y = ops_ext.mx_wa_mm(x, wl.q, wl.e8, wl.meta(), list(config), torch.float16)  # serial split-K, fp16 out
+        assert y.dtype == torch.float16 and relative_error(y.float(), ref) <= 4e-3, (m, config, gen.seed_)
+        ws, cnt = ops.split_scratch(x.device, m, n, 1)
+        assert not ws.any() and not cnt.any()  # the workspace is left zeroed
+
+
+def test_dispatch_runs_wa_first_and_op_registration(ops_ext, gen):
+    cw = weight(40, 512, gen)
+    x = torch.randn(2, 3, 512, generator=gen).to(torch.float16)
+    bias = torch.randn(40, generator=gen)
+    assert dispatch_ext.candidates(cw, dispatch_ext.layout(cw), 8, torch.float16)[0][0] == "wa"
+    y = dispatch_ext.ext_linear(cw, x, bias, out_dtype=torch.float32)
+    assert y.shape == (2, 3, 40)
+    assert relative_error(y, reference_fp32(cw, x, bias)) <= TOL, gen.seed_
+    wl = dispatch_ext.mx_wa(cw)
+    args = (x[0], wl.q, wl.e8, wl.meta(), [8, 64, 1, 4, 3], torch.float16)
+    torch.library.opcheck(ops_ext.mx_wa_mm, args, test_utils=("test_schema", "test_faketensor"))
