@@ -25,9 +25,21 @@ from tensorslim.kernels.reference import reference_fp32, relative_error
 TOL = 1e-3
 
 
-def run_ptx(src: str, word: np.ndarray) -> np.ndarray:
-    """Execute one of wa_fp4's inline-PTX strings (``$1`` = ``word``, uint32) and return ``$0``."""
-    regs = {"$1": word.astype(np.uint32)}
+def _halves(r: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """uint32 registers -> their two 16-bit halves ``[n, 2]`` as ``dtype`` values (low half first)."""
+    h = np.stack([r & 0xFFFF, r >> 16], 1).astype(np.int32)
+    return torch.from_numpy(np.where(h >= 1 << 15, h - (1 << 16), h)).to(torch.int16).view(dtype)
+
+
+def _pack(t: torch.Tensor) -> np.ndarray:
+    h = t.contiguous().view(torch.int16).numpy().astype(np.int64) & 0xFFFF
+    return (h[:, 0] | (h[:, 1] << 16)).astype(np.uint32)
+
+
+def run_ptx(src: str, word: np.ndarray, mult: np.ndarray) -> np.ndarray:
+    """Execute one of wa_fp4's inline-PTX strings (``$1`` = ``word``, ``$3`` = the multiplier pair, uint32) and
+    return ``$0``. Packed multiplies round the exact product to the nearest (``.rn``)."""
+    regs = {"$1": word.astype(np.uint32), "$3": mult.astype(np.uint32)}
 
     def val(tok: str) -> np.ndarray:
         tok = tok.strip()
@@ -46,6 +58,9 @@ def run_ptx(src: str, word: np.ndarray) -> np.ndarray:
             regs[a[0]] = val(a[1])
         elif op == "and.b32":
             regs[a[0]] = val(a[1]) & val(a[2])
+        elif op in ("mul.rn.bf16x2", "mul.rn.f16x2"):
+            dt = torch.bfloat16 if "bf16" in op else torch.float16
+            regs[a[0]] = _pack((_halves(val(a[1]), dt).double() * _halves(val(a[2]), dt).double()).to(dt))
         elif op == "lop3.b32":
             x, y, z, lut = val(a[1]), val(a[2]), val(a[3]), int(a[4], 0)
             out = np.zeros_like(x)
@@ -66,7 +81,7 @@ def test_ptx_decode_is_exact_for_every_code_position_and_exponent(dtype):
     from tensorslim.kernels.triton import wa_fp4
 
     strings = [getattr(wa_fp4, f"_{'BF16' if dtype == torch.bfloat16 else 'FP16'}_{u}").value for u in range(4)]
-    assert all(re.search(r"lop3\.b32 \$0", s) for s in strings)
+    assert all(re.search(r"mul\.rn\.b?f16x2 \$0, m, \$3", s) for s in strings)
     lo_e, hi_e = MX_WA_EXP[dtype]
     codes = np.arange(256)  # every (low, high) pair of codes, the other six nibbles of the word random
     rng = np.random.default_rng(0)
@@ -75,14 +90,13 @@ def test_ptx_decode_is_exact_for_every_code_position_and_exponent(dtype):
         mask = np.uint32((0xF << (4 * u)) | (0xF << (4 * u + 16)))
         word = (other & ~mask) | ((codes & 15).astype(np.uint32) << (4 * u)) \
             | ((codes >> 4).astype(np.uint32) << (4 * u + 16))
-        pair = run_ptx(strings[u], word)
-        halves = torch.from_numpy(np.stack([pair & 0xFFFF, pair >> 16], 1).astype(np.int32)).to(torch.int16)
-        tile = halves.view(dtype)  # [256, 2]: element times 2^-126 (bf16) / 2^-14 (fp16)
         expect = decode_e2m1(torch.from_numpy(np.stack([codes & 15, codes >> 4], 1)))
         for e in (lo_e, 127, hi_e, (lo_e + hi_e) // 2):
-            mult = torch.tensor(2.0 ** (e - 1 if dtype == torch.bfloat16 else e - 113)).to(dtype)
-            assert float(mult) == 2.0 ** (e - 1 if dtype == torch.bfloat16 else e - 113)  # exact multiplier
-            got = (tile * mult).double()  # the packed multiply, in the tile's dtype
+            m = 2.0 ** (e - 1 if dtype == torch.bfloat16 else e - 113)  # what the kernel builds from e's bits
+            bits = (e + 126) << 7 if dtype == torch.bfloat16 else (e - 98) << 10  # the kernel's bit build
+            assert float(torch.tensor([bits], dtype=torch.int16).view(dtype)) == m
+            pair = run_ptx(strings[u], word, _pack(torch.full((codes.size, 2), m).to(dtype)))
+            got = _halves(pair, dtype).double()
             assert torch.equal(got, expect.double() * 2.0 ** (e - 127)), (u, e)
             normal = got[got != 0].abs().min() >= (2.0 ** -126 if dtype == torch.bfloat16 else 2.0 ** -24)
             assert normal

@@ -27,44 +27,50 @@ import triton.language as tl
 from .float_mm import elem_fp16
 from .wa import write_tile
 
-# per code position u (pair at bits 4u, 4u + 16): magnitude bits -> 6..8 (bf16) / 9..11 (fp16), sign bit -> 15
+# per code position u (pair at bits 4u, 4u + 16): magnitude bits -> 6..8 (bf16) / 9..11 (fp16), sign bit -> 15, then
+# times the block's multiplier pair ($3): as a packed multiply in the asm (Triton 3.6 emits two scalar bf16 multiplies)
 _BF16 = [tl.constexpr(
     "{ .reg .b32 m, s; " + (f"shl.b32 m, $1, {6 - 4 * u}; " if u < 2 else f"shr.u32 m, $1, {4 * u - 6}; ")
     + (f"shl.b32 s, $1, {12 - 4 * u}; " if u < 3 else "mov.b32 s, $1; ")
-    + "and.b32 m, m, 0x01C001C0; lop3.b32 $0, m, s, 0x80008000, 0xF8; }") for u in range(4)]
+    + "and.b32 m, m, 0x01C001C0; lop3.b32 m, m, s, 0x80008000, 0xF8; mul.rn.bf16x2 $0, m, $3; }") for u in range(4)]
 _FP16 = [tl.constexpr(
     "{ .reg .b32 m, s; " + (f"shl.b32 m, $1, {9 - 4 * u}; " if u < 3 else "shr.u32 m, $1, 3; ")
     + (f"shl.b32 s, $1, {12 - 4 * u}; " if u < 3 else "mov.b32 s, $1; ")
-    + "and.b32 m, m, 0x0E000E00; lop3.b32 $0, m, s, 0x80008000, 0xF8; }") for u in range(4)]
+    + "and.b32 m, m, 0x0E000E00; lop3.b32 m, m, s, 0x80008000, 0xF8; mul.rn.f16x2 $0, m, $3; }") for u in range(4)]
 _BF16_0, _BF16_1, _BF16_2, _BF16_3 = _BF16
 _FP16_0, _FP16_1, _FP16_2, _FP16_3 = _FP16
 
 
 @triton.jit
-def _asm(v2, s: tl.constexpr, DT: tl.constexpr):
-    return tl.inline_asm_elementwise(s, "=r,r,r", [v2], dtype=DT, is_pure=True, pack=2)
-
-
-@triton.jit
-def _asm_pairs(v2, u: tl.constexpr, DT: tl.constexpr):
+def _asm_pairs(v2, mb, u: tl.constexpr, DT: tl.constexpr):
+    """One packed code pair a 32-bit register, times the multiplier pair ``mb`` -> the pair of elements times their
+    block scale."""
     if DT == tl.bfloat16:
         if u == 0:
-            return _asm(v2, _BF16_0, DT)
+            return tl.inline_asm_elementwise(_BF16_0, "=r,r,r,r", [v2, mb], dtype=tl.bfloat16,
+                                             is_pure=True, pack=2)
         elif u == 1:
-            return _asm(v2, _BF16_1, DT)
+            return tl.inline_asm_elementwise(_BF16_1, "=r,r,r,r", [v2, mb], dtype=tl.bfloat16,
+                                             is_pure=True, pack=2)
         elif u == 2:
-            return _asm(v2, _BF16_2, DT)
+            return tl.inline_asm_elementwise(_BF16_2, "=r,r,r,r", [v2, mb], dtype=tl.bfloat16,
+                                             is_pure=True, pack=2)
         else:
-            return _asm(v2, _BF16_3, DT)
+            return tl.inline_asm_elementwise(_BF16_3, "=r,r,r,r", [v2, mb], dtype=tl.bfloat16,
+                                             is_pure=True, pack=2)
     else:
         if u == 0:
-            return _asm(v2, _FP16_0, DT)
+            return tl.inline_asm_elementwise(_FP16_0, "=r,r,r,r", [v2, mb], dtype=tl.float16,
+                                             is_pure=True, pack=2)
         elif u == 1:
-            return _asm(v2, _FP16_1, DT)
+            return tl.inline_asm_elementwise(_FP16_1, "=r,r,r,r", [v2, mb], dtype=tl.float16,
+                                             is_pure=True, pack=2)
         elif u == 2:
-            return _asm(v2, _FP16_2, DT)
+            return tl.inline_asm_elementwise(_FP16_2, "=r,r,r,r", [v2, mb], dtype=tl.float16,
+                                             is_pure=True, pack=2)
         else:
-            return _asm(v2, _FP16_3, DT)
+            return tl.inline_asm_elementwise(_FP16_3, "=r,r,r,r", [v2, mb], dtype=tl.float16,
+                                             is_pure=True, pack=2)
 
 
 @triton.jit
@@ -78,7 +84,7 @@ def fp4_tile(w, e, u: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr, BN:
             mult = ((e + 126) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 2^(e - 1)
         else:
             mult = ((e - 98) << 10).to(tl.int16).to(tl.float16, bitcast=True)  # 2^(e - 113)
-        return _asm_pairs(v2, u, DT) * mult[:, None]
+        return _asm_pairs(v2, tl.broadcast_to(mult[:, None], (BN, J)), u, DT)
     h = tl.arange(0, J) % 2
     code = (v2 >> (4 * u + 16 * h)[None, :]) & 0xF
     scale = (e << 23).to(tl.float32, bitcast=True)  # 2^(e - 127) for e >= 1 (the layout guarantees e >= 2)
