@@ -6,10 +6,10 @@ device) by timing the candidates in CUDA-graph replays (:func:`.dispatch.time_gr
 - float formats: "gemv" (1-16 rows), "gemm" (tensor cores, >= 2 rows), "reference" (>= 64 rows: decode to the
   activation dtype, then cuBLAS; rounds the weights to bf16 as a bf16 model would);
 - BCQ: "lut" (LUT-GEMM, 1-16 rows), "gemm" (sign planes on tensor cores, any rows), "reference" (>= 64 rows);
-- MXFP4 also "wa" (any rows; :mod:`.triton.wa_fp4`: the codes in int4's weights-as-A repack, decoded by bit tricks
-  in registers straight into the tensor cores' A operand), where the block scales' exponent range suits the
-  activation dtype (:attr:`.layout_ext.MX_WA_EXP`) and its inline-PTX decode passed a self-check on this device
-  (:func:`mx_wa_verified`); its repack is memoized beside the float layout (:func:`mx_wa`);
+- MXFP4 and NVFP4 also "wa" (any rows; :mod:`.triton.wa_fp4`: the codes in int4's weights-as-A repack, decoded by
+  bit tricks in registers straight into the tensor cores' A operand), where (MX) the block scales' exponent range
+  suits the activation dtype (:attr:`.layout_ext.MX_WA_EXP`) and its inline-PTX decode passed a self-check on this device
+  (:func:`fp4_wa_verified`); its repack is memoized beside the float layout (:func:`fp4_wa`);
 - 2:4 + int4: "gemv" (1-16 rows), "gemm" (any rows >= 2), "reference" (>= 64 rows), and "dense" (any rows): the
   same weight as dense int4 (each pruned position holds its group's zero point, so it decodes to exactly 0), run by
   the integer dispatcher ("wa" where it fits). The sparse kernels read ~3.1 bits a weight but were slower than bf16 on
@@ -34,16 +34,16 @@ import torch
 
 from ..formats.base import CompressedWeight
 from .dispatch import Choice, _pow2, _splits, time_graph, wa_candidates
-from .layout_ext import (BCQKernelLayout, FloatKernelLayout, MXWALayout, Sparse24KernelLayout, ext_layout,
-                         ext_layout_reason, mx_wa_layout, mx_wa_reason)
+from .layout_ext import (BCQKernelLayout, FloatKernelLayout, FP4WALayout, Sparse24KernelLayout, ext_layout,
+                         ext_layout_reason, fp4_wa_layout, fp4_wa_reason)
 from .reference import reference_linear
 
 log = logging.getLogger(__name__)
 
 _LAYOUTS: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
 _DENSE: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
-_MXWA: "weakref.WeakKeyDictionary[CompressedWeight, MXWALayout]" = weakref.WeakKeyDictionary()
-_MXWA_CHECKED: dict[tuple, bool] = {}
+_FP4WA: "weakref.WeakKeyDictionary[CompressedWeight, FP4WALayout]" = weakref.WeakKeyDictionary()
+_FP4WA_CHECKED: dict[tuple, bool] = {}
 _TUNED: dict[tuple, Choice] = {}
 
 
@@ -103,54 +103,58 @@ def dense_layout(cw: CompressedWeight):
     return _DENSE[cw]
 
 
-def mx_wa(cw: CompressedWeight) -> MXWALayout:
+def fp4_wa(cw: CompressedWeight) -> FP4WALayout:
     """The weights-as-A repack of an MXFP4 weight (memoized per weight)."""
-    wl = _MXWA.get(cw)
+    wl = _FP4WA.get(cw)
     if wl is None:
-        wl = mx_wa_layout(cw)
-        _MXWA[cw] = wl
+        wl = fp4_wa_layout(cw)
+        _FP4WA[cw] = wl
     return wl
 
 
-def mx_wa_ok(cw: CompressedWeight, dtype: torch.dtype, device: torch.device | None = None) -> bool:
-    """May "wa" run this MXFP4 weight with ``dtype`` activations (on ``device``: its self-check passed, or, inside a
-    CUDA-graph capture where the check cannot run, had passed)?"""
-    if mx_wa_reason(cw) is not None or not mx_wa(cw).dtype_ok(dtype):
+def fp4_wa_ok(cw: CompressedWeight, dtype: torch.dtype, device: torch.device | None = None) -> bool:
+    """May "wa" run this MXFP4 / NVFP4 weight with ``dtype`` activations (on ``device``: its self-check passed, or,
+    inside a CUDA-graph capture where the check cannot run, had passed)?"""
+    if fp4_wa_reason(cw) is not None or not fp4_wa(cw).dtype_ok(dtype):
         return False
     if device is None or device.type != "cuda":
         return True
+    nv = fp4_wa(cw).nv
     if torch.cuda.is_current_stream_capturing():
-        return _MXWA_CHECKED.get((str(device), dtype), False)
-    return mx_wa_verified(device, dtype)
+        return _FP4WA_CHECKED.get((str(device), dtype, nv), False)
+    return fp4_wa_verified(device, dtype, nv)
 
 
-def mx_wa_verified(device: torch.device, dtype: torch.dtype) -> bool:
-    """Once per (device, dtype): does MXFP4 "wa" (inline PTX the CPU tests cannot run) match ``x @ decode()^T`` in
-    fp32 on a small problem with a poisoned output, split-K and bf16 output included? If not it is never picked."""
-    key = (str(device), dtype)
-    ok = _MXWA_CHECKED.get(key)
+def fp4_wa_verified(device: torch.device, dtype: torch.dtype, nv: bool = False) -> bool:
+    """Once per (device, dtype, MX or NVFP4): does "wa" (inline PTX the CPU tests cannot run) match ``x @ decode()^T``
+    in fp32 on a small problem with a poisoned output, split-K and 16-bit output included? If not it is never
+    picked."""
+    key = (str(device), dtype, nv)
+    ok = _FP4WA_CHECKED.get(key)
     if ok is None:
-        from ..formats.mx import MXFP, quantize_mx
+        from ..formats.mx import MXFP, NVFP4, quantize_mx, quantize_nvfp4
         from .reference import reference_fp32, relative_error
 
         g = torch.Generator(device=device).manual_seed(0)
-        w = quantize_mx(torch.randn(96, 1024, device=device, generator=g) * 0.02, MXFP(element="e2m1"))
-        wl = mx_wa(w)
+        w0 = torch.randn(96, 1024, device=device, generator=g) * 0.02
+        w = quantize_nvfp4(w0, NVFP4()) if nv else quantize_mx(w0, MXFP(element="e2m1"))
+        wl = fp4_wa(w)
         x = torch.randn(5, 1024, device=device, generator=g).to(dtype)
         ref = reference_fp32(w, x)
         err = float("inf")
         try:
             ops = _ops()
             out = torch.full((5, 96), float("nan"), device=device)
-            ops.launch_mx_wa(x, wl.q, wl.e8, wl.meta(), [16, 64, 1, 4, 3], out)
-            y = ops.mx_wa_mm(x, wl.q, wl.e8, wl.meta(), [8, 64, 2, 4, 3], dtype)
+            ops.launch_fp4_wa(x, wl.q, wl.sc, wl.meta(), wl.post, [16, 64, 1, 4, 3], out)
+            y = ops.fp4_wa_mm(x, wl.q, wl.sc, wl.meta(), wl.post, [8, 64, 2, 4, 3], dtype)
             err = max(relative_error(out, ref), relative_error(y.float(), ref) / 4)
         except Exception as e:  # compiler or launch failure
-            log.warning("mxfp4 wa kernel unavailable on %s: %s", device, e)
+            log.warning("%s wa kernel unavailable on %s: %s", "nvfp4" if nv else "mxfp4", device, e)
         ok = err <= 1e-3
         if not ok:
-            log.warning("mxfp4 wa kernel failed its self-check on %s (%s, rel err %.2e); not used", device, dtype, err)
-        _MXWA_CHECKED[key] = ok
+            log.warning("%s wa kernel failed its self-check on %s (%s, rel err %.2e); not used",
+                        "nvfp4" if nv else "mxfp4", device, dtype, err)
+        _FP4WA_CHECKED[key] = ok
     return ok
 
 
@@ -166,8 +170,8 @@ def candidates(cw: CompressedWeight, lay, m: int, dtype: torch.dtype, sms: int =
 
     n, k = lay.n, lay.k
     out: list[Choice] = []
-    if isinstance(lay, FloatKernelLayout) and mx_wa_ok(cw, dtype, device):
-        wl = mx_wa(cw)
+    if isinstance(lay, FloatKernelLayout) and fp4_wa_ok(cw, dtype, device):
+        wl = fp4_wa(cw)
         out += [("wa", c[:5]) for c in wa_candidates(n, k, 4, wl.j, m, sms) if not c[5]]
     bm = min(max(16, _pow2(m)), 128)
     if isinstance(lay, FloatKernelLayout):
@@ -214,8 +218,8 @@ def run_choice(choice: Choice, cw: CompressedWeight, lay, x2d: torch.Tensor, out
     ops = _ops()
     assert ops is not None
     if path == "wa":
-        wl = mx_wa(cw)
-        return ops.mx_wa_mm(x2d, wl.q, wl.e8, wl.meta(), list(config), out_dtype)
+        wl = fp4_wa(cw)
+        return ops.fp4_wa_mm(x2d, wl.q, wl.sc, wl.meta(), wl.post, list(config), out_dtype)
     cfg = list(config)
     if isinstance(lay, FloatKernelLayout):
         return ops.float_mm(x2d, lay.q, lay.scales, lay.global_scale, lay.meta(), path, cfg, out_dtype)
@@ -244,7 +248,7 @@ def tuned_choice(cw: CompressedWeight, lay, x2d: torch.Tensor) -> Choice:
     bucket = _pow2(x2d.shape[0])
     if x2d.device.type != "cuda":  # the interpreter: no timing, first candidate
         return candidates(cw, lay, bucket, x2d.dtype)[0]
-    key = lay.key() + (bucket, x2d.dtype, x2d.device, mx_wa_ok(cw, x2d.dtype, x2d.device))
+    key = lay.key() + (bucket, x2d.dtype, x2d.device, fp4_wa_ok(cw, x2d.dtype, x2d.device))
     hit = _TUNED.get(key)
     if hit is None:
         if torch.cuda.is_current_stream_capturing():

@@ -10,7 +10,7 @@ the outputs, so a ``[BK/P, BN]`` tile is one coalesced load.
 - :class:`BCQKernelLayout` (``BCQWeight``): each sign plane ``[out, in/8]`` bytes viewed as int32 (bit ``b`` of word
   ``j`` = input ``32j + b``) and transposed: ``planes [q, K/32, N]``; alphas ``[q, n_groups, N]``, offsets
   ``[n_groups, N]`` (stored dtype).
-- :class:`MXWALayout` (``MXFPWeight`` with E2M1 elements): int4's weights-as-A repack of the codes and the E8M0
+- :class:`FP4WALayout` (``MXFPWeight`` with E2M1 elements): int4's weights-as-A repack of the codes and the E8M0
   exponents ``[N, n_blocks]`` for :mod:`.triton.wa_fp4` (blocks whose codes are all zero get a harmless exponent).
 - :class:`Sparse24KernelLayout` (``SparseWeight`` 2:4 with an inner int4 ``IntGroup``): the inner weight's integer
   layout (compact ``[K/2]`` codes: :func:`.layout.int_layout`) plus 2-bit position metadata: for every run of 4
@@ -189,33 +189,42 @@ MX_WA_EXP = {torch.bfloat16: (2, 128), torch.float16: (104, 128)}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class MXWALayout:
+class FP4WALayout:
     n: int
     k: int
     j: int  # words a row per block of 8 j inputs
-    group: int  # the MX block (a multiple of j)
+    group: int  # the scale block: MX a multiple of j; NVFP4 16 (two blocks a code position of j = 32)
     q: torch.Tensor  # int32 [n, k/8]: wa_pack4 of the E2M1 codes
-    e8: torch.Tensor  # uint8 [n, k/group] E8M0 exponents
-    exp_range: tuple[int, int]  # min and max exponent over the blocks with a nonzero code
+    sc: torch.Tensor  # uint8 [n, k/group]: E8M0 exponents (MX) or E4M3 scale bits (NVFP4)
+    nv: bool = False  # NVFP4 (E4M3 block scales, per-tensor 1/g as ``post``)
+    post: float = 1.0  # NVFP4: 1/g in fp32, applied to the fp32 accumulator
+    exp_range: tuple[int, int] = (127, 127)  # MX: min and max exponent over the blocks with a nonzero code
 
     def dtype_ok(self, dtype: torch.dtype) -> bool:
+        if self.nv:  # exact for every E4M3 scale in both dtypes (see triton.wa_fp4.nv_tile)
+            return dtype in (torch.bfloat16, torch.float16)
         lo, hi = MX_WA_EXP.get(dtype, (1, 0))
         return lo <= self.exp_range[0] and self.exp_range[1] <= hi
 
     def meta(self) -> list[int]:
-        return [self.k, self.group, self.j]
+        return [self.k, self.group, self.j, int(self.nv)]
 
     def key(self) -> tuple:
-        return ("mxwa", self.n, self.k, self.group, self.j)
+        return ("fp4wa", self.nv, self.n, self.k, self.group, self.j)
 
 
-def mx_wa_reason(cw: CompressedWeight) -> str | None:
-    """``None`` if :func:`mx_wa_layout` can repack ``cw`` (an MXFP4 weight whose block fits the "wa" blocks)."""
-    from ..formats.mx import MXFPWeight
+def fp4_wa_reason(cw: CompressedWeight) -> str | None:
+    """``None`` if :func:`fp4_wa_layout` can repack ``cw`` (MXFP4 whose block fits the "wa" blocks, or NVFP4 with
+    ``in_features`` a multiple of 256)."""
+    from ..formats.mx import MXFPWeight, NVFP4Weight
 
-    if not (isinstance(cw, MXFPWeight) and cw.format.element == "e2m1"):
-        return f"{type(cw).__name__}: the weights-as-A float kernel takes MXFP4 (E2M1) only"
     out, inp = cw.shape
+    if isinstance(cw, NVFP4Weight):
+        if cw.format.block_size != 16 or inp % 256:
+            return f"nvfp4: in_features {inp} / block {cw.format.block_size} do not fit blocks of 256 inputs"
+        return None
+    if not (isinstance(cw, MXFPWeight) and cw.format.element == "e2m1"):
+        return f"{type(cw).__name__}: the weights-as-A float kernel takes MXFP4 (E2M1) and NVFP4 only"
     g = cw.format.block_size
     j = wa_block_words(inp, g)
     if j is None or j < 32:
@@ -223,16 +232,21 @@ def mx_wa_reason(cw: CompressedWeight) -> str | None:
     return None
 
 
-def mx_wa_layout(cw: CompressedWeight) -> MXWALayout:
+def fp4_wa_layout(cw: CompressedWeight) -> FP4WALayout:
+    from ..formats.mx import NVFP4Weight
     from ..formats.packing import unpack_codes
 
-    assert mx_wa_reason(cw) is None, mx_wa_reason(cw)
+    assert fp4_wa_reason(cw) is None, fp4_wa_reason(cw)
     out, inp = cw.shape
     g = cw.format.block_size
-    j = wa_block_words(inp, g)
     codes = unpack_codes(cw.codes, 4, inp)  # [out, inp] E2M1 codes
+    if isinstance(cw, NVFP4Weight):
+        post = float((1.0 / cw.global_scale.float().cpu())[0])  # fp32 1/g, as decode's s_b / g divides
+        return FP4WALayout(n=out, k=inp, j=32, group=g, q=wa_pack4(codes, 32),
+                           sc=cw.scales.view(torch.uint8).contiguous(), nv=True, post=post)
+    j = wa_block_words(inp, g)
     live = (codes & 7).reshape(out, inp // g, g).any(-1)  # blocks with a nonzero element
     e8 = torch.where(live, cw.scales.view(torch.uint8), torch.full_like(cw.scales.view(torch.uint8), 127))
     ev = e8[live].int()
     rng = (int(ev.min()), int(ev.max())) if ev.numel() else (127, 127)
-    return MXWALayout(n=out, k=inp, j=j, group=g, q=wa_pack4(codes, j), e8=e8.contiguous(), exp_range=rng)
+    return FP4WALayout(n=out, k=inp, j=j, group=g, q=wa_pack4(codes, j), sc=e8.contiguous(), exp_range=rng)

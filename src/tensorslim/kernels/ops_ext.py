@@ -5,8 +5,8 @@ into a zeroed fp32 buffer with atomics. ``launch_*`` write into a caller's buffe
 
 - ``tensorslim::float_mm(x, q, scales, global_scale?, meta=[k, elem, scale_mode, group], path, config, out_dtype)``,
   path "gemv" | "gemm";
-- ``tensorslim::mx_wa_mm(x, q, e8, meta=[k, group, j], config=[BM, BN, SPLIT_K, num_warps, num_stages], out_dtype)``:
-  MXFP4 through the weights-as-A kernel (:mod:`.triton.wa_fp4`, layout :func:`.layout_ext.mx_wa_layout`); split-K
+- ``tensorslim::fp4_wa_mm(x, q, sc, meta=[k, group, j, nv], post, config=[BM, BN, SPLIT_K, num_warps, num_stages],
+  out_dtype)``: MXFP4 (``nv = 0``) and NVFP4 (``nv = 1``, ``post = 1/g``) through the weights-as-A kernel (:mod:`.triton.wa_fp4`, layout :func:`.layout_ext.fp4_wa_layout`); split-K
   reduces serially in :func:`.ops.split_scratch`'s workspace like ``wa_mm``;
 - ``tensorslim::bcq_mm(x, planes, alphas, offsets, meta=[k, q, group], path, config, out_dtype)``, path "lut" |
   "gemm";
@@ -171,34 +171,37 @@ def _sparse24_mm_fake(x, qa, idx, scales, zeros, meta, path, config, out_dtype):
     return x.new_empty((x.shape[0], qa.shape[1]), dtype=out_dtype)
 
 
-def launch_mx_wa(x: Tensor, q: Tensor, e8: Tensor, meta: list[int], config: list[int], out: Tensor,
-                 scratch: tuple[Tensor, Tensor] | None = None) -> None:
-    """MXFP4 "wa" into ``out [M, N]`` (fp32 and zeroed when ``SPLIT_K > 1`` without ``scratch``; with it, split-K
-    reduces serially in that zeroed workspace and ``out`` may be of any dtype and content, as :func:`.ops.launch_wa`).
-    The caller checks that the layout's exponents suit ``x``'s dtype (:meth:`.layout_ext.MXWALayout.dtype_ok`)."""
-    k, group, j = meta
+def launch_fp4_wa(x: Tensor, q: Tensor, sc: Tensor, meta: list[int], post: float, config: list[int], out: Tensor,
+                  scratch: tuple[Tensor, Tensor] | None = None) -> None:
+    """MXFP4 / NVFP4 "wa" into ``out [M, N]`` (fp32 and zeroed when ``SPLIT_K > 1`` without ``scratch``; with it,
+    split-K reduces serially in that zeroed workspace and ``out`` may be of any dtype and content, as
+    :func:`.ops.launch_wa`). MX: the caller checks that the layout's exponents suit ``x``'s dtype
+    (:meth:`.layout_ext.FP4WALayout.dtype_ok`)."""
+    k, group, j, nv = meta
     bm, bn, split_k, num_warps, num_stages = config[:5]
     m, n = x.shape[0], q.shape[0]
-    check_wa_launch(k, group, 4, j, config[:5])
+    assert not nv or (group == 16 and j == 32), (group, j)
+    check_wa_launch(k, max(group, j), 4, j, config[:5])  # NVFP4: two 16-blocks a code position
     assert x.dtype in (torch.bfloat16, torch.float16), x.dtype
     serial = split_k > 1 and scratch is not None
     assert split_k == 1 or serial or out.dtype == torch.float32
     ws, cnt = scratch if serial else (out, out)
     blocks = k // (8 * j)
     wa_fp4_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](
-        x, out, q, e8, ws, cnt, m, n, k // 8, blocks, -(-blocks // split_k), k // group, x.stride(0), out.stride(0),
-        GROUP=group, J=j, BM=bm, BN=bn, USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, SERIAL=serial,
-        num_warps=num_warps, num_stages=num_stages)
+        x, out, q, sc, ws, cnt, m, n, k // 8, blocks, -(-blocks // split_k), k // group, x.stride(0), out.stride(0),
+        float(post), GROUP=group, J=j, BM=bm, BN=bn, USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1,
+        SERIAL=serial, NV=bool(nv), num_warps=num_warps, num_stages=num_stages)
 
 
-@torch.library.custom_op("tensorslim::mx_wa_mm", mutates_args=())
-def mx_wa_mm(x: Tensor, q: Tensor, e8: Tensor, meta: list[int], config: list[int], out_dtype: torch.dtype) -> Tensor:
+@torch.library.custom_op("tensorslim::fp4_wa_mm", mutates_args=())
+def fp4_wa_mm(x: Tensor, q: Tensor, sc: Tensor, meta: list[int], post: float, config: list[int],
+              out_dtype: torch.dtype) -> Tensor:
     m, n = x.shape[0], q.shape[0]
     return _into_new(x, n, config[2], out_dtype,
-                     lambda xc, out, scratch: launch_mx_wa(xc, q, e8, meta, config, out, scratch),
+                     lambda xc, out, scratch: launch_fp4_wa(xc, q, sc, meta, post, config, out, scratch),
                      triton.cdiv(m, config[0]) * triton.cdiv(n, config[1]))
 
 
-@mx_wa_mm.register_fake
-def _mx_wa_mm_fake(x, q, e8, meta, config, out_dtype):
+@fp4_wa_mm.register_fake
+def _fp4_wa_mm_fake(x, q, sc, meta, post, config, out_dtype):
     return x.new_empty((x.shape[0], q.shape[0]), dtype=out_dtype)
