@@ -66,12 +66,12 @@ def check(cw, x, choice) -> float:
         inner = dispatch.tuned_choice(dispatch_ext.dense_layout(cw), x, None)[0]
         scale = 4 if inner == "dequant" else 1  # that path's product comes from cuBLAS in bf16: bound 4e-3
         return max(relative_error(y32, ref) / scale, relative_error(y16.float(), ref) / 4)
-    if path == "wa":  # MXFP4 / NVFP4 weights-as-A: fp32 into a poisoned (or, split-K, zeroed) buffer, and bf16 output
-        wl = dispatch_ext.fp4_wa(cw)
+    if path == "wa":  # MXFP4 / NVFP4 / BCQ weights-as-A: fp32 into a poisoned (or, split-K, zeroed) buffer, and bf16
+        wl = dispatch_ext.wa_ext(cw)
         out = torch.zeros(x.shape[0], lay.n, device=x.device) if config[2] > 1 else \
             torch.full((x.shape[0], lay.n), float("nan"), device=x.device)
-        ops_ext.launch_fp4_wa(x, wl.q, wl.sc, wl.meta(), wl.post, list(config), out)
-        y16 = ops_ext.fp4_wa_mm(x, wl.q, wl.sc, wl.meta(), wl.post, list(config), x.dtype)  # serial split-K
+        dispatch_ext.launch_wa_ext(wl, x, config, out)
+        y16 = dispatch_ext.wa_ext_mm(wl, x, config, x.dtype)  # serial split-K
         return max(relative_error(out, ref), relative_error(y16.float(), ref) / 4)
     out = torch.zeros(x.shape[0], lay.n, device=x.device) if config[3] > 1 else \
         torch.full((x.shape[0], lay.n), float("nan"), device=x.device)

@@ -4,7 +4,7 @@ The GPU decodes code pairs with inline PTX the interpreter cannot run, so (1) th
 here by a small emulator of the five instructions they use, on every code at every position, against the E2M1 table
 times the block scale, with the packed multiply done in the target dtype; (2) the kernel's plain-Triton form runs
 under the interpreter against ``x @ decode()^T`` in fp32 (poisoned outputs, split-K both ways). The GPU form is
-checked at run time by ``dispatch_ext.fp4_wa_verified`` and by ``bench/kernels.py --new-formats``.
+checked at run time by ``dispatch_ext.wa_ext_verified`` and by ``bench/kernels.py --new-formats``.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def test_wa_fp4_kernel_matches_reference(ops_ext, gen, block):
 
     n, k = 48, 1024
     cw = weight(n, k, gen, block)
-    wl = dispatch_ext.fp4_wa(cw)
+    wl = dispatch_ext.wa_ext(cw)
     for m, config in [(1, (8, 64, 1, 4, 3)), (3, (16, 32, 2, 2, 3)), (16, (16, 64, 3, 4, 2))]:
         config = config[:2] + (min(config[2], k // (8 * wl.j)),) + config[3:]  # 4 blocks (32), 2 (64)
         x = torch.randn(m, k, generator=gen).to(torch.float16)
@@ -171,7 +171,7 @@ def test_dispatch_runs_wa_first_and_op_registration(ops_ext, gen):
     y = dispatch_ext.ext_linear(cw, x, bias, out_dtype=torch.float32)
     assert y.shape == (2, 3, 40)
     assert relative_error(y, reference_fp32(cw, x, bias)) <= TOL, gen.seed_
-    wl = dispatch_ext.fp4_wa(cw)
+    wl = dispatch_ext.wa_ext(cw)
     args = (x[0], wl.q, wl.sc, wl.meta(), wl.post, [8, 64, 1, 4, 3], torch.float16)
     torch.library.opcheck(ops_ext.fp4_wa_mm, args, test_utils=("test_schema", "test_faketensor"))
 
@@ -219,7 +219,7 @@ def test_wa_nvfp4_kernel_matches_reference(ops_ext, gen):
 
     n, k = 48, 1024
     cw = nv_weight(n, k, gen)
-    wl = dispatch_ext.fp4_wa(cw)
+    wl = dispatch_ext.wa_ext(cw)
     assert wl.nv and wl.j == 32 and wl.group == 16 and wl.sc.shape == (n, k // 16) and wl.dtype_ok(torch.bfloat16)
     assert wl.post == float(1.0 / cw.global_scale[0])
     for m, config in [(1, (8, 64, 1, 4, 3)), (3, (16, 32, 2, 2, 3)), (16, (16, 64, 3, 4, 2))]:

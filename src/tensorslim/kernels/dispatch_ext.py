@@ -5,11 +5,13 @@ device) by timing the candidates in CUDA-graph replays (:func:`.dispatch.time_gr
 ``_TUNED``:
 - float formats: "gemv" (1-16 rows), "gemm" (tensor cores, >= 2 rows), "reference" (>= 64 rows: decode to the
   activation dtype, then cuBLAS; rounds the weights to bf16 as a bf16 model would);
-- BCQ: "lut" (LUT-GEMM, 1-16 rows), "gemm" (sign planes on tensor cores, any rows), "reference" (>= 64 rows);
+- BCQ: "lut" (LUT-GEMM, 1-16 rows), "gemm" (sign planes on tensor cores, any rows), "reference" (>= 64 rows), and
+  "wa" (any rows; :mod:`.triton.wa_bcq`: the sign planes in a 1-bit weights-as-A repack, the per-group sums on the
+  tensor cores, scaled in fp32), where the shape fits (:func:`.layout_ext.bcq_wa_reason`) and it passed a self-check;
 - MXFP4 and NVFP4 also "wa" (any rows; :mod:`.triton.wa_fp4`: the codes in int4's weights-as-A repack, decoded by
   bit tricks in registers straight into the tensor cores' A operand), where (MX) the block scales' exponent range
   suits the activation dtype (:attr:`.layout_ext.MX_WA_EXP`) and its inline-PTX decode passed a self-check on this device
-  (:func:`fp4_wa_verified`); its repack is memoized beside the float layout (:func:`fp4_wa`);
+  (:func:`wa_ext_verified`); the repacks are memoized beside the kernel layouts (:func:`wa_ext`);
 - 2:4 + int4: "gemv" (1-16 rows), "gemm" (any rows >= 2), "reference" (>= 64 rows), and "dense" (any rows): the
   same weight as dense int4 (each pruned position holds its group's zero point, so it decodes to exactly 0), run by
   the integer dispatcher ("wa" where it fits). The sparse kernels read ~3.1 bits a weight but were slower than bf16 on
@@ -34,16 +36,16 @@ import torch
 
 from ..formats.base import CompressedWeight
 from .dispatch import Choice, _pow2, _splits, time_graph, wa_candidates
-from .layout_ext import (BCQKernelLayout, FloatKernelLayout, FP4WALayout, Sparse24KernelLayout, ext_layout,
-                         ext_layout_reason, fp4_wa_layout, fp4_wa_reason)
+from .layout_ext import (BCQKernelLayout, BCQWALayout, FloatKernelLayout, FP4WALayout, Sparse24KernelLayout,
+                         bcq_wa_layout, bcq_wa_reason, ext_layout, ext_layout_reason, fp4_wa_layout, fp4_wa_reason)
 from .reference import reference_linear
 
 log = logging.getLogger(__name__)
 
 _LAYOUTS: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
 _DENSE: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
-_FP4WA: "weakref.WeakKeyDictionary[CompressedWeight, FP4WALayout]" = weakref.WeakKeyDictionary()
-_FP4WA_CHECKED: dict[tuple, bool] = {}
+_WAEXT: "weakref.WeakKeyDictionary[CompressedWeight, Any]" = weakref.WeakKeyDictionary()
+_WAEXT_CHECKED: dict[tuple, bool] = {}
 _TUNED: dict[tuple, Choice] = {}
 
 
@@ -103,58 +105,102 @@ def dense_layout(cw: CompressedWeight):
     return _DENSE[cw]
 
 
-def fp4_wa(cw: CompressedWeight) -> FP4WALayout:
-    """The weights-as-A repack of an MXFP4 weight (memoized per weight)."""
-    wl = _FP4WA.get(cw)
+WALayoutExt = FP4WALayout | BCQWALayout
+
+
+def wa_ext_reason(cw: CompressedWeight) -> str | None:
+    """``None`` if the weights-as-A kernels (:mod:`.triton.wa_fp4`, :mod:`.triton.wa_bcq`) can run ``cw``."""
+    from ..formats.bcq import BCQWeight
+
+    return bcq_wa_reason(cw) if isinstance(cw, BCQWeight) else fp4_wa_reason(cw)
+
+
+def wa_ext(cw: CompressedWeight) -> WALayoutExt:
+    """The weights-as-A repack of an MXFP4 / NVFP4 / BCQ weight (memoized per weight)."""
+    from ..formats.bcq import BCQWeight
+
+    wl = _WAEXT.get(cw)
     if wl is None:
-        wl = fp4_wa_layout(cw)
-        _FP4WA[cw] = wl
+        wl = bcq_wa_layout(cw) if isinstance(cw, BCQWeight) else fp4_wa_layout(cw)
+        _WAEXT[cw] = wl
     return wl
 
 
-def fp4_wa_ok(cw: CompressedWeight, dtype: torch.dtype, device: torch.device | None = None) -> bool:
-    """May "wa" run this MXFP4 / NVFP4 weight with ``dtype`` activations (on ``device``: its self-check passed, or,
-    inside a CUDA-graph capture where the check cannot run, had passed)?"""
-    if fp4_wa_reason(cw) is not None or not fp4_wa(cw).dtype_ok(dtype):
+def _wa_kind(wl: WALayoutExt) -> str:
+    return "bcq" if isinstance(wl, BCQWALayout) else "nvfp4" if wl.nv else "mxfp4"
+
+
+def wa_ext_ok(cw: CompressedWeight, dtype: torch.dtype, device: torch.device | None = None) -> bool:
+    """May "wa" run this MXFP4 / NVFP4 / BCQ weight with ``dtype`` activations (on ``device``: its self-check
+    passed, or, inside a CUDA-graph capture where the check cannot run, had passed)?"""
+    if dtype not in (torch.bfloat16, torch.float16) or wa_ext_reason(cw) is not None:
+        return False
+    wl = wa_ext(cw)
+    if isinstance(wl, FP4WALayout) and not wl.dtype_ok(dtype):
         return False
     if device is None or device.type != "cuda":
         return True
-    nv = fp4_wa(cw).nv
     if torch.cuda.is_current_stream_capturing():
-        return _FP4WA_CHECKED.get((str(device), dtype, nv), False)
-    return fp4_wa_verified(device, dtype, nv)
+        return _WAEXT_CHECKED.get((_wa_kind(wl), str(device), dtype), False)
+    return wa_ext_verified(_wa_kind(wl), device, dtype)
 
 
-def fp4_wa_verified(device: torch.device, dtype: torch.dtype, nv: bool = False) -> bool:
-    """Once per (device, dtype, MX or NVFP4): does "wa" (inline PTX the CPU tests cannot run) match ``x @ decode()^T``
-    in fp32 on a small problem with a poisoned output, split-K and 16-bit output included? If not it is never
-    picked."""
-    key = (str(device), dtype, nv)
-    ok = _FP4WA_CHECKED.get(key)
+def launch_wa_ext(wl: WALayoutExt, x: torch.Tensor, config, out: torch.Tensor) -> None:
+    """One "wa" launch into ``out`` (fp32 and zeroed for split-K: atomics; tests and benchmarks poison it)."""
+    ops = _ops()
+    if isinstance(wl, BCQWALayout):
+        ops.launch_bcq_wa(x, wl.planes, wl.a2, wl.c, wl.meta(), list(config), out)
+    else:
+        ops.launch_fp4_wa(x, wl.q, wl.sc, wl.meta(), wl.post, list(config), out)
+
+
+def wa_ext_mm(wl: WALayoutExt, x: torch.Tensor, config, out_dtype: torch.dtype) -> torch.Tensor:
+    """The "wa" custom op (split-K reduced serially, output in ``out_dtype``)."""
+    ops = _ops()
+    if isinstance(wl, BCQWALayout):
+        return ops.bcq_wa_mm(x, wl.planes, wl.a2, wl.c, wl.meta(), list(config), out_dtype)
+    return ops.fp4_wa_mm(x, wl.q, wl.sc, wl.meta(), wl.post, list(config), out_dtype)
+
+
+def _self_check_weight(kind: str, device: torch.device) -> CompressedWeight:
+    from ..formats import parse_format
+    from ..formats.bcq import quantize_bcq
+    from ..formats.mx import quantize_mx, quantize_nvfp4
+
+    g = torch.Generator(device=device).manual_seed(0)
+    w = torch.randn(96, 1024, device=device, generator=g) * 0.02
+    if kind == "bcq":
+        return quantize_bcq(w, parse_format("bcq3:g128"), rounds=2)
+    return quantize_nvfp4(w, parse_format("nvfp4")) if kind == "nvfp4" else quantize_mx(w, parse_format("mxfp4"))
+
+
+def wa_ext_verified(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Once per (MXFP4 / NVFP4 / BCQ, device, dtype): does "wa" (inline PTX the CPU tests cannot run) match ``x @
+    decode()^T`` in fp32 on a small problem with a poisoned output, split-K and 16-bit output included? If not it
+    is never picked (logged), so a miscompiled bit trick costs speed, never results."""
+    key = (kind, str(device), dtype)
+    ok = _WAEXT_CHECKED.get(key)
     if ok is None:
-        from ..formats.mx import MXFP, NVFP4, quantize_mx, quantize_nvfp4
         from .reference import reference_fp32, relative_error
 
-        g = torch.Generator(device=device).manual_seed(0)
-        w0 = torch.randn(96, 1024, device=device, generator=g) * 0.02
-        w = quantize_nvfp4(w0, NVFP4()) if nv else quantize_mx(w0, MXFP(element="e2m1"))
-        wl = fp4_wa(w)
-        x = torch.randn(5, 1024, device=device, generator=g).to(dtype)
-        ref = reference_fp32(w, x)
         err = float("inf")
         try:
-            ops = _ops()
+            w = _self_check_weight(kind, device)
+            wl = wa_ext(w)
+            x = torch.randn(5, 1024, device=device, generator=torch.Generator(device=device).manual_seed(1))
+            x = x.to(dtype)
+            ref = reference_fp32(w, x)
             out = torch.full((5, 96), float("nan"), device=device)
-            ops.launch_fp4_wa(x, wl.q, wl.sc, wl.meta(), wl.post, [16, 64, 1, 4, 3], out)
-            y = ops.fp4_wa_mm(x, wl.q, wl.sc, wl.meta(), wl.post, [8, 64, 2, 4, 3], dtype)
+            launch_wa_ext(wl, x, [16, 64, 1, 4, 3], out)
+            y = wa_ext_mm(wl, x, [8, 64, 2, 4, 3], dtype)
             err = max(relative_error(out, ref), relative_error(y.float(), ref) / 4)
         except Exception as e:  # compiler or launch failure
-            log.warning("%s wa kernel unavailable on %s: %s", "nvfp4" if nv else "mxfp4", device, e)
+            log.warning("%s wa kernel unavailable on %s: %s", kind, device, e)
         ok = err <= 1e-3
         if not ok:
-            log.warning("%s wa kernel failed its self-check on %s (%s, rel err %.2e); not used",
-                        "nvfp4" if nv else "mxfp4", device, dtype, err)
-        _FP4WA_CHECKED[key] = ok
+            log.warning("%s wa kernel failed its self-check on %s (%s, rel err %.2e); not used", kind, device, dtype,
+                        err)
+        _WAEXT_CHECKED[key] = ok
     return ok
 
 
@@ -170,9 +216,10 @@ def candidates(cw: CompressedWeight, lay, m: int, dtype: torch.dtype, sms: int =
 
     n, k = lay.n, lay.k
     out: list[Choice] = []
-    if isinstance(lay, FloatKernelLayout) and fp4_wa_ok(cw, dtype, device):
-        wl = fp4_wa(cw)
-        out += [("wa", c[:5]) for c in wa_candidates(n, k, 4, wl.j, m, sms) if not c[5]]
+    if isinstance(lay, (FloatKernelLayout, BCQKernelLayout)) and wa_ext_ok(cw, dtype, device):
+        wl = wa_ext(cw)  # BCQ: q bits a weight in blocks of 16 j inputs, i.e. wa_candidates' 8 (2 j)
+        bits, j = (wl.q, 2 * wl.j) if isinstance(wl, BCQWALayout) else (4, wl.j)
+        out += [("wa", c[:5]) for c in wa_candidates(n, k, bits, j, m, sms) if not c[5]]
     bm = min(max(16, _pow2(m)), 128)
     if isinstance(lay, FloatKernelLayout):
         one, one_ok = "gemv", (lambda b: b >= 32 and float_bk_ok("gemv", lay.meta(), b, dtype))
@@ -218,8 +265,7 @@ def run_choice(choice: Choice, cw: CompressedWeight, lay, x2d: torch.Tensor, out
     ops = _ops()
     assert ops is not None
     if path == "wa":
-        wl = fp4_wa(cw)
-        return ops.fp4_wa_mm(x2d, wl.q, wl.sc, wl.meta(), wl.post, list(config), out_dtype)
+        return wa_ext_mm(wa_ext(cw), x2d, config, out_dtype)
     cfg = list(config)
     if isinstance(lay, FloatKernelLayout):
         return ops.float_mm(x2d, lay.q, lay.scales, lay.global_scale, lay.meta(), path, cfg, out_dtype)
@@ -248,7 +294,7 @@ def tuned_choice(cw: CompressedWeight, lay, x2d: torch.Tensor) -> Choice:
     bucket = _pow2(x2d.shape[0])
     if x2d.device.type != "cuda":  # the interpreter: no timing, first candidate
         return candidates(cw, lay, bucket, x2d.dtype)[0]
-    key = lay.key() + (bucket, x2d.dtype, x2d.device, fp4_wa_ok(cw, x2d.dtype, x2d.device))
+    key = lay.key() + (bucket, x2d.dtype, x2d.device, wa_ext_ok(cw, x2d.dtype, x2d.device))
     hit = _TUNED.get(key)
     if hit is None:
         if torch.cuda.is_current_stream_capturing():

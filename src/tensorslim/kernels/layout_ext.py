@@ -12,6 +12,8 @@ the outputs, so a ``[BK/P, BN]`` tile is one coalesced load.
   ``[n_groups, N]`` (stored dtype).
 - :class:`FP4WALayout` (``MXFPWeight`` with E2M1 elements): int4's weights-as-A repack of the codes and the E8M0
   exponents ``[N, n_blocks]`` for :mod:`.triton.wa_fp4` (blocks whose codes are all zero get a harmless exponent).
+- :class:`BCQWALayout` (``BCQWeight``): the sign planes in a 1-bit weights-as-A layout, ``2 alpha`` and ``offset -
+  sum alpha`` in fp32 ``[.., N, n_groups]``, for :mod:`.triton.wa_bcq`.
 - :class:`Sparse24KernelLayout` (``SparseWeight`` 2:4 with an inner int4 ``IntGroup``): the inner weight's integer
   layout (compact ``[K/2]`` codes: :func:`.layout.int_layout`) plus 2-bit position metadata: for every run of 4
   inputs a nibble ``i0 | i1 << 2`` (the two kept positions, ``i0 < i1``; the compact values are stored in that
@@ -250,3 +252,64 @@ def fp4_wa_layout(cw: CompressedWeight) -> FP4WALayout:
     ev = e8[live].int()
     rng = (int(ev.min()), int(ev.max())) if ev.numel() else (127, 127)
     return FP4WALayout(n=out, k=inp, j=j, group=g, q=wa_pack4(codes, j), sc=e8.contiguous(), exp_range=rng)
+
+
+BCQ_WA_J = 32  # words a row per plane per block of 16 J = 512 inputs
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class BCQWALayout:
+    n: int
+    k: int
+    q: int  # planes
+    j: int
+    group: int
+    planes: torch.Tensor  # int32 [q, n, k/32]: wa_pack1 of each sign plane
+    a2: torch.Tensor  # fp32 [q, n, n_groups]: 2 alpha
+    c: torch.Tensor  # fp32 [n, n_groups]: offset - sum alpha
+
+    def meta(self) -> list[int]:
+        return [self.k, self.q, self.group, self.j]
+
+    def key(self) -> tuple:
+        return ("bcqwa", self.n, self.k, self.q, self.group, self.j)
+
+
+def wa_pack1(bits: torch.Tensor, j: int) -> torch.Tensor:
+    """1-bit codes ``[n, k]`` -> the weights-as-A words ``int32 [n, k/32]``: block (``16 j`` inputs) input ``j t + 2p
+    + e`` is bit ``t + 16 e`` of the block's word ``p``."""
+    n, k = bits.shape
+    blocks = bits.reshape(n, k // (16 * j), 16, j // 2, 2).permute(0, 1, 3, 4, 2)  # [n, B, p, e, t]
+    return pack_codes(blocks.reshape(n, k), 1).view(torch.int32).reshape(n, k // 32)
+
+
+def bcq_wa_reason(cw: CompressedWeight) -> str | None:
+    """``None`` if :func:`bcq_wa_layout` can repack ``cw`` (a BCQ weight of 1-4 planes, ``in_features`` a multiple of
+    512 and a group of 32-512 inputs that divides 512)."""
+    from ..formats.bcq import BCQWeight
+
+    if not isinstance(cw, BCQWeight):
+        return f"{type(cw).__name__}: the weights-as-A BCQ kernel takes BCQ weights"
+    out, inp = cw.shape
+    g, blk = cw.format.group(inp), 16 * BCQ_WA_J
+    if not 1 <= cw.format.bits <= 4:
+        return f"bcq: {cw.format.bits} planes (the weights-as-A BCQ kernel takes 1 to 4)"
+    if inp % blk or g % BCQ_WA_J or blk % g:
+        return f"bcq: in_features {inp} / group {g} do not fit blocks of {blk} inputs in groups of 32-512"
+    return None
+
+
+def bcq_wa_layout(cw: CompressedWeight) -> BCQWALayout:
+    from ..formats.bcq import unpack_planes
+
+    assert bcq_wa_reason(cw) is None, bcq_wa_reason(cw)
+    out, inp = cw.shape
+    q = cw.format.bits
+    bits = unpack_planes(cw.planes, q, cw.shape)  # [q, out, inp]
+    planes = torch.stack([wa_pack1(bits[i], BCQ_WA_J) for i in range(q)]).contiguous()
+    alphas = cw.alphas.float()  # [out, ng, q]
+    c = cw.offsets.float()
+    for i in range(q):  # decode()'s order
+        c = c - alphas[..., i]
+    return BCQWALayout(n=out, k=inp, q=q, j=BCQ_WA_J, group=cw.format.group(inp), planes=planes,
+                       a2=(2 * alphas).permute(2, 0, 1).contiguous(), c=c.contiguous())

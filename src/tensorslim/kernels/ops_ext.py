@@ -8,6 +8,8 @@ into a zeroed fp32 buffer with atomics. ``launch_*`` write into a caller's buffe
 - ``tensorslim::fp4_wa_mm(x, q, sc, meta=[k, group, j, nv], post, config=[BM, BN, SPLIT_K, num_warps, num_stages],
   out_dtype)``: MXFP4 (``nv = 0``) and NVFP4 (``nv = 1``, ``post = 1/g``) through the weights-as-A kernel (:mod:`.triton.wa_fp4`, layout :func:`.layout_ext.fp4_wa_layout`); split-K
   reduces serially in :func:`.ops.split_scratch`'s workspace like ``wa_mm``;
+- ``tensorslim::bcq_wa_mm(x, planes, a2, c, meta=[k, q, group, j], config=[BM, BN, SPLIT_K, num_warps, num_stages],
+  out_dtype)``: BCQ through the weights-as-A kernel (:mod:`.triton.wa_bcq`, layout :func:`.layout_ext.bcq_wa_layout`);
 - ``tensorslim::bcq_mm(x, planes, alphas, offsets, meta=[k, q, group], path, config, out_dtype)``, path "lut" |
   "gemm";
 - ``tensorslim::sparse24_mm(x, qa, idx, scales, zeros?, meta=[k, group, symmetric], path, config, out_dtype)``,
@@ -24,6 +26,7 @@ from .triton.bcq_mm import bcq_gemm_kernel, bcq_lut_gemv_kernel, bcq_lut_kernel
 from .triton.float_mm import float_gemm_kernel, float_gemv_kernel
 from .layout import check_wa_launch
 from .ops import _into_new
+from .triton.wa_bcq import wa_bcq_kernel
 from .triton.wa_fp4 import wa_fp4_kernel
 from .triton.sparse24_mm import sparse24_gemm_kernel, sparse24_gemv_kernel
 
@@ -205,3 +208,38 @@ def fp4_wa_mm(x: Tensor, q: Tensor, sc: Tensor, meta: list[int], post: float, co
 @fp4_wa_mm.register_fake
 def _fp4_wa_mm_fake(x, q, sc, meta, post, config, out_dtype):
     return x.new_empty((x.shape[0], q.shape[0]), dtype=out_dtype)
+
+
+def launch_bcq_wa(x: Tensor, planes: Tensor, a2: Tensor, c: Tensor, meta: list[int], config: list[int], out: Tensor,
+                  scratch: tuple[Tensor, Tensor] | None = None) -> None:
+    """BCQ "wa" into ``out [M, N]``, split-K as :func:`launch_fp4_wa`."""
+    k, q, group, j = meta
+    bm, bn, split_k, num_warps, num_stages = config[:5]
+    m, n = x.shape[0], planes.shape[1]
+    assert x.dtype in (torch.bfloat16, torch.float16), x.dtype
+    assert 1 <= q <= 4 and k % (16 * j) == 0 and group % j == 0 and (16 * j) % group == 0, (k, q, group, j)
+    assert bm >= 8 and bm & (bm - 1) == 0 and bn >= 16 and bn & (bn - 1) == 0, (bm, bn)
+    blocks = k // (16 * j)
+    assert 1 <= split_k <= blocks, (blocks, split_k)
+    serial = split_k > 1 and scratch is not None
+    assert split_k == 1 or serial or out.dtype == torch.float32
+    ws, cnt = scratch if serial else (out, out)
+    wa_bcq_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split_k)](
+        x, out, planes, a2, c, ws, cnt, m, n, k // 32, blocks, -(-blocks // split_k), k // group, x.stride(0),
+        out.stride(0), planes.stride(0), a2.stride(0), Q=q, GROUP=group, J=j, BM=bm, BN=bn,
+        USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, SERIAL=serial, num_warps=num_warps,
+        num_stages=num_stages)
+
+
+@torch.library.custom_op("tensorslim::bcq_wa_mm", mutates_args=())
+def bcq_wa_mm(x: Tensor, planes: Tensor, a2: Tensor, c: Tensor, meta: list[int], config: list[int],
+              out_dtype: torch.dtype) -> Tensor:
+    m, n = x.shape[0], planes.shape[1]
+    return _into_new(x, n, config[2], out_dtype,
+                     lambda xc, out, scratch: launch_bcq_wa(xc, planes, a2, c, meta, config, out, scratch),
+                     triton.cdiv(m, config[0]) * triton.cdiv(n, config[1]))
+
+
+@bcq_wa_mm.register_fake
+def _bcq_wa_mm_fake(x, planes, a2, c, meta, config, out_dtype):
+    return x.new_empty((x.shape[0], planes.shape[1]), dtype=out_dtype)

@@ -52,6 +52,8 @@ _LOP2_BF16 = tl.constexpr("lop3.b32 $0, $1, 0x00030003, 0x43004300, 0xea;")
 _LOP2_FP16 = tl.constexpr("lop3.b32 $0, $1, 0x00030003, 0x64006400, 0xea;")
 _LOP3_BF16 = tl.constexpr("lop3.b32 $0, $1, 0x00070007, 0x43004300, 0xea;")
 _LOP3_FP16 = tl.constexpr("lop3.b32 $0, $1, 0x00070007, 0x64006400, 0xea;")
+_LOP1_BF16 = tl.constexpr("lop3.b32 $0, $1, 0x00010001, 0x43004300, 0xea;")
+_LOP1_FP16 = tl.constexpr("lop3.b32 $0, $1, 0x00010001, 0x64006400, 0xea;")
 
 
 @triton.jit
@@ -70,11 +72,16 @@ def _code_pairs(v2, BITS: tl.constexpr, DT: tl.constexpr, USE_ASM: tl.constexpr,
                 return tl.inline_asm_elementwise(_LOP3_BF16, "=r,r,r", [v2], dtype=tl.bfloat16, is_pure=True, pack=2)
             else:
                 return tl.inline_asm_elementwise(_LOP3_FP16, "=r,r,r", [v2], dtype=tl.float16, is_pure=True, pack=2)
-        else:
+        elif BITS == 2:
             if DT == tl.bfloat16:
                 return tl.inline_asm_elementwise(_LOP2_BF16, "=r,r,r", [v2], dtype=tl.bfloat16, is_pure=True, pack=2)
             else:
                 return tl.inline_asm_elementwise(_LOP2_FP16, "=r,r,r", [v2], dtype=tl.float16, is_pure=True, pack=2)
+        else:  # 1-bit planes (BCQ, :mod:`.wa_bcq`)
+            if DT == tl.bfloat16:
+                return tl.inline_asm_elementwise(_LOP1_BF16, "=r,r,r", [v2], dtype=tl.bfloat16, is_pure=True, pack=2)
+            else:
+                return tl.inline_asm_elementwise(_LOP1_FP16, "=r,r,r", [v2], dtype=tl.float16, is_pure=True, pack=2)
     else:  # via float32: the interpreter's int32 -> bfloat16 cast reinterprets bits (Triton 3.9)
         C: tl.constexpr = 128 if DT == tl.bfloat16 else 1024
         e = tl.arange(0, J) % 2

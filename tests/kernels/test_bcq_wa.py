@@ -1,0 +1,113 @@
+"""BCQ through the weights-as-A kernel ("wa", :mod:`tensorslim.kernels.triton.wa_bcq`).
+
+The 1-bit plane layout is checked against the planes bit by bit, the 1-bit ``lop3`` string is executed by the PTX
+emulator of ``test_fp4_wa``, and the kernel's plain-Triton form runs under the interpreter against ``x @ decode()^T``
+in fp32 (poisoned outputs, split-K both ways, 1 to 4 planes, groups of 32 to 512). The GPU form is checked at run
+time by ``dispatch_ext.wa_ext_verified`` and by ``bench/kernels.py --new-formats``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tensorslim.formats import parse_format
+from tensorslim.formats.bcq import quantize_bcq, unpack_planes
+from tensorslim.kernels import dispatch_ext
+from tensorslim.kernels.layout_ext import BCQ_WA_J, bcq_wa_layout, bcq_wa_reason, wa_pack1
+from tensorslim.kernels.reference import reference_fp32, relative_error
+from tests.kernels.test_fp4_wa import _halves, run_ptx
+
+TOL = 1e-3
+
+
+def test_wa_pack1_places_every_bit(gen):
+    j = 32
+    bits = torch.randint(0, 2, (6, 1024), generator=gen)
+    words = wa_pack1(bits, j).view(torch.int32)
+    assert words.shape == (6, 32)
+    w = words.long() & 0xFFFFFFFF
+    k = torch.arange(1024)
+    blk, r = k // (16 * j), k % (16 * j)
+    t, p, e = r // j, (r % j) // 2, r % 2
+    got = (w[:, blk * (j // 2) + p] >> (t + 16 * e)[None, :]) & 1  # the kernel's reading of input k
+    assert torch.equal(got, bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_bit_lop3_gives_c_plus_bit(dtype):
+    from tensorslim.kernels.triton import wa
+
+    s = (wa._LOP1_BF16 if dtype == torch.bfloat16 else wa._LOP1_FP16).value
+    c = 128.0 if dtype == torch.bfloat16 else 1024.0
+    rng = np.random.default_rng(0)
+    word = rng.integers(0, 2**32, size=4096, dtype=np.uint64).astype(np.uint32)
+    for t in range(16):
+        v = word >> np.uint32(t)
+        got = _halves(run_ptx(s, v, np.zeros_like(v)), dtype).double()
+        want = torch.from_numpy(np.stack([(v & 1), (v >> 16) & 1], 1).astype(np.float64)) + c
+        assert torch.equal(got, want), t
+
+
+def bcq_weight(n: int, k: int, spec: str, gen):
+    w = torch.randn(n, k, generator=gen) * 0.02
+    w[2, :64] += 0.5  # a group with a large offset (the kernel's offset - sum alpha term)
+    return quantize_bcq(w, parse_format(spec), rounds=3)
+
+
+def test_layout_and_reasons(gen):
+    cw = bcq_weight(40, 1024, "bcq3:g128", gen)
+    wl = bcq_wa_layout(cw)
+    assert bcq_wa_reason(cw) is None and wl.q == 3 and wl.j == BCQ_WA_J
+    assert wl.planes.shape == (3, 40, 32) and wl.a2.shape == (3, 40, 8) and wl.c.shape == (40, 8)
+    assert torch.equal(wl.a2, 2 * cw.alphas.float().permute(2, 0, 1))
+    bits = unpack_planes(cw.planes, 3, cw.shape)
+    assert torch.equal(wa_pack1(bits[1], BCQ_WA_J), wl.planes[1])
+    assert "blocks of 512" in bcq_wa_reason(bcq_weight(8, 768, "bcq3:g128", gen))
+    assert "blocks of 512" in bcq_wa_reason(bcq_weight(8, 1024, "bcq3:g1024", gen))
+    from tensorslim.formats.mx import quantize_mx
+
+    assert "takes BCQ" in bcq_wa_reason(quantize_mx(torch.randn(8, 512, generator=gen), parse_format("mxfp4")))
+    assert dispatch_ext.wa_ext_reason(cw) is None
+
+
+@pytest.fixture(scope="module")
+def ops_ext(ops):
+    from tensorslim.kernels import ops_ext as mod
+
+    return mod
+
+
+@pytest.mark.parametrize("spec", ["bcq3:g128", "bcq1:g512", "bcq2:g32", "bcq4:g64"])
+def test_wa_bcq_kernel_matches_reference(ops_ext, gen, spec):
+    """Plain-Triton form under the interpreter (fp16 activations: its bf16 ``tl.dot`` is unreliable)."""
+    from tensorslim.kernels import ops
+
+    n, k = 40, 1024
+    cw = bcq_weight(n, k, spec, gen)
+    wl = dispatch_ext.wa_ext(cw)
+    for m, config in [(1, (8, 64, 1, 4, 3)), (3, (16, 32, 2, 2, 3))]:
+        x = torch.randn(m, k, generator=gen).to(torch.float16)
+        ref = reference_fp32(cw, x)
+        out = torch.zeros(m, n) if config[2] > 1 else torch.full((m, n), float("nan"))
+        ops_ext.launch_bcq_wa(x, wl.planes, wl.a2, wl.c, wl.meta(), list(config), out)
+        assert relative_error(out, ref) <= TOL, (spec, m, config, gen.seed_)
+        y = ops_ext.bcq_wa_mm(x, wl.planes, wl.a2, wl.c, wl.meta(), list(config), torch.float16)
+        assert y.dtype == torch.float16 and relative_error(y.float(), ref) <= 4e-3, (spec, m, config, gen.seed_)
+        ws, cnt = ops.split_scratch(x.device, m, n, 1)
+        assert not ws.any() and not cnt.any()
+
+
+def test_dispatch_runs_wa_first_and_op_registration(ops_ext, gen):
+    cw = bcq_weight(40, 512, "bcq3:g128", gen)
+    lay = dispatch_ext.layout(cw)
+    assert dispatch_ext.candidates(cw, lay, 1, torch.float16)[0][0] == "wa"
+    assert dispatch_ext.candidates(cw, lay, 1, torch.float32)[0][0] != "wa"  # fp32 activations: the other paths
+    x = torch.randn(2, 3, 512, generator=gen).to(torch.float16)
+    bias = torch.randn(40, generator=gen)
+    y = dispatch_ext.ext_linear(cw, x, bias, out_dtype=torch.float32)
+    assert y.shape == (2, 3, 40) and relative_error(y, reference_fp32(cw, x, bias)) <= TOL, gen.seed_
+    wl = dispatch_ext.wa_ext(cw)
+    args = (x[0], wl.planes, wl.a2, wl.c, wl.meta(), [8, 64, 1, 4, 3], torch.float16)
+    torch.library.opcheck(ops_ext.bcq_wa_mm, args, test_utils=("test_schema", "test_faketensor"))
