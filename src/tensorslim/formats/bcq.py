@@ -126,8 +126,10 @@ def _nearest_planes(w: torch.Tensor, alpha: torch.Tensor, offset: torch.Tensor) 
 
 def _solve_scales(w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Least squares ``min ||w - B alpha - offset||`` per group (float64, rank-deficient safe)."""
-    design = torch.cat([b, torch.ones_like(b[..., :1])], -1).double()  # [R, g, q+1]
-    sol = torch.linalg.lstsq(design, w.double().unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
+    design = torch.cat([b, torch.ones_like(b[..., :1])], -1).double().cpu()  # [R, g, q+1]
+    # on the CPU: CUDA's lstsq has only "gels", which assumes full rank (a group whose planes repeat is not)
+    sol = torch.linalg.lstsq(design, w.double().cpu().unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
+    sol = sol.to(w.device)
     return sol[:, :-1].float(), sol[:, -1].float()
 
 
