@@ -15,15 +15,15 @@ import torch
 from tensorslim.formats import parse_format
 from tensorslim.formats.bcq import quantize_bcq, unpack_planes
 from tensorslim.kernels import dispatch_ext
-from tensorslim.kernels.layout_ext import BCQ_WA_J, bcq_wa_layout, bcq_wa_reason, wa_pack1
+from tensorslim.kernels.layout_ext import bcq_wa_layout, bcq_wa_reason, wa_pack1
 from tensorslim.kernels.reference import reference_fp32, relative_error
 from tests.kernels.test_fp4_wa import _halves, run_ptx
 
 TOL = 1e-3
 
 
-def test_wa_pack1_places_every_bit(gen):
-    j = 32
+@pytest.mark.parametrize("j", [32, 64])
+def test_wa_pack1_places_every_bit(gen, j):
     bits = torch.randint(0, 2, (6, 1024), generator=gen)
     words = wa_pack1(bits, j).view(torch.int32)
     assert words.shape == (6, 32)
@@ -59,13 +59,15 @@ def bcq_weight(n: int, k: int, spec: str, gen):
 def test_layout_and_reasons(gen):
     cw = bcq_weight(40, 1024, "bcq3:g128", gen)
     wl = bcq_wa_layout(cw)
-    assert bcq_wa_reason(cw) is None and wl.q == 3 and wl.j == BCQ_WA_J
+    assert bcq_wa_reason(cw) is None and wl.q == 3 and wl.j == 64
+    assert bcq_wa_layout(bcq_weight(8, 1536, "bcq3:g128", gen)).j == 32  # 3 blocks of 512, not of 1024
     assert wl.planes.shape == (3, 40, 32) and wl.a2.shape == (3, 40, 8) and wl.c.shape == (40, 8)
     assert torch.equal(wl.a2, 2 * cw.alphas.float().permute(2, 0, 1))
     bits = unpack_planes(cw.planes, 3, cw.shape)
-    assert torch.equal(wa_pack1(bits[1], BCQ_WA_J), wl.planes[1])
-    assert "blocks of 512" in bcq_wa_reason(bcq_weight(8, 768, "bcq3:g128", gen))
-    assert "blocks of 512" in bcq_wa_reason(bcq_weight(8, 1024, "bcq3:g1024", gen))
+    assert torch.equal(wa_pack1(bits[1], 64), wl.planes[1])
+    assert "blocks of 512 or 1024" in bcq_wa_reason(bcq_weight(8, 768, "bcq3:g128", gen))
+    assert "blocks of 512 or 1024" in bcq_wa_reason(bcq_weight(8, 4096, "bcq3:g2048", gen))
+    assert bcq_wa_reason(bcq_weight(8, 1024, "bcq3:g1024", gen)) is None  # one group a block
     from tensorslim.formats.mx import quantize_mx
 
     assert "takes BCQ" in bcq_wa_reason(quantize_mx(torch.randn(8, 512, generator=gen), parse_format("mxfp4")))
@@ -79,15 +81,18 @@ def ops_ext(ops):
     return mod
 
 
-@pytest.mark.parametrize("spec", ["bcq3:g128", "bcq1:g512", "bcq2:g32", "bcq4:g64"])
-def test_wa_bcq_kernel_matches_reference(ops_ext, gen, spec):
-    """Plain-Triton form under the interpreter (fp16 activations: its bf16 ``tl.dot`` is unreliable)."""
+@pytest.mark.parametrize("spec,k", [("bcq3:g128", 2048), ("bcq1:g512", 1024), ("bcq2:g32", 1536),
+                                    ("bcq4:g64", 1536)])
+def test_wa_bcq_kernel_matches_reference(ops_ext, gen, spec, k):
+    """Plain-Triton form under the interpreter (fp16 activations: its bf16 ``tl.dot`` is unreliable); blocks of 1024
+    (J = 64) and of 512 (J = 32, 1536 inputs)."""
     from tensorslim.kernels import ops
 
-    n, k = 40, 1024
+    n = 40
     cw = bcq_weight(n, k, spec, gen)
     wl = dispatch_ext.wa_ext(cw)
     for m, config in [(1, (8, 64, 1, 4, 3)), (3, (16, 32, 2, 2, 3))]:
+        config = config[:2] + (min(config[2], k // (16 * wl.j)),) + config[3:]
         x = torch.randn(m, k, generator=gen).to(torch.float16)
         ref = reference_fp32(cw, x)
         out = torch.zeros(m, n) if config[2] > 1 else torch.full((m, n), float("nan"))

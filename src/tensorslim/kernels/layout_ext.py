@@ -254,7 +254,11 @@ def fp4_wa_layout(cw: CompressedWeight) -> FP4WALayout:
     return FP4WALayout(n=out, k=inp, j=j, group=g, q=wa_pack4(codes, j), sc=e8.contiguous(), exp_range=rng)
 
 
-BCQ_WA_J = 32  # words a row per plane per block of 16 J = 512 inputs
+BCQ_WA_JS = (64, 32)  # words a row per plane per block of 16 J inputs, preferred first (fewer, longer dot chains)
+
+
+def bcq_wa_block_words(k: int, group: int) -> int | None:
+    return next((j for j in BCQ_WA_JS if k % (16 * j) == 0 and group % j == 0 and (16 * j) % group == 0), None)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -285,17 +289,17 @@ def wa_pack1(bits: torch.Tensor, j: int) -> torch.Tensor:
 
 def bcq_wa_reason(cw: CompressedWeight) -> str | None:
     """``None`` if :func:`bcq_wa_layout` can repack ``cw`` (a BCQ weight of 1-4 planes, ``in_features`` a multiple of
-    512 and a group of 32-512 inputs that divides 512)."""
+    512 and a group of 32-512 inputs that divides the block)."""
     from ..formats.bcq import BCQWeight
 
     if not isinstance(cw, BCQWeight):
         return f"{type(cw).__name__}: the weights-as-A BCQ kernel takes BCQ weights"
     out, inp = cw.shape
-    g, blk = cw.format.group(inp), 16 * BCQ_WA_J
+    g = cw.format.group(inp)
     if not 1 <= cw.format.bits <= 4:
         return f"bcq: {cw.format.bits} planes (the weights-as-A BCQ kernel takes 1 to 4)"
-    if inp % blk or g % BCQ_WA_J or blk % g:
-        return f"bcq: in_features {inp} / group {g} do not fit blocks of {blk} inputs in groups of 32-512"
+    if bcq_wa_block_words(inp, g) is None:
+        return f"bcq: in_features {inp} / group {g} do not fit blocks of 512 or 1024 inputs in groups of 32-512"
     return None
 
 
@@ -306,10 +310,11 @@ def bcq_wa_layout(cw: CompressedWeight) -> BCQWALayout:
     out, inp = cw.shape
     q = cw.format.bits
     bits = unpack_planes(cw.planes, q, cw.shape)  # [q, out, inp]
-    planes = torch.stack([wa_pack1(bits[i], BCQ_WA_J) for i in range(q)]).contiguous()
+    j = bcq_wa_block_words(inp, cw.format.group(inp))
+    planes = torch.stack([wa_pack1(bits[i], j) for i in range(q)]).contiguous()
     alphas = cw.alphas.float()  # [out, ng, q]
     c = cw.offsets.float()
     for i in range(q):  # decode()'s order
         c = c - alphas[..., i]
-    return BCQWALayout(n=out, k=inp, q=q, j=BCQ_WA_J, group=cw.format.group(inp), planes=planes,
+    return BCQWALayout(n=out, k=inp, q=q, j=j, group=cw.format.group(inp), planes=planes,
                        a2=(2 * alphas).permute(2, 0, 1).contiguous(), c=c.contiguous())
