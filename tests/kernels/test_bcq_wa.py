@@ -59,12 +59,12 @@ def bcq_weight(n: int, k: int, spec: str, gen):
 def test_layout_and_reasons(gen):
     cw = bcq_weight(40, 1024, "bcq3:g128", gen)
     wl = bcq_wa_layout(cw)
-    assert bcq_wa_reason(cw) is None and wl.q == 3 and wl.j == 64
-    assert bcq_wa_layout(bcq_weight(8, 1536, "bcq3:g128", gen)).j == 32  # 3 blocks of 512, not of 1024
+    assert bcq_wa_reason(cw) is None and wl.q == 3 and wl.j == 32
+    assert bcq_wa_layout(bcq_weight(8, 2048, "bcq2:g1024", gen)).j == 64  # groups of 1024: blocks of 1024
     assert wl.planes.shape == (3, 40, 32) and wl.a2.shape == (3, 40, 8) and wl.c.shape == (40, 8)
     assert torch.equal(wl.a2, 2 * cw.alphas.float().permute(2, 0, 1))
     bits = unpack_planes(cw.planes, 3, cw.shape)
-    assert torch.equal(wa_pack1(bits[1], 64), wl.planes[1])
+    assert torch.equal(wa_pack1(bits[1], 32), wl.planes[1])
     assert "blocks of 512 or 1024" in bcq_wa_reason(bcq_weight(8, 768, "bcq3:g128", gen))
     assert "blocks of 512 or 1024" in bcq_wa_reason(bcq_weight(8, 4096, "bcq3:g2048", gen))
     assert bcq_wa_reason(bcq_weight(8, 1024, "bcq3:g1024", gen)) is None  # one group a block
@@ -81,11 +81,11 @@ def ops_ext(ops):
     return mod
 
 
-@pytest.mark.parametrize("spec,k", [("bcq3:g128", 2048), ("bcq1:g512", 1024), ("bcq2:g32", 1536),
+@pytest.mark.parametrize("spec,k", [("bcq3:g128", 1024), ("bcq1:g1024", 2048), ("bcq2:g32", 1536),
                                     ("bcq4:g64", 1536)])
 def test_wa_bcq_kernel_matches_reference(ops_ext, gen, spec, k):
-    """Plain-Triton form under the interpreter (fp16 activations: its bf16 ``tl.dot`` is unreliable); blocks of 1024
-    (J = 64) and of 512 (J = 32, 1536 inputs)."""
+    """Plain-Triton form under the interpreter (fp16 activations: its bf16 ``tl.dot`` is unreliable); blocks of 512
+    (J = 32) and, for groups of 1024, of 1024 (J = 64)."""
     from tensorslim.kernels import ops
 
     n = 40
@@ -116,3 +116,12 @@ def test_dispatch_runs_wa_first_and_op_registration(ops_ext, gen):
     wl = dispatch_ext.wa_ext(cw)
     args = (x[0], wl.planes, wl.a2, wl.c, wl.meta(), [8, 64, 1, 4, 3], torch.float16)
     torch.library.opcheck(ops_ext.bcq_wa_mm, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("kind", ["mxfp4", "nvfp4", "bcq"])
+def test_self_check_configs_are_valid_launches(ops_ext, kind, monkeypatch):
+    """The device self-check's weight and configs must be valid launches for every kind (a split-K larger than the
+    block count once made it fail on the GPU and turned BCQ "wa" off); run here on the CPU through the interpreter."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dispatch_ext, "_WAEXT_CHECKED", {})
+    assert dispatch_ext.wa_ext_verified(kind, cpu, torch.float16)

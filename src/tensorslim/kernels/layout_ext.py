@@ -254,7 +254,8 @@ def fp4_wa_layout(cw: CompressedWeight) -> FP4WALayout:
     return FP4WALayout(n=out, k=inp, j=j, group=g, q=wa_pack4(codes, j), sc=e8.contiguous(), exp_range=rng)
 
 
-BCQ_WA_JS = (64, 32)  # words a row per plane per block of 16 J inputs, preferred first (fewer, longer dot chains)
+BCQ_WA_JS = (32, 64)  # words a row per plane per block of 16 J inputs, preferred first: 32 measured on the H100
+# (session 13); 64 (twice the MMA work between waits) serves groups of 1024 and is not measured yet
 
 
 def bcq_wa_block_words(k: int, group: int) -> int | None:
