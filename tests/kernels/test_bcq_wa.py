@@ -125,3 +125,52 @@ def test_self_check_configs_are_valid_launches(ops_ext, kind, monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(dispatch_ext, "_WAEXT_CHECKED", {})
     assert dispatch_ext.wa_ext_verified(kind, cpu, torch.float16)
+
+
+@pytest.mark.parametrize("spec", ["mxfp4", "nvfp4", "bcq3:g128"])
+def test_prepare_kernels_runs_float_and_bcq_from_the_wa_repack(ops_ext, gen, spec, caplog, monkeypatch):
+    """``prepare_kernels`` for MXFP4 / NVFP4 / BCQ: the stored weight goes to the host (here the same CPU, under the
+    interpreter), calls run from the "wa" repack alone and match the reference, a call the kernels cannot take
+    (fp32) uses the stored weight with a warning, a deep copy runs, a move undoes it; weights whose "wa" does not fit
+    (or, MX, whose exponents do not suit fp16) are left alone."""
+    import copy
+
+    from tensorslim.formats import CompressedLinear
+    from tensorslim.formats.mx import quantize_mx, quantize_nvfp4
+
+    n, k = 40, 1024
+    w0 = torch.randn(n, k, generator=gen) * 0.02
+    w = (bcq_weight(n, k, spec, gen) if spec.startswith("bcq")
+         else quantize_nvfp4(w0, parse_format(spec)) if spec == "nvfp4" else quantize_mx(w0, parse_format(spec)))
+    bias = torch.randn(n, generator=gen)
+    lin = CompressedLinear(w, bias)
+    assert lin.prepare_kernels() and lin._kernel[0] is None and lin.compressed is not w and "prepared" in lin.extra_repr()
+    wl = lin._kernel[2]
+    assert wl.device == w.device and wl.k == k and wl.n == n
+    calls = []
+    run = dispatch_ext.wa_layout_linear
+    monkeypatch.setattr(dispatch_ext, "wa_layout_linear", lambda *a, **kw: calls.append(1) or run(*a, **kw))
+    x = torch.randn(2, 3, k, generator=gen).to(torch.float16)
+    y = lin(x)
+    assert calls and y.shape == (2, 3, n) and relative_error(y, reference_fp32(w, x, bias)) <= 2e-3
+    with caplog.at_level("WARNING"):
+        y32 = lin(x.float())
+    assert len(calls) == 1 and "host memory" in caplog.text
+    assert relative_error(y32, reference_fp32(w, x.float(), bias)) <= 1e-5
+    twin = copy.deepcopy(lin)
+    assert twin._kernel[2] is not wl and torch.equal(twin(x), lin(x))
+    lin.half()  # a move brings the stored weight back and drops the repack (and makes the bias fp16)
+    assert lin._kernel is None
+    assert relative_error(lin(x.float()), reference_fp32(w, x.float(), lin.bias.float())) <= 1e-5
+
+
+def test_prepare_kernels_leaves_float_weights_without_a_wa_repack(ops_ext, gen):
+    from tensorslim.formats import CompressedLinear
+    from tensorslim.formats.mx import quantize_mx, quantize_nvfp4
+
+    assert not CompressedLinear(quantize_nvfp4(torch.randn(8, 128, generator=gen), parse_format("nvfp4"))
+                                ).prepare_kernels()  # 128 inputs: no 256-input block
+    tiny = quantize_mx(torch.randn(16, 512, generator=gen) * 1e-9, parse_format("mxfp4"))  # fp16 out of range
+    assert not CompressedLinear(tiny).prepare_kernels()
+    assert not CompressedLinear(quantize_mx(torch.randn(16, 512, generator=gen), parse_format("mxfp8"))
+                                ).prepare_kernels()

@@ -40,7 +40,12 @@ class CompressedLinear(nn.Module):
             from ..kernels import dispatch
 
             lay, extra, wl = self._kernel
-            if dispatch.activation_reason(x) is None and x.device == wl.q.device:
+            if lay is None:  # float / binary-coded formats: their "wa" repack alone
+                from ..kernels import dispatch_ext
+
+                if dispatch.activation_reason(x) is None and x.device == wl.device:
+                    return dispatch_ext.wa_layout_linear(wl, x, self.bias)
+            elif dispatch.activation_reason(x) is None and x.device == wl.q.device:
                 dispatch.keep_wa(lay, wl)  # (a deep copy or an unpickled module brings its own layout objects)
                 return dispatch.layout_linear(lay, extra, x, self.bias)
             if not getattr(self, "_warned", False):
@@ -55,8 +60,10 @@ class CompressedLinear(nn.Module):
         """Keep one copy of the codes on the GPU: build the kernels' repack now and move the stored weight to
         ``host`` (where ``save``, ``decode`` and the reference path use it; a call the kernels cannot take copies it
         back for that call, with a warning). Only where the "wa" kernel runs the weight: 2-4-bit integer groups and
-        ternary whose blocks fit, alone or summed with a low-rank term (which stays on the GPU), and 2:4 + int4 as
-        its equal dense int4 weight. Returns whether it did. Moving the module (``.to``, ``.cuda``, ``.half``) first
+        ternary whose blocks fit, alone or summed with a low-rank term (which stays on the GPU), 2:4 + int4 as
+        its equal dense int4 weight, and MXFP4 / NVFP4 / BCQ whose "wa" repack fits and takes both bf16 and fp16
+        (then "wa" runs every batch size, also where another path was faster: NVFP4's GEMV at 1 row, LUT-GEMM).
+        Returns whether it did. Moving the module (``.to``, ``.cuda``, ``.half``) first
         brings the stored weight back and undoes this. The dispatcher's memos of the GPU weight go with it."""
         from ..kernels import dispatch
 
@@ -65,17 +72,23 @@ class CompressedLinear(nn.Module):
         cw = self.compressed
         probe = torch.empty(0, dtype=torch.bfloat16, device=cw.device)
         found = dispatch.standalone_layout(cw) if dispatch.kernel_reason(cw, probe) is None else None
-        if found is None:
-            return False
-        lay, extra = found
-        self._kernel = (lay, extra, dispatch.wa_of(lay))
+        if found is not None:
+            lay, extra = found
+            self._kernel = (lay, extra, dispatch.wa_of(lay))
+        else:
+            from ..kernels import dispatch_ext
+
+            wl = dispatch_ext.standalone_wa(cw) if dispatch.kernel_reason(cw, probe) is None else None
+            if wl is None:
+                return False
+            self._kernel = (None, None, wl)
         self.compressed = cw.to(host)
         return True
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):  # type: ignore[override]
         # Follow device moves of the model; keep stored dtypes (a model.half() must not re-encode scales).
         if getattr(self, "_kernel", None) is not None:  # undo prepare_kernels(): stored weight back by the layout
-            self.compressed = self.compressed.to(self._kernel[2].q.device)
+            self.compressed = self.compressed.to(self._kernel[2].device)
             self._kernel = None
         self.compressed = _moved(self.compressed, fn)
         return super()._apply(fn, recurse)
@@ -100,8 +113,8 @@ def _moved(cw: CompressedWeight, fn: Callable[[torch.Tensor], torch.Tensor]) -> 
     for f in dataclasses.fields(cw):
         v = getattr(cw, f.name)
         if isinstance(v, torch.Tensor):
-            t = fn(v)
-            changes[f.name] = t if t.dtype == v.dtype else t.to(v.dtype)
+            t = fn(v)  # a dtype change (model.half()) is not applied: only the device move, values untouched
+            changes[f.name] = t if t.dtype == v.dtype else v.to(t.device)
         elif isinstance(v, CompressedWeight):
             changes[f.name] = _moved(v, fn)
     return dataclasses.replace(cw, **changes)

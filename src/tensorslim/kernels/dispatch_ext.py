@@ -162,6 +162,61 @@ def wa_ext_mm(wl: WALayoutExt, x: torch.Tensor, config, out_dtype: torch.dtype) 
     return ops.fp4_wa_mm(x, wl.q, wl.sc, wl.meta(), wl.post, list(config), out_dtype)
 
 
+def wa_configs(wl: WALayoutExt, m: int, sms: int = 132) -> list[Choice]:
+    """The "wa" choices for ``m`` rows (BCQ: ``q`` bits a weight in blocks of ``16 j`` inputs, i.e.
+    :func:`.dispatch.wa_candidates`' ``8 (2 j)``; no half-block configs)."""
+    bits, j = (wl.q, 2 * wl.j) if isinstance(wl, BCQWALayout) else (4, wl.j)
+    return [("wa", c[:5]) for c in wa_candidates(wl.n, wl.k, bits, j, m, sms) if not c[5]]
+
+
+def standalone_wa(cw: CompressedWeight) -> WALayoutExt | None:
+    """The "wa" repack that runs ``cw``'s kernel calls without its stored tensors (``CompressedLinear.
+    prepare_kernels``): an MXFP4 / NVFP4 / BCQ weight whose "wa" takes both bf16 and fp16 activations on its device
+    (self-check passed there; MX: exponents in range for both); else None."""
+    if wa_ext_reason(cw) is not None:
+        return None
+    if not all(wa_ext_ok(cw, dt, cw.device) for dt in (torch.bfloat16, torch.float16)):
+        return None
+    return wa_ext(cw)
+
+
+def wa_layout_linear(wl: WALayoutExt, x: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     choice: Choice | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` from a "wa" repack alone (a prepared module: the stored weight is in host memory). The
+    config is timed among :func:`wa_configs` once per (repack shape, batch bucket, dtype, device)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    out_dtype = out_dtype or x.dtype
+    if choice is None:
+        bucket = _pow2(x2d.shape[0])
+        if x2d.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            choice = _TUNED.get(wl.key() + ("alone", bucket, x2d.dtype, x2d.device)) or wa_configs(wl, bucket)[0]
+        else:
+            key = wl.key() + ("alone", bucket, x2d.dtype, x2d.device)
+            choice = _TUNED.get(key)
+            if choice is None:
+                choice = _tune_wa(wl, bucket, x2d.dtype, x2d.device)
+                _TUNED[key] = choice
+    y = wa_ext_mm(wl, x2d, choice[1], out_dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], wl.n)
+
+
+def _tune_wa(wl: WALayoutExt, m: int, dtype: torch.dtype, device: torch.device) -> Choice:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    x = torch.randn(m, wl.k, device=device, dtype=dtype)
+    best: tuple[float, Choice] | None = None
+    for c in wa_configs(wl, m, sms):
+        try:
+            ms = time_graph(lambda: wa_ext_mm(wl, x, c[1], dtype))
+        except Exception as e:  # a config the compiler rejects is skipped, not fatal
+            log.debug("candidate %s failed: %s", c, e)
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, c)
+    return best[1] if best is not None else wa_configs(wl, m, sms)[0]
+
+
 def _self_check_weight(kind: str, device: torch.device) -> CompressedWeight:
     from ..formats import parse_format
     from ..formats.bcq import quantize_bcq
@@ -218,9 +273,7 @@ def candidates(cw: CompressedWeight, lay, m: int, dtype: torch.dtype, sms: int =
     n, k = lay.n, lay.k
     out: list[Choice] = []
     if isinstance(lay, (FloatKernelLayout, BCQKernelLayout)) and wa_ext_ok(cw, dtype, device):
-        wl = wa_ext(cw)  # BCQ: q bits a weight in blocks of 16 j inputs, i.e. wa_candidates' 8 (2 j)
-        bits, j = (wl.q, 2 * wl.j) if isinstance(wl, BCQWALayout) else (4, wl.j)
-        out += [("wa", c[:5]) for c in wa_candidates(n, k, bits, j, m, sms) if not c[5]]
+        out += wa_configs(wa_ext(cw), m, sms)
     bm = min(max(16, _pow2(m)), 128)
     if isinstance(lay, FloatKernelLayout):
         one, one_ok = "gemv", (lambda b: b >= 32 and float_bk_ok("gemv", lay.meta(), b, dtype))

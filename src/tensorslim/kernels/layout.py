@@ -143,6 +143,10 @@ class WALayout:
     scales: torch.Tensor  # [n, n_groups], stored dtype; never 0 (a zero-scale group: codes = zero point, scale 1)
     zeros: torch.Tensor | None  # uint8 [n, n_groups], or None when symmetric
 
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
 
 WA_JS = (64, 32)  # words per row per block of the weights-as-A layout, preferred first (H200 sweep, session 5)
 

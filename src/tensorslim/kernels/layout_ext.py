@@ -202,6 +202,10 @@ class FP4WALayout:
     post: float = 1.0  # NVFP4: 1/g in fp32, applied to the fp32 accumulator
     exp_range: tuple[int, int] = (127, 127)  # MX: min and max exponent over the blocks with a nonzero code
 
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
     def dtype_ok(self, dtype: torch.dtype) -> bool:
         if self.nv:  # exact for every E4M3 scale in both dtypes (see triton.wa_fp4.nv_tile)
             return dtype in (torch.bfloat16, torch.float16)
@@ -272,6 +276,10 @@ class BCQWALayout:
     planes: torch.Tensor  # int32 [q, n, k/32]: wa_pack1 of each sign plane
     a2: torch.Tensor  # fp32 [q, n, n_groups]: 2 alpha
     c: torch.Tensor  # fp32 [n, n_groups]: offset - sum alpha
+
+    @property
+    def device(self) -> torch.device:
+        return self.planes.device
 
     def meta(self) -> list[int]:
         return [self.k, self.q, self.group, self.j]
