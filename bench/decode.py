@@ -7,12 +7,14 @@ Run from the repo root on a CUDA machine (no install, no download):
     python bench/decode.py --fuse --compile --batches 1   # the step through torch.compile (compile ~1 min/variant)
     python bench/decode.py --fuse --compile --batches 1 --formats int4:g128,int4:g128@prepared
                                            # "@prepared": CompressedLinear.prepare_kernels() after compressing
+    python bench/decode.py --fuse --compile --batches 1 --formats int4:g128,int4:g128@head
+                                           # "@head": the LM head compressed too (as torchao's int4 path does)
 Each row also gives ``extra_gpu_gib``: ``torch.cuda.memory_allocated()`` after its timing, less bf16's (the bench
 keeps the bf16 weights for every variant, so this is what the compressed linears and their kernel layouts add).
 The shapes come from a ``transformers.LlamaConfig`` (Llama-2-7B: 32 layers, 4096 hidden, 11008 MLP, 32 heads,
 32000 vocab) with random weights (std 0.02) on the GPU. The decoder is a minimal gpt-fast-style Llama (RMSNorm,
 RoPE, static KV cache, SDPA) whose linears are plain ``nn.Linear`` (bf16) or ``CompressedLinear`` (every linear of
-every block; embeddings and head stay bf16). One decode step is captured in a CUDA graph for every variant, so the
+every block; embeddings and head stay bf16 unless ``@head``). One decode step is captured in a CUDA graph for every variant, so the
 numbers measure GPU work, not Python. Correctness: the greedy tokens of the kernel path against the reference path
 on the same compressed weights (batch 1, first 24 tokens), two references: "exact" is the product the kernels are
 specified to compute (``decode()`` in fp32, fp32 accumulation, one rounding to bf16: ``reference_fp32``), and "bf16"
@@ -105,7 +107,7 @@ class Llama(nn.Module):
     def caches(self, b: int):
         cfg = self.cfg
         shape = (b, cfg.num_key_value_heads, self.max_len, cfg.hidden_size // cfg.num_attention_heads)
-        dev, dt = self.head.weight.device, self.head.weight.dtype
+        dev, dt = self.embed.weight.device, self.embed.weight.dtype  # (the head may be compressed: @head)
         return [(torch.zeros(shape, device=dev, dtype=dt), torch.zeros(shape, device=dev, dtype=dt))
                 for _ in self.blocks]
 
@@ -163,10 +165,17 @@ def fuse(dense: dict) -> dict:
 
 def compress(model: Llama, dense: dict, spec: str, ref: str | None = None) -> None:
     """Every block linear compressed to ``spec``: ``CompressedLinear`` (the kernels), or with ``ref`` a
-    :class:`RefLinear` of that mode. ``spec@prepared``: then ``prepare_kernels`` on them (stored weights to host)."""
+    :class:`RefLinear` of that mode. ``spec@prepared``: then ``prepare_kernels`` on them (stored weights to host).
+    ``spec@head``: the LM head too (torchao's int4 path quantizes every linear, the head included)."""
     from tensorslim.formats import CompressedLinear, parse_format, prepare_kernels, quantize_rtn
 
     spec, _, mode = spec.partition("@")
+    if mode == "head":
+        compress(model, dense, spec, ref)
+        model.dense_head = model.head
+        cw = quantize_rtn(model.head.weight.float(), parse_format(spec))
+        model.head = RefLinear(cw, ref) if ref else CompressedLinear(cw)
+        return
     if mode:
         assert mode == "prepared" and not ref, mode
         compress(model, dense, spec)
@@ -187,6 +196,9 @@ def compress(model: Llama, dense: dict, spec: str, ref: str | None = None) -> No
 
 
 def restore(model: Llama, dense: dict) -> None:
+    if hasattr(model, "dense_head"):  # after spec@head
+        model.head = model.dense_head
+        del model.dense_head
     for i, blk in enumerate(model.blocks):
         for name in NAMES + tuple(FUSED):
             if hasattr(blk, name):
@@ -340,7 +352,8 @@ def main() -> None:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from kernels import prewarm
 
-        shapes = sorted({(w.shape[1], w.shape[0]) for w in dense.values()})
+        shapes = sorted({(w.shape[1], w.shape[0]) for w in dense.values()}
+                        | ({(cfg.hidden_size, cfg.vocab_size)} if "@head" in args.formats else set()))
         specs = dict.fromkeys(f.partition("@")[0] for f in args.formats.split(","))
         prewarm([(k, n, spec, batches) for k, n in shapes for spec in specs], args.jobs)
     dev = torch.cuda.get_device_name()
@@ -353,7 +366,7 @@ def main() -> None:
             p1 = prompts[batches[0]][:1]
             refs = {}
             for mode in ("exact", "bf16"):
-                compress(model, dense, spec.partition("@")[0], ref=mode)
+                compress(model, dense, spec.replace("@prepared", ""), ref=mode)
                 refs[mode] = generate_eager(model, p1, 24)
             compress(model, dense, spec)
             got = generate_eager(model, p1, 24)

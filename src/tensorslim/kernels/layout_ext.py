@@ -312,14 +312,17 @@ def bcq_wa_reason(cw: CompressedWeight) -> str | None:
     return None
 
 
-def bcq_wa_layout(cw: CompressedWeight) -> BCQWALayout:
+def bcq_wa_layout(cw: CompressedWeight, j: int | None = None) -> BCQWALayout:
+    """The 1-bit weights-as-A repack; ``j`` (32 or 64, where it fits) defaults to :func:`bcq_wa_block_words`."""
     from ..formats.bcq import unpack_planes
 
     assert bcq_wa_reason(cw) is None, bcq_wa_reason(cw)
     out, inp = cw.shape
     q = cw.format.bits
     bits = unpack_planes(cw.planes, q, cw.shape)  # [q, out, inp]
-    j = bcq_wa_block_words(inp, cw.format.group(inp))
+    g = cw.format.group(inp)
+    j = j or bcq_wa_block_words(inp, g)
+    assert j in BCQ_WA_JS and inp % (16 * j) == 0 and g % j == 0 and (16 * j) % g == 0, (inp, g, j)
     planes = torch.stack([wa_pack1(bits[i], j) for i in range(q)]).contiguous()
     alphas = cw.alphas.float()  # [out, ng, q]
     c = cw.offsets.float()
