@@ -4,6 +4,7 @@ shows registers a thread before spending device time).
     pip download --no-deps triton==3.6.0 -d /tmp/t36whl && unzip -q -o /tmp/t36whl/*.whl -d /tmp/t36
     chmod +x /tmp/t36/triton/backends/nvidia/bin/*
     PYTHONPATH=/tmp/t36:src python bench/wa_compile.py [--shapes 4096x14336,...] [--batches 1,16,64,128] [--regs]
+    PYTHONPATH=/tmp/t36:src python bench/wa_compile.py --ext   # the MXFP4 / NVFP4 / BCQ3 "wa" kernels
 
 Uses whichever Triton is importable first (above: the device image's 3.6.0). Each distinct compilation (the
 constexprs and launch options of a candidate, bf16 activations, group 128 asymmetric, with and without split-K) is
@@ -56,6 +57,61 @@ def compile_one(key: tuple, regs: bool) -> str:
     return f"regs {m.group(1)} stack {m.group(2)} shared {m.group(3)}" if m else res.strip()[:200]
 
 
+def compile_ext(key: tuple, regs: bool) -> str:
+    """One MXFP4 / NVFP4 (``wa_fp4_kernel``) or BCQ (``wa_bcq_kernel``) "wa" compilation: ``key = (kind, j, bm, bn,
+    split, warps, stages)``, bf16 activations."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tensorslim.kernels.triton.wa_bcq import wa_bcq_kernel
+    from tensorslim.kernels.triton.wa_fp4 import wa_fp4_kernel
+
+    kind, j, bm, bn, split, warps, stages = key
+    out_t = "*fp32" if split > 1 else "*bf16"
+    if kind == "bcq3":
+        fn = wa_bcq_kernel
+        types = {"x_ptr": "*bf16", "out_ptr": out_t, "p_ptr": "*i32", "a_ptr": "*fp32", "c_ptr": "*fp32",
+                 "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+        consts = dict(Q=3, GROUP=128, J=j, BM=bm, BN=bn, USE_ASM=True, ATOMIC=split > 1, SERIAL=split > 1)
+    else:
+        fn = wa_fp4_kernel
+        types = {"x_ptr": "*bf16", "out_ptr": out_t, "q_ptr": "*i32", "e_ptr": "*u8", "ws_ptr": "*fp32",
+                 "cnt_ptr": "*i32", "post": "fp32"}
+        consts = dict(GROUP=16 if kind == "nvfp4" else 32, J=j, BM=bm, BN=bn, USE_ASM=True, ATOMIC=split > 1,
+                      SERIAL=split > 1, NV=kind == "nvfp4")
+    sig = {nm: "constexpr" if nm in consts else types.get(nm, "i32") for nm in fn.arg_names}
+    ck = triton.compile(ASTSource(fn, sig, consts, {}), target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": warps, "num_stages": stages})
+    staged = ck.asm["ttgir"].count("local_alloc %lo") + ck.asm["ttgir"].count("local_alloc %hi")
+    msg = "ok" if not staged else f"decoded tile staged through shared memory ({staged} allocs)"
+    return f"{msg}, shared {ck.metadata.shared} B" if regs or staged else msg
+
+
+def ext_keys(shapes: str, batches: str) -> dict:
+    """Distinct "wa" compilations the dispatcher would launch for MXFP4 / NVFP4 / BCQ3 g128 on these shapes."""
+    from tensorslim.kernels.dispatch_ext import wa_configs
+    from tensorslim.kernels.layout_ext import BCQ_WA_JS, BCQWALayout, FP4WALayout, bcq_wa_block_words, wa_block_words
+
+    keys: dict = {}
+    for shape in shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        layouts = []
+        if k % 256 == 0:
+            layouts.append(("nvfp4", FP4WALayout(n=n, k=k, j=32, group=16, q=None, sc=None, nv=True)))
+            j = wa_block_words(k, 32)
+            if j:
+                layouts.append(("mxfp4", FP4WALayout(n=n, k=k, j=j, group=32, q=None, sc=None)))
+        for j in BCQ_WA_JS:  # every block size the layout may pick
+            if bcq_wa_block_words(k, 128) and k % (16 * j) == 0:
+                layouts.append(("bcq3", BCQWALayout(n=n, k=k, q=3, j=j, group=128, planes=None, a2=None, c=None)))
+        for kind, wl in layouts:
+            for m in map(int, batches.split(",")):
+                for _, cfg in wa_configs(wl, m):
+                    keys.setdefault((kind, wl.j, cfg[0], cfg[1], min(cfg[2], 2), cfg[3], cfg[4]), f"{shape} m={m}")
+    return keys
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4096x14336,14336x4096,8192x28672,28672x8192,11008x4096")
@@ -63,7 +119,26 @@ def main() -> None:
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--lowrank", action="store_true", help="also the fused low-rank epilogue")
     ap.add_argument("--regs", action="store_true")
+    ap.add_argument("--ext", action="store_true", help="the MXFP4 / NVFP4 / BCQ3 'wa' kernels instead (session 13); "
+                    "also flags a decoded tile staged through shared memory")
     args = ap.parse_args()
+    if args.ext:
+        import triton
+
+        keys = ext_keys(args.shapes, args.batches)
+        print(f"triton {triton.__version__}: {len(keys)} distinct compilations", flush=True)
+        fails = 0
+        for key, where in sorted(keys.items()):
+            try:
+                msg = compile_ext(key, args.regs)
+            except Exception as e:
+                msg = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            fails += not msg.startswith("ok")
+            if args.regs or not msg.startswith("ok"):
+                print(f"  {key[0]} j={key[1]} BM={key[2]} BN={key[3]} split={'>1' if key[4] > 1 else 1} "
+                      f"warps={key[5]} stages={key[6]} ({where}): {msg}", flush=True)
+        print(f"{fails} failed", flush=True)
+        sys.exit(1 if fails else 0)
     import torch
 
     import triton
