@@ -70,15 +70,16 @@ class CompressedLinear(nn.Module):
         if getattr(self, "_kernel", None) is not None:
             return True
         cw = self.compressed
-        probe = torch.empty(0, dtype=torch.bfloat16, device=cw.device)
-        found = dispatch.standalone_layout(cw) if dispatch.kernel_reason(cw, probe) is None else None
+        if dispatch.kernel_reason(cw, torch.empty(0, dtype=torch.bfloat16, device=cw.device)) is not None:
+            return False
+        found = dispatch.standalone_layout(cw)
         if found is not None:
             lay, extra = found
             self._kernel = (lay, extra, dispatch.wa_of(lay))
-        else:
+        else:  # float / binary-coded formats: their "wa" repack
             from ..kernels import dispatch_ext
 
-            wl = dispatch_ext.standalone_wa(cw) if dispatch.kernel_reason(cw, probe) is None else None
+            wl = dispatch_ext.standalone_wa(cw)
             if wl is None:
                 return False
             self._kernel = (None, None, wl)

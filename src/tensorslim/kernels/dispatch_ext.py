@@ -188,14 +188,13 @@ def wa_layout_linear(wl: WALayoutExt, x: torch.Tensor, bias: torch.Tensor | None
     out_dtype = out_dtype or x.dtype
     if choice is None:
         bucket = _pow2(x2d.shape[0])
-        if x2d.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            choice = _TUNED.get(wl.key() + ("alone", bucket, x2d.dtype, x2d.device)) or wa_configs(wl, bucket)[0]
-        else:
-            key = wl.key() + ("alone", bucket, x2d.dtype, x2d.device)
-            choice = _TUNED.get(key)
-            if choice is None:
-                choice = _tune_wa(wl, bucket, x2d.dtype, x2d.device)
-                _TUNED[key] = choice
+        key = wl.key() + ("alone", bucket, x2d.dtype, x2d.device)
+        choice = _TUNED.get(key)
+        if choice is None:
+            if x2d.device.type != "cuda" or torch.cuda.is_current_stream_capturing():  # no timing: first config
+                choice = wa_configs(wl, bucket)[0]
+            else:
+                choice = _TUNED[key] = _tune_wa(wl, bucket, x2d.dtype, x2d.device)
     y = wa_ext_mm(wl, x2d, choice[1], out_dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
@@ -203,18 +202,9 @@ def wa_layout_linear(wl: WALayoutExt, x: torch.Tensor, bias: torch.Tensor | None
 
 
 def _tune_wa(wl: WALayoutExt, m: int, dtype: torch.dtype, device: torch.device) -> Choice:
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    cands = wa_configs(wl, m, torch.cuda.get_device_properties(device).multi_processor_count)
     x = torch.randn(m, wl.k, device=device, dtype=dtype)
-    best: tuple[float, Choice] | None = None
-    for c in wa_configs(wl, m, sms):
-        try:
-            ms = time_graph(lambda: wa_ext_mm(wl, x, c[1], dtype))
-        except Exception as e:  # a config the compiler rejects is skipped, not fatal
-            log.debug("candidate %s failed: %s", c, e)
-            continue
-        if best is None or ms < best[0]:
-            best = (ms, c)
-    return best[1] if best is not None else wa_configs(wl, m, sms)[0]
+    return _fastest(cands, lambda c: wa_ext_mm(wl, x, c[1], dtype)) or cands[0]
 
 
 def _self_check_weight(kind: str, device: torch.device) -> CompressedWeight:
@@ -362,16 +352,23 @@ def tune(cw: CompressedWeight, lay, m: int, dtype: torch.dtype, device: torch.de
     """Time every candidate for ``m`` rows (median of CUDA-graph replays) and return the fastest."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     x = torch.randn(m, lay.k, device=device, dtype=dtype)
+    best = _fastest(candidates(cw, lay, m, dtype, sms, torch.device(device)),
+                    lambda c: run_choice(c, cw, lay, x, dtype))
+    if best is None:
+        return ("reference", ())
+    log.debug("tuned %s m=%d: %s", lay.key(), m, best)
+    return best
+
+
+def _fastest(cands: list[Choice], run) -> Choice | None:
+    """The candidate whose ``run(c)`` replays fastest; configs the compiler rejects are skipped (None: all were)."""
     best: tuple[float, Choice] | None = None
-    for c in candidates(cw, lay, m, dtype, sms, torch.device(device)):
+    for c in cands:
         try:
-            ms = time_graph(lambda: run_choice(c, cw, lay, x, dtype))
+            ms = time_graph(lambda: run(c))
         except Exception as e:  # a config the compiler rejects is skipped, not fatal
             log.debug("candidate %s failed: %s", c, e)
             continue
         if best is None or ms < best[0]:
             best = (ms, c)
-    if best is None:
-        return ("reference", ())
-    log.debug("tuned %s m=%d: %s (%.1f us)", lay.key(), m, best[1], best[0] * 1e3)
-    return best[1]
+    return None if best is None else best[1]

@@ -10,8 +10,9 @@ the outputs, so a ``[BK/P, BN]`` tile is one coalesced load.
 - :class:`BCQKernelLayout` (``BCQWeight``): each sign plane ``[out, in/8]`` bytes viewed as int32 (bit ``b`` of word
   ``j`` = input ``32j + b``) and transposed: ``planes [q, K/32, N]``; alphas ``[q, n_groups, N]``, offsets
   ``[n_groups, N]`` (stored dtype).
-- :class:`FP4WALayout` (``MXFPWeight`` with E2M1 elements): int4's weights-as-A repack of the codes and the E8M0
-  exponents ``[N, n_blocks]`` for :mod:`.triton.wa_fp4` (blocks whose codes are all zero get a harmless exponent).
+- :class:`FP4WALayout` (``MXFPWeight`` with E2M1 elements, ``NVFP4Weight``): int4's weights-as-A repack of the
+  codes and the scale bytes ``[N, n_blocks]`` (E8M0 exponents, where blocks whose codes are all zero get a harmless
+  exponent; or NVFP4's E4M3 scales, with ``1/g`` as ``post``) for :mod:`.triton.wa_fp4`.
 - :class:`BCQWALayout` (``BCQWeight``): the sign planes in a 1-bit weights-as-A layout, ``2 alpha`` and ``offset -
   sum alpha`` in fp32 ``[.., N, n_groups]``, for :mod:`.triton.wa_bcq`.
 - :class:`Sparse24KernelLayout` (``SparseWeight`` 2:4 with an inner int4 ``IntGroup``): the inner weight's integer
