@@ -174,3 +174,40 @@ def test_prepare_kernels_leaves_float_weights_without_a_wa_repack(ops_ext, gen):
     assert not CompressedLinear(tiny).prepare_kernels()
     assert not CompressedLinear(quantize_mx(torch.randn(16, 512, generator=gen), parse_format("mxfp8"))
                                 ).prepare_kernels()
+
+
+@pytest.mark.parametrize("kind", ["mxfp4", "nvfp4", "bcq3 J32", "bcq3 J64"])
+def test_wa_configs_exist_for_every_batch_and_fit_shared_memory(gen, kind):
+    """A prepared module runs every batch size through "wa", so every batch bucket needs configs. Before session 14
+    there were none above 64 rows (the integer kernel's wide sets are half-block configs, and its one full-block
+    set did not fit a 64-row activation tile of 512 inputs in 3 stages): a prepared module failed at 128 rows on
+    the GPU. Every config must also fit Hopper's 227 KB of shared memory (words + activations a stage)."""
+    from tensorslim.formats.mx import quantize_mx, quantize_nvfp4
+
+    k = 2048
+    w0 = torch.randn(128, k, generator=gen) * 0.02
+    if kind.startswith("bcq"):
+        wl = bcq_wa_layout(bcq_weight(128, k, "bcq3:g128", gen), int(kind[-2:]))
+    else:
+        wl = dispatch_ext.wa_ext(quantize_nvfp4(w0, parse_format("nvfp4")) if kind == "nvfp4"
+                                 else quantize_mx(w0, parse_format("mxfp4")))
+    inputs = 16 * wl.j if kind.startswith("bcq") else 8 * wl.j  # a block
+    bits = 3 if kind.startswith("bcq") else 4
+    for m in (1, 2, 8, 16, 32, 64, 128, 256, 1024, 4096):
+        cands = dispatch_ext.wa_configs(wl, m)
+        assert cands, (kind, m)
+        for _, (bm, bn, split, warps, stages) in cands:
+            assert stages * (bn * inputs * bits // 8 + inputs * bm * 2) <= 227 * 1024, (kind, m, bm, bn, stages)
+            assert 1 <= split <= wl.k // inputs and bm >= 8 and bn >= 16
+
+
+def test_prepared_bcq_module_runs_many_rows(ops_ext, gen):
+    """The GPU failure above, under the interpreter: a prepared BCQ3 module at 65 and 128 rows."""
+    from tensorslim.formats import CompressedLinear
+
+    w = bcq_weight(40, 512, "bcq3:g128", gen)
+    lin = CompressedLinear(w)
+    assert lin.prepare_kernels()
+    for m in (65, 128):
+        x = torch.randn(m, 512, generator=gen).to(torch.float16)
+        assert relative_error(lin(x).float(), reference_fp32(w, x)) <= 4e-3, (m, gen.seed_)

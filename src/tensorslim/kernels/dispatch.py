@@ -396,8 +396,11 @@ def candidates(lay: IntKernelLayout, m: int, sms: int = 132) -> list[Choice]:
     return out
 
 
-def wa_candidates(n: int, k: int, bits: int, j: int, m: int, sms: int = 132) -> list[tuple[int, ...]]:
+def wa_candidates(n: int, k: int, bits: int, j: int, m: int, sms: int = 132, *,
+                  wide: list[tuple[int, ...]] | None = None) -> list[tuple[int, ...]]:
     """"wa" configs ``(BM, BN, SPLIT_K, warps, stages, half)`` for ``m`` rows on blocks of ``8 j`` inputs.
+    ``wide``: the ``(BN, warps, stages, half)`` sets for more than 32 rows instead of the integer kernel's (which
+    are mostly half-block configs, int4 only).
 
     BN = 64 with 4 warps runs Hopper's ``wgmma``; BN = 32 or 2 warps run ``mma.sync`` (no async waits), which won at
     1 and 16 rows on some H100 shapes (session 5). ``half`` (int4): half-block iterations, half the shared memory a
@@ -412,8 +415,8 @@ def wa_candidates(n: int, k: int, bits: int, j: int, m: int, sms: int = 132) -> 
     else:  # session 6 (H100): BN 128-256 half-block configs won every key at 64 and 128 rows; session 9
         # (`wa_sweep.py --wide`): BN 64 half-block, 1 warpgroup, won 128 rows on 14336x4096 and 28672x8192
         bms = [32, 64] if m <= 64 else [64, 128]
-        sets = [(128, 8, 2, 1), (128, 8, 3, 1), (256, 16, 2, 1), (256, 16, 3, 1), (64, 4, 3, 0), (64, 4, 3, 1),
-                (64, 4, 4, 1)]
+        sets = wide or [(128, 8, 2, 1), (128, 8, 3, 1), (256, 16, 2, 1), (256, 16, 3, 1), (64, 4, 3, 0),
+                        (64, 4, 3, 1), (64, 4, 4, 1)]
     out: list[tuple[int, ...]] = []
     for bm in bms:
         for bn, warps, stages, half in sets:

@@ -162,11 +162,20 @@ def wa_ext_mm(wl: WALayoutExt, x: torch.Tensor, config, out_dtype: torch.dtype) 
     return ops.fp4_wa_mm(x, wl.q, wl.sc, wl.meta(), wl.post, list(config), out_dtype)
 
 
+# (BN, warps, stages, half) for more than 32 rows: full-block tiles of 2-3 stages (the integer sets there are
+# half-block configs, which these kernels do not have; with 512-input blocks their one full-block set fits no
+# 64-row activation tile in 3 stages, so there was no config at all above 64 rows before session 14)
+_WIDE = [(64, 4, 2, 0), (64, 4, 3, 0), (128, 8, 2, 0), (32, 2, 2, 0)]
+
+
 def wa_configs(wl: WALayoutExt, m: int, sms: int = 132) -> list[Choice]:
     """The "wa" choices for ``m`` rows (BCQ: ``q`` bits a weight in blocks of ``16 j`` inputs, i.e.
-    :func:`.dispatch.wa_candidates`' ``8 (2 j)``; no half-block configs)."""
+    :func:`.dispatch.wa_candidates`' ``8 (2 j)``; no half-block configs). Never empty: the smallest tiles fit any
+    block."""
     bits, j = (wl.q, 2 * wl.j) if isinstance(wl, BCQWALayout) else (4, wl.j)
-    return [("wa", c[:5]) for c in wa_candidates(wl.n, wl.k, bits, j, m, sms) if not c[5]]
+    out = [("wa", c[:5]) for c in wa_candidates(wl.n, wl.k, bits, j, m, sms, wide=_WIDE) if not c[5]]
+    bm = 32 if m > 32 else 8
+    return out or [("wa", (bm, 64, 1, 4, 2)), ("wa", (bm, 32, 1, 2, 1))]
 
 
 def standalone_wa(cw: CompressedWeight) -> WALayoutExt | None:
