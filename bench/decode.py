@@ -172,8 +172,9 @@ def compress(model: Llama, dense: dict, spec: str, ref: str | None = None) -> No
     spec, _, mode = spec.partition("@")
     if mode == "head":
         compress(model, dense, spec, ref)
-        model.dense_head = model.head
-        cw = quantize_rtn(model.head.weight.float(), parse_format(spec))
+        if not hasattr(model, "dense_head"):  # (a second call, as the reference modes make, keeps the first)
+            model.dense_head = model.head
+        cw = quantize_rtn(model.dense_head.weight.float(), parse_format(spec))
         model.head = RefLinear(cw, ref) if ref else CompressedLinear(cw)
         return
     if mode:

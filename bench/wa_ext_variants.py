@@ -40,7 +40,7 @@ def make(spec: str, k: int, n: int, device: str):
     torch.manual_seed(0)
     w = torch.randn(n, k, device=device) * 0.02
     if spec == "bcq3":  # as bench/kernels_new_formats.py: an int3 RTN weight as BCQ
-        return bcq_from_intgroup(quantize_rtn(w, parse_format("int3:g128")))
+        return bcq_from_intgroup(quantize_rtn(w, parse_format("int3:g128" if k % 128 == 0 else "int3:g64")))
     return quantize_nvfp4(w, parse_format(spec)) if spec == "nvfp4" else quantize_mx(w, parse_format(spec))
 
 
