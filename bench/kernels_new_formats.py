@@ -55,7 +55,7 @@ def check(cw, x, choice) -> float:
 
     ref = reference_fp32(cw, x)
     path, config = choice
-    if path == "reference":
+    if path in ("reference", "dequant"):  # the weights rounded to bf16, then cuBLAS: bound 4e-3
         return relative_error(dispatch_ext.run_choice(choice, cw, None, x, torch.float32), ref) / 4
     lay = dispatch_ext.layout(cw)
     if path == "dense":  # 2:4 + int4 as dense int4 on the integer kernels: fp32 and bf16 outputs

@@ -7,7 +7,8 @@ runs it on the GPU:
 1. Correctness: a ``CompressedLinear`` per format on 4096x14336 and an odd 576x1536 (in x out), before and after
    ``prepare_kernels()``: prepared, at the issue's batch sizes 1, 2, 3, 7, 16, 33, 64, 128 with bf16 activations
    (and 16 rows of fp16), the module's own 16-bit output against ``x @ decode()^T`` in fp32 (relative error <= 4e-3: one
-   rounding of the output, as ``bench/kernels.py``'s 16-bit checks) and the fp32 output of the same repack (<= 1e-3);
+   rounding of the output, as ``bench/kernels.py``'s 16-bit checks) and the fp32 output of the same repack (<= 1e-3; 4e-3 where the
+   tuner chose "dequant", which rounds the weights to the activation dtype);
    unprepared (the dispatcher's tuned choice, checked since session 13) at 1 and 16 bf16 rows; on 576x1536 no "wa"
    block fits and ``prepare_kernels()`` must decline.
 2. GPU memory per module: the stored weight, what the dispatcher adds on the first calls (kernel layout + "wa"
@@ -57,7 +58,7 @@ def tensor_bytes(obj) -> int:
 
 def check_part() -> tuple[list[dict], int]:
     from tensorslim.formats import CompressedLinear
-    from tensorslim.kernels import dispatch_ext
+    from tensorslim.kernels import dispatch, dispatch_ext
     from tensorslim.kernels.reference import reference_fp32, relative_error
     from wa_ext_variants import make
 
@@ -92,8 +93,11 @@ def check_part() -> tuple[list[dict], int]:
                 errs16, errs32 = [], []
                 for key, x in xs.items():
                     errs16.append(relative_error(mod(x).float(), refs[key]))
-                    errs32.append(relative_error(dispatch_ext.wa_layout_linear(wl, x, out_dtype=torch.float32),
-                                                 refs[key]))
+                    y32 = dispatch_ext.wa_layout_linear(wl, x, out_dtype=torch.float32)
+                    tuned = dispatch_ext._TUNED.get(wl.key() + ("alone", dispatch._pow2(x.shape[0]), x.dtype,
+                                                                x.device))
+                    # "dequant" rounds the weights to the activation dtype, then cuBLAS: its bound is 4e-3
+                    errs32.append(relative_error(y32, refs[key]) / (4 if tuned and tuned[0] == "dequant" else 1))
                 row["prepared_err16"], row["prepared_err32"] = max(errs16), max(errs32)
                 ok = ok and row["prepared_err16"] <= 4 * TOL and row["prepared_err32"] <= TOL
             fails += not ok

@@ -4,7 +4,7 @@ shows registers a thread before spending device time).
     pip download --no-deps triton==3.6.0 -d /tmp/t36whl && unzip -q -o /tmp/t36whl/*.whl -d /tmp/t36
     chmod +x /tmp/t36/triton/backends/nvidia/bin/*
     PYTHONPATH=/tmp/t36:src python bench/wa_compile.py [--shapes 4096x14336,...] [--batches 1,16,64,128] [--regs]
-    PYTHONPATH=/tmp/t36:src python bench/wa_compile.py --ext   # the MXFP4 / NVFP4 / BCQ3 "wa" kernels
+    PYTHONPATH=/tmp/t36:src python bench/wa_compile.py --ext   # the MXFP4 / NVFP4 / BCQ3 "wa" and "dequant" kernels
 
 Uses whichever Triton is importable first (above: the device image's 3.6.0). Each distinct compilation (the
 constexprs and launch options of a candidate, bf16 activations, group 128 asymmetric, with and without split-K) is
@@ -68,6 +68,8 @@ def compile_ext(key: tuple, regs: bool) -> str:
     from tensorslim.kernels.triton.wa_fp4 import wa_fp4_kernel
 
     kind, j, bm, bn, split, warps, stages = key
+    if kind.startswith("dequant-"):
+        return compile_dequant(kind[len("dequant-"):], j)
     out_t = "*fp32" if split > 1 else "*bf16"
     if kind == "bcq3":
         fn = wa_bcq_kernel
@@ -86,6 +88,29 @@ def compile_ext(key: tuple, regs: bool) -> str:
     staged = ck.asm["ttgir"].count("local_alloc %lo") + ck.asm["ttgir"].count("local_alloc %hi")
     msg = "ok" if not staged else f"decoded tile staged through shared memory ({staged} allocs)"
     return f"{msg}, shared {ck.metadata.shared} B" if regs or staged else msg
+
+
+def compile_dequant(kind: str, j: int) -> str:
+    """The "dequant" kernels of the MXFP4 / NVFP4 / BCQ3 repacks (session 14), bf16 and fp16 outputs."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tensorslim.kernels.ops_ext import DEQUANT_BN
+    from tensorslim.kernels.triton.wa_ext_dequant import bcq_wa_dequant_kernel, fp4_wa_dequant_kernel
+
+    for out_t in ("*bf16", "*fp16"):
+        if kind == "bcq3":
+            fn, consts = bcq_wa_dequant_kernel, dict(Q=3, GROUP=128, J=j, BN=DEQUANT_BN)
+            types = {"p_ptr": "*i32", "a_ptr": "*fp32", "c_ptr": "*fp32", "out_ptr": out_t}
+        else:
+            fn = fp4_wa_dequant_kernel
+            consts = dict(GROUP=16 if kind == "nvfp4" else 32, J=j, BN=DEQUANT_BN, NV=kind == "nvfp4")
+            types = {"q_ptr": "*i32", "e_ptr": "*u8", "out_ptr": out_t, "post": "fp32"}
+        sig = {nm: "constexpr" if nm in consts else types.get(nm, "i32") for nm in fn.arg_names}
+        triton.compile(ASTSource(fn, sig, consts, {}), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, "num_stages": 3})
+    return "ok"
 
 
 def ext_keys(shapes: str, batches: str) -> dict:
@@ -107,7 +132,10 @@ def ext_keys(shapes: str, batches: str) -> dict:
                 layouts.append(("bcq3", BCQWALayout(n=n, k=k, q=3, j=j, group=128, planes=None, a2=None, c=None)))
         for kind, wl in layouts:
             for m in map(int, batches.split(",")):
-                for _, cfg in wa_configs(wl, m):
+                for path, cfg in wa_configs(wl, m):
+                    if path == "dequant":
+                        keys.setdefault(("dequant-" + kind, wl.j, 0, 0, 0, 4, 3), f"{shape} m={m}")
+                        continue
                     keys.setdefault((kind, wl.j, cfg[0], cfg[1], min(cfg[2], 2), cfg[3], cfg[4]), f"{shape} m={m}")
     return keys
 

@@ -196,7 +196,8 @@ def test_wa_configs_exist_for_every_batch_and_fit_shared_memory(gen, kind):
     for m in (1, 2, 8, 16, 32, 64, 128, 256, 1024, 4096):
         cands = dispatch_ext.wa_configs(wl, m)
         assert cands, (kind, m)
-        for _, (bm, bn, split, warps, stages) in cands:
+        assert (("dequant", ()) in cands) == (m >= 64)
+        for _, (bm, bn, split, warps, stages) in (c for c in cands if c[0] == "wa"):
             assert stages * (bn * inputs * bits // 8 + inputs * bm * 2) <= 227 * 1024, (kind, m, bm, bn, stages)
             assert 1 <= split <= wl.k // inputs and bm >= 8 and bn >= 16
 
@@ -211,3 +212,42 @@ def test_prepared_bcq_module_runs_many_rows(ops_ext, gen):
     for m in (65, 128):
         x = torch.randn(m, 512, generator=gen).to(torch.float16)
         assert relative_error(lin(x).float(), reference_fp32(w, x)) <= 4e-3, (m, gen.seed_)
+
+
+@pytest.mark.parametrize("kind", ["mxfp4", "mxfp4:b64", "nvfp4", "bcq1:g1024", "bcq2:g32", "bcq3:g128", "bcq4:g512",
+                                  "bcq3:g128 J64"])
+def test_wa_ext_dequant_is_decode_rounded_once(ops_ext, gen, kind):
+    """The "dequant" path's dense weight from the "wa" repack (:mod:`tensorslim.kernels.triton.wa_ext_dequant`) is
+    ``decode()`` rounded once to the activation dtype: identical for MX (exact products), within one rounding step
+    elsewhere (fp32 reassociation before the rounding); odd row counts exercise the row mask. Then the path itself,
+    through a "wa"-only call as a prepared module makes it, against ``x @ decode()^T``."""
+    from tensorslim.formats.mx import quantize_mx, quantize_nvfp4
+
+    n, k = 37, 1024
+    w0 = torch.randn(n, k, generator=gen) * 0.02
+    if kind.startswith("bcq"):
+        cw = bcq_weight(n, k, kind.split()[0], gen)
+        wl = bcq_wa_layout(cw, 64) if kind.endswith("J64") else dispatch_ext.wa_ext(cw)
+    else:
+        spec = {"mxfp4:b64": "mxfp4:b64"}.get(kind, kind)
+        cw = quantize_nvfp4(w0, parse_format(spec)) if kind == "nvfp4" else quantize_mx(w0, parse_format(spec))
+        wl = dispatch_ext.wa_ext(cw)
+    for dtype in (torch.bfloat16, torch.float16):
+        if not kind.startswith("bcq") and not wl.dtype_ok(dtype):
+            continue
+        got = dispatch_ext.wa_ext_dequant(wl, dtype)
+        want = cw.decode(torch.float32)
+        assert got.shape == (n, k) and got.dtype == dtype
+        if kind.startswith("mx"):
+            assert torch.equal(got, want.to(dtype)), (kind, dtype)
+        else:  # one step of the dtype's grid at most, where fp32 rounding order moved a value across a midpoint
+            step = torch.finfo(dtype).eps * want.abs().clamp_min(torch.finfo(dtype).tiny)
+            assert ((got.float() - want).abs() <= step).all(), (kind, dtype)
+            assert (got != want.to(dtype)).float().mean() < 1e-3, (kind, dtype)
+    x = torch.randn(65, k, generator=gen).to(torch.float16)
+    y = dispatch_ext.wa_layout_linear(wl, x, choice=("dequant", ()), out_dtype=torch.float32)
+    assert relative_error(y, reference_fp32(cw, x)) <= 4e-3, (kind, gen.seed_)
+    torch.library.opcheck(*((ops_ext.bcq_wa_dequant, (wl.planes, wl.a2, wl.c, wl.meta(), torch.float16))
+                            if kind.startswith("bcq") else
+                            (ops_ext.fp4_wa_dequant, (wl.q, wl.sc, wl.meta(), wl.post, torch.float16))),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -8,6 +8,9 @@ device) by timing the candidates in CUDA-graph replays (:func:`.dispatch.time_gr
 - BCQ: "lut" (LUT-GEMM, 1-16 rows), "gemm" (sign planes on tensor cores, any rows), "reference" (>= 64 rows), and
   "wa" (any rows; :mod:`.triton.wa_bcq`: the sign planes in a 1-bit weights-as-A repack, the per-group sums on the
   tensor cores, scaled in fp32), where the shape fits (:func:`.layout_ext.bcq_wa_reason`) and it passed a self-check;
+- MXFP4, NVFP4 and BCQ, where "wa" runs, also "dequant" at 64+ rows (the "wa" repack decoded to the activation
+  dtype by :mod:`.triton.wa_ext_dequant`, then cuBLAS: "reference" without its many PyTorch passes, and the
+  many-row path of a prepared module, which keeps only that repack);
 - MXFP4 and NVFP4 also "wa" (any rows; :mod:`.triton.wa_fp4`: the codes in int4's weights-as-A repack, decoded by
   bit tricks in registers straight into the tensor cores' A operand), where (MX) the block scales' exponent range
   suits the activation dtype (:attr:`.layout_ext.MX_WA_EXP`) and its inline-PTX decode passed a self-check on this device
@@ -169,13 +172,31 @@ _WIDE = [(64, 4, 2, 0), (64, 4, 3, 0), (128, 8, 2, 0), (32, 2, 2, 0)]
 
 
 def wa_configs(wl: WALayoutExt, m: int, sms: int = 132) -> list[Choice]:
-    """The "wa" choices for ``m`` rows (BCQ: ``q`` bits a weight in blocks of ``16 j`` inputs, i.e.
-    :func:`.dispatch.wa_candidates`' ``8 (2 j)``; no half-block configs). Never empty: the smallest tiles fit any
-    block."""
+    """The choices that need only the "wa" repack for ``m`` rows: "wa" configs (BCQ: ``q`` bits a weight in blocks of
+    ``16 j`` inputs, i.e. :func:`.dispatch.wa_candidates`' ``8 (2 j)``; no half-block configs; never none: the
+    smallest tiles fit any block), and for 64+ rows "dequant" (the repack decoded to the activation dtype, then
+    cuBLAS: :func:`wa_ext_dequant`)."""
     bits, j = (wl.q, 2 * wl.j) if isinstance(wl, BCQWALayout) else (4, wl.j)
     out = [("wa", c[:5]) for c in wa_candidates(wl.n, wl.k, bits, j, m, sms, wide=_WIDE) if not c[5]]
     bm = 32 if m > 32 else 8
-    return out or [("wa", (bm, 64, 1, 4, 2)), ("wa", (bm, 32, 1, 2, 1))]
+    out = out or [("wa", (bm, 64, 1, 4, 2)), ("wa", (bm, 32, 1, 2, 1))]
+    return out + [("dequant", ())] if m >= 64 else out
+
+
+def wa_ext_dequant(wl: WALayoutExt, dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``W [N, K]`` in ``dtype`` (bf16 / fp16) from a "wa" repack: ``decode()`` rounded once."""
+    ops = _ops()
+    if isinstance(wl, BCQWALayout):
+        return ops.bcq_wa_dequant(wl.planes, wl.a2, wl.c, wl.meta(), dtype)
+    return ops.fp4_wa_dequant(wl.q, wl.sc, wl.meta(), wl.post, dtype)
+
+
+def run_wa_ext(wl: WALayoutExt, x2d: torch.Tensor, choice: Choice, out_dtype: torch.dtype) -> torch.Tensor:
+    """One of :func:`wa_configs`' choices: a "wa" launch, or "dequant" then cuBLAS (the weights rounded to the
+    activation dtype, as the "reference" path rounds them)."""
+    if choice[0] == "dequant":
+        return torch.nn.functional.linear(x2d, wa_ext_dequant(wl, x2d.dtype)).to(out_dtype)
+    return wa_ext_mm(wl, x2d, choice[1], out_dtype)
 
 
 def standalone_wa(cw: CompressedWeight) -> WALayoutExt | None:
@@ -204,7 +225,7 @@ def wa_layout_linear(wl: WALayoutExt, x: torch.Tensor, bias: torch.Tensor | None
                 choice = wa_configs(wl, bucket)[0]
             else:
                 choice = _TUNED[key] = _tune_wa(wl, bucket, x2d.dtype, x2d.device)
-    y = wa_ext_mm(wl, x2d, choice[1], out_dtype)
+    y = run_wa_ext(wl, x2d, choice, out_dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], wl.n)
@@ -213,7 +234,7 @@ def wa_layout_linear(wl: WALayoutExt, x: torch.Tensor, bias: torch.Tensor | None
 def _tune_wa(wl: WALayoutExt, m: int, dtype: torch.dtype, device: torch.device) -> Choice:
     cands = wa_configs(wl, m, torch.cuda.get_device_properties(device).multi_processor_count)
     x = torch.randn(m, wl.k, device=device, dtype=dtype)
-    return _fastest(cands, lambda c: wa_ext_mm(wl, x, c[1], dtype)) or cands[0]
+    return _fastest(cands, lambda c: run_wa_ext(wl, x, c, dtype)) or cands[0]
 
 
 def _self_check_weight(kind: str, device: torch.device) -> CompressedWeight:
@@ -230,8 +251,9 @@ def _self_check_weight(kind: str, device: torch.device) -> CompressedWeight:
 
 def wa_ext_verified(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Once per (MXFP4 / NVFP4 / BCQ, device, dtype): does "wa" (inline PTX the CPU tests cannot run) match ``x @
-    decode()^T`` in fp32 on a small problem with a poisoned output, split-K and 16-bit output included? If not it
-    is never picked (logged), so a miscompiled bit trick costs speed, never results."""
+    decode()^T`` in fp32 on a small problem with a poisoned output, split-K and 16-bit output included, and does the
+    repack's "dequant" path (within its 4e-3: bf16 weights)? If not, neither is ever picked (logged), so a
+    miscompiled bit trick costs speed, never results."""
     key = (kind, str(device), dtype)
     ok = _WAEXT_CHECKED.get(key)
     if ok is None:
@@ -248,7 +270,8 @@ def wa_ext_verified(kind: str, device: torch.device, dtype: torch.dtype) -> bool
             launch_wa_ext(wl, x, [16, 64, 1, 4, 3], out)
             blocks = wl.k // ((16 if isinstance(wl, BCQWALayout) else 8) * wl.j)
             y = wa_ext_mm(wl, x, [8, 64, min(2, blocks), 4, 3], dtype)  # serial split-K where there are 2 blocks
-            err = max(relative_error(out, ref), relative_error(y.float(), ref) / 4)
+            yd = run_wa_ext(wl, x, ("dequant", ()), torch.float32)  # the repack's dequantizer (bf16 weights)
+            err = max(relative_error(out, ref), relative_error(y.float(), ref) / 4, relative_error(yd, ref) / 4)
         except Exception as e:  # compiler or launch failure
             log.warning("%s wa kernel unavailable on %s: %s", kind, device, e)
         ok = err <= 1e-3
@@ -317,8 +340,8 @@ def run_choice(choice: Choice, cw: CompressedWeight, lay, x2d: torch.Tensor, out
         return layout_linear(dense_layout(cw), None, x2d, out_dtype=out_dtype)
     ops = _ops()
     assert ops is not None
-    if path == "wa":
-        return wa_ext_mm(wa_ext(cw), x2d, config, out_dtype)
+    if path in ("wa", "dequant"):
+        return run_wa_ext(wa_ext(cw), x2d, choice, out_dtype)
     cfg = list(config)
     if isinstance(lay, FloatKernelLayout):
         return ops.float_mm(x2d, lay.q, lay.scales, lay.global_scale, lay.meta(), path, cfg, out_dtype)

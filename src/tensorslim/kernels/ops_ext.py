@@ -10,6 +10,8 @@ into a zeroed fp32 buffer with atomics. ``launch_*`` write into a caller's buffe
   reduces serially in :func:`.ops.split_scratch`'s workspace like ``wa_mm``;
 - ``tensorslim::bcq_wa_mm(x, planes, a2, c, meta=[k, q, group, j], config=[BM, BN, SPLIT_K, num_warps, num_stages],
   out_dtype)``: BCQ through the weights-as-A kernel (:mod:`.triton.wa_bcq`, layout :func:`.layout_ext.bcq_wa_layout`);
+- ``tensorslim::fp4_wa_dequant(q, sc, meta, post, out_dtype)`` and ``tensorslim::bcq_wa_dequant(planes, a2, c, meta,
+  out_dtype)``: the dense ``W [N, K]`` from those repacks (:mod:`.triton.wa_ext_dequant`; the "dequant" path);
 - ``tensorslim::bcq_mm(x, planes, alphas, offsets, meta=[k, q, group], path, config, out_dtype)``, path "lut" |
   "gemm";
 - ``tensorslim::sparse24_mm(x, qa, idx, scales, zeros?, meta=[k, group, symmetric], path, config, out_dtype)``,
@@ -27,6 +29,7 @@ from .triton.float_mm import float_gemm_kernel, float_gemv_kernel
 from .layout import check_wa_launch
 from .ops import _into_new
 from .triton.wa_bcq import wa_bcq_kernel
+from .triton.wa_ext_dequant import bcq_wa_dequant_kernel, fp4_wa_dequant_kernel
 from .triton.wa_fp4 import wa_fp4_kernel
 from .triton.sparse24_mm import sparse24_gemm_kernel, sparse24_gemv_kernel
 
@@ -229,6 +232,55 @@ def launch_bcq_wa(x: Tensor, planes: Tensor, a2: Tensor, c: Tensor, meta: list[i
         out.stride(0), planes.stride(0), a2.stride(0), Q=q, GROUP=group, J=j, BM=bm, BN=bn,
         USE_ASM=x.device.type == "cuda", ATOMIC=split_k > 1, SERIAL=serial, num_warps=num_warps,
         num_stages=num_stages)
+
+
+DEQUANT_BN = 32  # rows a dequant program (one block of inputs each)
+
+
+def launch_fp4_wa_dequant(q: Tensor, sc: Tensor, meta: list[int], post: float, out: Tensor) -> None:
+    """Dense ``W [N, K]`` of an MXFP4 / NVFP4 "wa" repack into ``out`` (bf16 or fp16; MX: the caller checks
+    ``FP4WALayout.dtype_ok``)."""
+    k, group, j, nv = meta
+    n = q.shape[0]
+    assert out.shape == (n, k) and out.dtype in (torch.bfloat16, torch.float16), (out.shape, out.dtype)
+    assert k % (8 * j) == 0 and (not nv or (group == 16 and j == 32)), (k, group, j, nv)
+    fp4_wa_dequant_kernel[(triton.cdiv(n, DEQUANT_BN), k // (8 * j))](
+        q, sc, out, n, k // 8, k // group, out.stride(0), float(post), GROUP=group, J=j, BN=DEQUANT_BN, NV=bool(nv))
+
+
+@torch.library.custom_op("tensorslim::fp4_wa_dequant", mutates_args=())
+def fp4_wa_dequant(q: Tensor, sc: Tensor, meta: list[int], post: float, out_dtype: torch.dtype) -> Tensor:
+    out = torch.empty(q.shape[0], meta[0], device=q.device, dtype=out_dtype)
+    launch_fp4_wa_dequant(q, sc, meta, post, out)
+    return out
+
+
+@fp4_wa_dequant.register_fake
+def _fp4_wa_dequant_fake(q, sc, meta, post, out_dtype):
+    return q.new_empty((q.shape[0], meta[0]), dtype=out_dtype)
+
+
+def launch_bcq_wa_dequant(planes: Tensor, a2: Tensor, c: Tensor, meta: list[int], out: Tensor) -> None:
+    """Dense ``W [N, K]`` of a BCQ "wa" repack into ``out`` (bf16 or fp16)."""
+    k, q, group, j = meta
+    n = planes.shape[1]
+    assert out.shape == (n, k) and out.dtype in (torch.bfloat16, torch.float16), (out.shape, out.dtype)
+    assert 1 <= q <= 4 and k % (16 * j) == 0 and group % j == 0 and (16 * j) % group == 0, (k, q, group, j)
+    bcq_wa_dequant_kernel[(triton.cdiv(n, DEQUANT_BN), k // (16 * j))](
+        planes, a2, c, out, n, k // 32, k // group, out.stride(0), planes.stride(0), a2.stride(0), Q=q, GROUP=group,
+        J=j, BN=DEQUANT_BN)
+
+
+@torch.library.custom_op("tensorslim::bcq_wa_dequant", mutates_args=())
+def bcq_wa_dequant(planes: Tensor, a2: Tensor, c: Tensor, meta: list[int], out_dtype: torch.dtype) -> Tensor:
+    out = torch.empty(planes.shape[1], meta[0], device=planes.device, dtype=out_dtype)
+    launch_bcq_wa_dequant(planes, a2, c, meta, out)
+    return out
+
+
+@bcq_wa_dequant.register_fake
+def _bcq_wa_dequant_fake(planes, a2, c, meta, out_dtype):
+    return planes.new_empty((planes.shape[1], meta[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op("tensorslim::bcq_wa_mm", mutates_args=())
