@@ -73,3 +73,13 @@ def test_new_format_benches_build_every_weight_and_task(bench_mod):
             assert (dispatch_ext.wa_ext_reason(cw) is None) == (k != 576), (spec, k)
     tasks = prepared.warm_tasks(prepared.SPEED_ROWS)
     assert len(set(tasks)) == len(tasks) and {t[0] for t in tasks} == set(prepared.SPECS)
+
+
+def test_greedy_real_flow_on_a_tiny_model(bench_mod, tiny_llm_dir):
+    """``bench/greedy_real.py`` end to end on the CPU (2-block Llama with SmolLM2's tokenizer): compress, the kernel
+    modules and the exact reference swapped in and back, fp32 head, one row per prompt."""
+    greedy_real = bench_mod("greedy_real")
+    res = greedy_real.run(str(tiny_llm_dir), "int4:g32", 3, "cpu")
+    assert len(res["rows"]) == len(greedy_real.PROMPTS) and 4 < res["bits_per_weight"] < 5
+    for row in res["rows"]:
+        assert 0 <= row["equal_prefix"] <= 3 and 0 <= row["teacher_forced_top1"] <= 3 and row["min_ref_margin"] >= 0
