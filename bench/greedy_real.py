@@ -151,12 +151,9 @@ def main() -> None:
     print(f"{res['device_name']}: {args.format} ({res['bits_per_weight']:.3f} bits a weight), {eq} of "
           f"{len(res['rows'])} prompts with all {args.new} greedy tokens equal to the reference; "
           f"{time.time() - t0:.0f}s", flush=True)
-    out_dir = os.environ.get("OUT") or "runs"
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "greedy_real.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(path + ".tmp", path)
+    from kernels import write_result
+
+    write_result(res, "greedy_real")
 
 
 if __name__ == "__main__":

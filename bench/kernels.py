@@ -332,7 +332,7 @@ def main() -> None:
     w1 = max((r["rel_err"] for r in results["correct"] if r["path"] != "dequant"), default=0.0)
     print(f"variants checked in {time.time() - t0:.0f}s: {n1} checks, worst relative error {w1:.1e} (dequant: "
           f"weights exact), {sum(1 for r in results['correct'] if not r['rel_err'] <= TOL)} over {TOL:g}", flush=True)
-    _write(results, run_name(args))
+    write_result(results, run_name(args))
     if args.sweep_only:
         n_fail = sum(1 for r in results["correct"] if not r["rel_err"] <= TOL)
         assert n_fail == 0, f"{n_fail} checks failed"
@@ -368,7 +368,7 @@ def main() -> None:
           f"(dequant path: weight exactness and output/4) ({time.time() - t0:.0f}s)")
 
     if args.smoke or args.check_only:
-        _write(results, run_name(args))
+        write_result(results, run_name(args))
         assert n_fail == 0, f"{n_fail} checks failed"
         return
     # 3. speed: CUDA-graph replay over rotating weight copies (cold L2), plus eager do_bench for int4 (overhead)
@@ -430,7 +430,7 @@ def main() -> None:
               + " | ".join(cells) + f" | {r['int4:g128_eager_us']:.1f} | {r['int4:g128_path'][0]} "
               f"{list(r['int4:g128_path'][1])} |")
     print(f"\nworst relative error of a fused kernel: {worst:.2e}; failures: {n_fail}; total {time.time() - t0:.0f}s")
-    _write(results, run_name(args))
+    write_result(results, run_name(args))
 
 
 def run_name(args) -> str:
@@ -441,7 +441,7 @@ def run_name(args) -> str:
     return "_".join(["kernels"] + modes)
 
 
-def _write(results: dict, name: str = "kernels") -> None:
+def write_result(results: dict, name: str = "kernels") -> None:
     """``$OUT/<name>.json`` (or under ``runs/``), written atomically; ``name`` tells the mode (``kernels_issue``,
     ``kernels_sweep``, ...), so that two commands in one device call do not overwrite each other's results."""
     out_dir = os.environ.get("OUT") or "runs"

@@ -230,13 +230,10 @@ def main() -> None:
             cells = [f"{r[f'{s} us']:.1f} ({r['bf16_us'] / r[f'{s} us']:.2f}x) {r.get(f'{s} path')}" for s in names]
             print(f"| {r['shape']} | {r['m']} | {r['bf16_us']:.1f} | " + " | ".join(cells) + " |")
     print(f"\ncheck failures: {fails}; total {time.time() - t0:.0f}s", flush=True)
-    out_dir = os.environ.get("OUT") or "runs"
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "prepared_ext.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"device": dev, "torch": torch.__version__, "checks": checks, "speed": speed, "failures": fails},
-                  f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+    from kernels import write_result
+
+    write_result({"device": dev, "torch": torch.__version__, "checks": checks, "speed": speed, "failures": fails},
+                 "prepared_ext")
 
 
 if __name__ == "__main__":

@@ -149,12 +149,9 @@ def main() -> None:
                  f"{list(r[f'{s} path'][1])}" if f"{s} us" in r else "" for s in names]
         print(f"| {r['shape']} | {r['m']} | {r['bf16_us']:.1f} | " + " | ".join(cells) + " |")
     print(f"\nfailures: {fails}; total {time.time() - t0:.0f}s")
-    out_dir = os.environ.get("OUT") or "runs"
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "wa_ext_variants.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"device": dev, "rows": rows, "failures": fails}, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+    from kernels import write_result
+
+    write_result({"device": dev, "rows": rows, "failures": fails}, "wa_ext_variants")
 
 
 if __name__ == "__main__":
