@@ -136,7 +136,7 @@ def run(bench_graph, n_copies, quick: bool = False, specs: list[str] | None = No
             cw = make(spec, k, n)
             for m in (1, 16):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                c = dispatch_ext.tuned_choice(cw, dispatch_ext.layout(cw), x)
+                c = dispatch_ext.runtime_choice(cw, x)
                 record(spec, f"{k}x{n}", m, c, check(cw, x, c), True)
     n_fail = sum(1 for r in results["correct"] if not r["rel_err"] <= TOL)
     worst = max(r["rel_err"] for r in results["correct"])
@@ -161,7 +161,7 @@ def run(bench_graph, n_copies, quick: bool = False, specs: list[str] | None = No
             row = {"shape": f"{k}x{n}", "m": m,
                    "bf16_us": bench_graph([lambda w=w: torch.nn.functional.linear(x, w) for w in dense])}
             for spec, cws in weights.items():
-                row[f"{spec}_path"] = dispatch_ext.tuned_choice(cws[0], dispatch_ext.layout(cws[0]), x)
+                row[f"{spec}_path"] = dispatch_ext.runtime_choice(cws[0], x)
                 row[f"{spec}_us"] = bench_graph([lambda c=c: dispatch.kernel_linear(c, x) for c in cws])
             row["scaled_mm_us"] = float("nan")
             try:  # opt-in FP8 x FP8 (activations quantized per row): its own column, never dispatched

@@ -151,7 +151,7 @@ def speed_part(rows_list: list[int]) -> list[dict]:
                 row[f"{name} us"] = bench_graph(fns)
                 if name.endswith("unprepared"):
                     cw0 = objs[0].compressed
-                    row[f"{name} path"] = dispatch_ext.tuned_choice(cw0, dispatch_ext.layout(cw0), x)
+                    row[f"{name} path"] = dispatch_ext.runtime_choice(cw0, x)
                 elif name.endswith("prepared"):
                     wl = objs[0]._kernel[2]
                     row[f"{name} path"] = dispatch_ext._TUNED.get(

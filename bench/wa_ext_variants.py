@@ -125,7 +125,7 @@ def main() -> None:
                 copies = n_copies(cw.nbytes)
                 if wl is None:
                     cws = [dataclasses.replace(cw) for _ in range(copies)]  # own kernel layouts each
-                    row[f"{name} path"] = dispatch_ext.tuned_choice(cws[0], dispatch_ext.layout(cws[0]), x)
+                    row[f"{name} path"] = dispatch_ext.runtime_choice(cws[0], x)
                     us = bench_graph([lambda c=c: dispatch.kernel_linear(c, x) for c in cws])
                 else:
                     choice = _choice(wl, x)

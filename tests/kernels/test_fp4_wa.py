@@ -237,3 +237,25 @@ def test_wa_nvfp4_kernel_matches_reference(ops_ext, gen):
     xb = torch.randn(2, k, generator=gen).to(torch.float16)
     y = dispatch_ext.ext_linear(cw, xb, out_dtype=torch.float32)
     assert relative_error(y, reference_fp32(cw, xb)) <= TOL
+
+
+def test_mxfp4_runs_from_its_repack_alone(ops_ext, gen):
+    """MXFP4 whose "wa" runs keeps only that repack as its kernel copy (no gemv/gemm layout: 8.5 bits a weight on a
+    GPU instead of 12.75), at few and many rows ("dequant" from the repack there); NVFP4 keeps every path; a weight
+    whose "wa" cannot take the dtype (MX exponents below fp16's range) keeps the full layout for it."""
+    from tensorslim.formats.mx import quantize_nvfp4
+
+    cw = weight(40, 512, gen)
+    for m in (2, 70):
+        x = torch.randn(m, 512, generator=gen).to(torch.float16)
+        assert dispatch_ext.repack_only(cw, x)
+        y = dispatch_ext.ext_linear(cw, x, out_dtype=torch.float32)
+        assert relative_error(y, reference_fp32(cw, x)) <= TOL, (m, gen.seed_)
+    assert cw not in dispatch_ext._LAYOUTS and cw in dispatch_ext._WAEXT
+    assert dispatch_ext.runtime_choice(cw, x)[0] == "wa"  # (the interpreter: first config, no timing)
+    nv = quantize_nvfp4(torch.randn(40, 512, generator=gen) * 0.02, parse_format("nvfp4"))
+    assert not dispatch_ext.repack_only(nv, x)
+    dispatch_ext.ext_linear(nv, x)
+    assert nv in dispatch_ext._LAYOUTS
+    tiny = quantize_mx(torch.randn(40, 512, generator=gen) * 1e-9, parse_format("mxfp4"))  # exponents below fp16's
+    assert not dispatch_ext.repack_only(tiny, x) and dispatch_ext.repack_only(tiny, x.to(torch.bfloat16))

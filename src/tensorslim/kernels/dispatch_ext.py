@@ -216,19 +216,23 @@ def wa_layout_linear(wl: WALayoutExt, x: torch.Tensor, bias: torch.Tensor | None
     config is timed among :func:`wa_configs` once per (repack shape, batch bucket, dtype, device)."""
     x2d = x.reshape(-1, x.shape[-1])
     out_dtype = out_dtype or x.dtype
-    if choice is None:
-        bucket = _pow2(x2d.shape[0])
-        key = wl.key() + ("alone", bucket, x2d.dtype, x2d.device)
-        choice = _TUNED.get(key)
-        if choice is None:
-            if x2d.device.type != "cuda" or torch.cuda.is_current_stream_capturing():  # no timing: first config
-                choice = wa_configs(wl, bucket)[0]
-            else:
-                choice = _TUNED[key] = _tune_wa(wl, bucket, x2d.dtype, x2d.device)
-    y = run_wa_ext(wl, x2d, choice, out_dtype)
+    y = run_wa_ext(wl, x2d, choice or _wa_choice(wl, x2d), out_dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], wl.n)
+
+
+def _wa_choice(wl: WALayoutExt, x2d: torch.Tensor) -> Choice:
+    """The choice among :func:`wa_configs` for ``x2d``, timed once per (repack shape, batch bucket, dtype, device);
+    without timing (CPU, or inside a CUDA-graph capture) the first config."""
+    bucket = _pow2(x2d.shape[0])
+    key = wl.key() + ("alone", bucket, x2d.dtype, x2d.device)
+    choice = _TUNED.get(key)
+    if choice is None:
+        if x2d.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return wa_configs(wl, bucket)[0]
+        choice = _TUNED[key] = _tune_wa(wl, bucket, x2d.dtype, x2d.device)
+    return choice
 
 
 def _tune_wa(wl: WALayoutExt, m: int, dtype: torch.dtype, device: torch.device) -> Choice:
@@ -351,12 +355,32 @@ def run_choice(choice: Choice, cw: CompressedWeight, lay, x2d: torch.Tensor, out
     return ops.sparse24_mm(x2d, inner.qa, lay.idx, inner.scales, inner.zeros, lay.meta(), path, cfg, out_dtype)
 
 
+def repack_only(cw: CompressedWeight, x2d: torch.Tensor) -> bool:
+    """Does ``cw`` run from its "wa" repack alone here, with no other kernel layout built? MXFP4 whose "wa" runs for
+    this dtype and device: "wa" was the tuner's choice at every key measured on the H100 (four shapes at 1 and 16
+    rows, sessions 12-13; 1-256 rows on 4096x14336, session 14), so its ``gemv`` / ``gemm`` layout would only hold
+    GPU memory (the module then holds 8.5 bits a weight, not 12.75). The many-row path is then "dequant" from the
+    repack. NVFP4 (its GEMV wins at 1 row) and BCQ (LUT-GEMM on one shape) keep every path."""
+    from ..formats.mx import MXFPWeight
+
+    return isinstance(cw, MXFPWeight) and wa_ext_ok(cw, x2d.dtype, x2d.device)
+
+
+def runtime_choice(cw: CompressedWeight, x2d: torch.Tensor) -> Choice:
+    """The (path, config) :func:`ext_linear` runs for ``x2d`` (tuning it on first use)."""
+    if repack_only(cw, x2d):
+        return _wa_choice(wa_ext(cw), x2d)
+    return tuned_choice(cw, layout(cw), x2d)
+
+
 def ext_linear(cw: CompressedWeight, x: torch.Tensor, bias: torch.Tensor | None = None, *,
                choice: Choice | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The kernel path for a float/BCQ/2:4 weight (``choice`` forces a path; tests and benchmarks use it)."""
     assert ext_reason(cw) is None, ext_reason(cw)
-    lay = layout(cw)
     x2d = x.reshape(-1, x.shape[-1])
+    if choice is None and repack_only(cw, x2d):
+        return wa_layout_linear(wa_ext(cw), x, bias, out_dtype=out_dtype)
+    lay = layout(cw)
     out_dtype = out_dtype or x.dtype
     if choice is None:
         choice = tuned_choice(cw, lay, x2d)
