@@ -58,7 +58,7 @@ def tensor_bytes(obj) -> int:
 
 def check_part() -> tuple[list[dict], int]:
     from tensorslim.formats import CompressedLinear
-    from tensorslim.kernels import dispatch, dispatch_ext
+    from tensorslim.kernels import dispatch_ext
     from tensorslim.kernels.reference import reference_fp32, relative_error
     from wa_ext_variants import make
 
@@ -94,10 +94,9 @@ def check_part() -> tuple[list[dict], int]:
                 for key, x in xs.items():
                     errs16.append(relative_error(mod(x).float(), refs[key]))
                     y32 = dispatch_ext.wa_layout_linear(wl, x, out_dtype=torch.float32)
-                    tuned = dispatch_ext._TUNED.get(wl.key() + ("alone", dispatch._pow2(x.shape[0]), x.dtype,
-                                                                x.device))
                     # "dequant" rounds the weights to the activation dtype, then cuBLAS: its bound is 4e-3
-                    errs32.append(relative_error(y32, refs[key]) / (4 if tuned and tuned[0] == "dequant" else 1))
+                    scale = 4 if dispatch_ext.wa_choice(wl, x)[0] == "dequant" else 1
+                    errs32.append(relative_error(y32, refs[key]) / scale)
                 row["prepared_err16"], row["prepared_err32"] = max(errs16), max(errs32)
                 ok = ok and row["prepared_err16"] <= 4 * TOL and row["prepared_err32"] <= TOL
             fails += not ok
@@ -114,7 +113,7 @@ def speed_part(rows_list: list[int]) -> list[dict]:
 
     from kernels import bench_graph, n_copies
     from tensorslim.formats import CompressedLinear
-    from tensorslim.kernels import dispatch, dispatch_ext
+    from tensorslim.kernels import dispatch_ext
     from tensorslim.kernels.layout_ext import bcq_wa_layout
     from wa_ext_variants import make
 
@@ -143,21 +142,15 @@ def speed_part(rows_list: list[int]) -> list[dict]:
             for name, objs in variants.items():
                 if name.endswith("J64 wa"):
                     fns = [lambda w=w: dispatch_ext.wa_layout_linear(w, x) for w in objs]
-                    key = objs[0].key() + ("alone", dispatch._pow2(m), x.dtype, x.device)
                 else:
                     fns = [lambda mod=mod: mod(x) for mod in objs]
-                    key = None
                 fns[0]()  # tunes (first call per bucket)
                 row[f"{name} us"] = bench_graph(fns)
                 if name.endswith("unprepared"):
-                    cw0 = objs[0].compressed
-                    row[f"{name} path"] = dispatch_ext.runtime_choice(cw0, x)
-                elif name.endswith("prepared"):
-                    wl = objs[0]._kernel[2]
-                    row[f"{name} path"] = dispatch_ext._TUNED.get(
-                        wl.key() + ("alone", dispatch._pow2(m), x.dtype, x.device))
-                else:
-                    row[f"{name} path"] = dispatch_ext._TUNED.get(key)
+                    row[f"{name} path"] = dispatch_ext.runtime_choice(objs[0].compressed, x)
+                else:  # a prepared module's repack, or the J = 64 repack itself
+                    row[f"{name} path"] = dispatch_ext.wa_choice(objs[0] if name.endswith("J64 wa")
+                                                                 else objs[0]._kernel[2], x)
             out.append(row)
             print(json.dumps(row, default=str), flush=True)
         del dense, variants

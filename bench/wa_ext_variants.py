@@ -2,7 +2,7 @@
 
 For each issue shape and 1, 16 and 64 rows, against cuBLAS bf16 in the same run:
 - ``bcq3 J32`` / ``bcq3 J64``: BCQ3 g128 "wa" with blocks of 512 (the default) and of 1024 inputs (twice the MMA
-  work between waits; built in session 13, not yet timed);
+  work between waits; built in session 13; `bench/prepared_ext.py` timed it on one shape in session 14);
 - ``nvfp4 wa`` / ``mxfp4 wa``: "wa" alone, i.e. what a module runs after ``prepare_kernels()``
   (:func:`tensorslim.kernels.dispatch_ext.wa_layout_linear`, tuned among "wa" configs);
 - ``<format> tuned``: the dispatcher's own choice among all paths (what an unprepared module runs).
@@ -86,11 +86,8 @@ def check(cw, wl, x) -> float:
 def _choice(wl, x):
     """The config ``wa_layout_linear`` settles on for ``x`` (it tunes on first use and remembers)."""
     from tensorslim.kernels import dispatch_ext
-    from tensorslim.kernels.dispatch import _pow2
 
-    dispatch_ext.wa_layout_linear(wl, x)
-    key = wl.key() + ("alone", _pow2(x.shape[0]), x.dtype, x.device)
-    return dispatch_ext._TUNED.get(key) or dispatch_ext.wa_configs(wl, _pow2(x.shape[0]))[0]
+    return dispatch_ext.wa_choice(wl, x)
 
 
 def main() -> None:

@@ -216,13 +216,13 @@ def wa_layout_linear(wl: WALayoutExt, x: torch.Tensor, bias: torch.Tensor | None
     config is timed among :func:`wa_configs` once per (repack shape, batch bucket, dtype, device)."""
     x2d = x.reshape(-1, x.shape[-1])
     out_dtype = out_dtype or x.dtype
-    y = run_wa_ext(wl, x2d, choice or _wa_choice(wl, x2d), out_dtype)
+    y = run_wa_ext(wl, x2d, choice or wa_choice(wl, x2d), out_dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], wl.n)
 
 
-def _wa_choice(wl: WALayoutExt, x2d: torch.Tensor) -> Choice:
+def wa_choice(wl: WALayoutExt, x2d: torch.Tensor) -> Choice:
     """The choice among :func:`wa_configs` for ``x2d``, timed once per (repack shape, batch bucket, dtype, device);
     without timing (CPU, or inside a CUDA-graph capture) the first config."""
     bucket = _pow2(x2d.shape[0])
@@ -329,7 +329,7 @@ def candidates(cw: CompressedWeight, lay, m: int, dtype: torch.dtype, sms: int =
                     out.append(c)
     if isinstance(lay, Sparse24KernelLayout) and cw.inner.perm is None:  # type: ignore[attr-defined]
         out.append(("dense", ()))
-    if m >= 64 or not out:
+    if (m >= 64 or not out) and ("dequant", ()) not in out:  # "dequant" is "reference" from the repack, faster
         out.append(("reference", ()))
     return out
 
@@ -369,7 +369,7 @@ def repack_only(cw: CompressedWeight, x2d: torch.Tensor) -> bool:
 def runtime_choice(cw: CompressedWeight, x2d: torch.Tensor) -> Choice:
     """The (path, config) :func:`ext_linear` runs for ``x2d`` (tuning it on first use)."""
     if repack_only(cw, x2d):
-        return _wa_choice(wa_ext(cw), x2d)
+        return wa_choice(wa_ext(cw), x2d)
     return tuned_choice(cw, layout(cw), x2d)
 
 

@@ -234,6 +234,20 @@ def launch_bcq_wa(x: Tensor, planes: Tensor, a2: Tensor, c: Tensor, meta: list[i
         num_stages=num_stages)
 
 
+@torch.library.custom_op("tensorslim::bcq_wa_mm", mutates_args=())
+def bcq_wa_mm(x: Tensor, planes: Tensor, a2: Tensor, c: Tensor, meta: list[int], config: list[int],
+              out_dtype: torch.dtype) -> Tensor:
+    m, n = x.shape[0], planes.shape[1]
+    return _into_new(x, n, config[2], out_dtype,
+                     lambda xc, out, scratch: launch_bcq_wa(xc, planes, a2, c, meta, config, out, scratch),
+                     triton.cdiv(m, config[0]) * triton.cdiv(n, config[1]))
+
+
+@bcq_wa_mm.register_fake
+def _bcq_wa_mm_fake(x, planes, a2, c, meta, config, out_dtype):
+    return x.new_empty((x.shape[0], planes.shape[1]), dtype=out_dtype)
+
+
 DEQUANT_BN = 32  # rows a dequant program (one block of inputs each)
 
 
@@ -281,17 +295,3 @@ def bcq_wa_dequant(planes: Tensor, a2: Tensor, c: Tensor, meta: list[int], out_d
 @bcq_wa_dequant.register_fake
 def _bcq_wa_dequant_fake(planes, a2, c, meta, out_dtype):
     return planes.new_empty((planes.shape[1], meta[0]), dtype=out_dtype)
-
-
-@torch.library.custom_op("tensorslim::bcq_wa_mm", mutates_args=())
-def bcq_wa_mm(x: Tensor, planes: Tensor, a2: Tensor, c: Tensor, meta: list[int], config: list[int],
-              out_dtype: torch.dtype) -> Tensor:
-    m, n = x.shape[0], planes.shape[1]
-    return _into_new(x, n, config[2], out_dtype,
-                     lambda xc, out, scratch: launch_bcq_wa(xc, planes, a2, c, meta, config, out, scratch),
-                     triton.cdiv(m, config[0]) * triton.cdiv(n, config[1]))
-
-
-@bcq_wa_mm.register_fake
-def _bcq_wa_mm_fake(x, planes, a2, c, meta, config, out_dtype):
-    return x.new_empty((x.shape[0], planes.shape[1]), dtype=out_dtype)
