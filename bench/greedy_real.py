@@ -11,7 +11,11 @@ warm), then ``cat`` them (docs/kernels.md, "Benchmarks").
 For each prompt: greedy tokens of the compressed model through the kernels (``CompressedLinear`` on CUDA) and
 through the reference path (``decode()`` and the product in fp32, rounded once: what the kernels are specified to
 compute; :class:`ExactRef`), the length of their common prefix, the kernels' top-1 under teacher forcing on
-the reference tokens, and the smallest top-1 margin the reference saw. The LM head runs in fp32 for every path
+the reference tokens, and the smallest top-1 margin the reference saw. The floor beside them: a second exact path
+(the same product summed in float64, rounded once: :class:`ExactRef` with ``acc=torch.float64``), its common prefix
+with the fp32-sum reference, and, on one full pass over the reference's tokens (no trajectory to fork), the largest
+and mean |logit| gap of the kernels, of the float64-sum path and of a bf16 deployment (:class:`Bf16Ref`) against
+the fp32-sum reference. The LM head runs in fp32 for every path
 (:class:`FP32Head`): bf16 logits tie at the top (an on-CPU trial found a margin of exactly 0), and a tie compares
 rounding, not kernels. The dense model's tokens are reported beside them.
 
@@ -72,16 +76,22 @@ class FP32Head(torch.nn.Module):
 
 class ExactRef(torch.nn.Module):
     """The reference path of one compressed linear: ``decode()`` and the product in fp32 (plus the bias), rounded
-    once to the activation dtype."""
+    once to the activation dtype. ``acc=torch.float64`` is a second, more exact summation of the same product: how
+    far two exact paths' greedy tokens agree is the floor any kernel can be held to (rounding once to bf16 turns
+    last-bit differences of the sums into 1-ulp differences of the activations)."""
 
-    def __init__(self, mod) -> None:
+    def __init__(self, mod, acc: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.cw, self.bias = mod.compressed, mod.bias
+        self.cw, self.bias, self.acc = mod.compressed, mod.bias, acc
 
     def forward(self, x):
         from tensorslim.kernels.reference import reference_fp32
 
-        return reference_fp32(self.cw, x, self.bias).to(x.dtype)
+        if self.acc == torch.float32:
+            return reference_fp32(self.cw, x, self.bias).to(x.dtype)
+        w = self.cw.decode(torch.float32).to(x.device, self.acc)  # (decode's values are exact in fp32)
+        b = None if self.bias is None else self.bias.to(self.acc)
+        return torch.nn.functional.linear(x.to(self.acc), w, b).to(x.dtype)
 
 
 def swap(model, make) -> dict:
@@ -101,10 +111,68 @@ def restore(model, old: dict) -> None:
         setattr(model.get_submodule(parent), leaf, mod)
 
 
+class Bf16Ref(torch.nn.Module):
+    """What a bf16 deployment of the same compressed weights computes: ``decode()`` rounded to the activation dtype,
+    then ``F.linear`` (the library's CPU path): context for the kernels' logit gap."""
+
+    def __init__(self, mod) -> None:
+        super().__init__()
+        self.cw, self.bias = mod.compressed, mod.bias
+
+    def forward(self, x):
+        from tensorslim.kernels.reference import reference_linear
+
+        return reference_linear(self.cw, x, self.bias)
+
+
+@torch.no_grad()
+def forced_logits(model, ids: torch.Tensor, ref: torch.Tensor, make=None) -> torch.Tensor:
+    """fp32 logits of one full pass over ``ids`` + ``ref`` at the positions that predict ``ref``'s tokens, with every
+    compressed linear replaced by ``make(module)`` (``None``: the model as it is)."""
+    old = swap(model, make) if make is not None else {}
+    try:
+        return model(torch.cat([ids, ref], dim=1)).logits[:, ids.shape[1] - 1:-1].float()
+    finally:
+        restore(model, old)
+
+
+def logit_gaps(model, ids: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Largest and mean |logit difference| against the fp32-sum reference on the same full pass (no trajectory to
+    fork): the kernels, the float64-sum reference (the floor) and the bf16-weight path (a bf16 deployment)."""
+    base = forced_logits(model, ids, ref, ExactRef)
+    out = {}
+    for name, make in (("kernels", None), ("ref64", lambda m: ExactRef(m, torch.float64)), ("bf16", Bf16Ref)):
+        d = (forced_logits(model, ids, ref, make) - base).abs()
+        out[f"{name}_max_logit_gap"], out[f"{name}_mean_logit_gap"] = d.max().item(), d.mean().item()
+    return out
+
+
+def kernel_paths() -> dict:
+    """The integer kernels' tuned (path, config) by (N, K, batch bucket): what the kernel rows above ran."""
+    from tensorslim.kernels import dispatch
+
+    return {f"{k[0]}x{k[1]} m{k[7]}": [c[0], list(c[1])] for k, c in dispatch._TUNED.items() if len(k) == 11}
+
+
+def _prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Length of the common prefix of two ``[1, n]`` token rows."""
+    return int((a == b).long().cumprod(1).sum())
+
+
+def _ref_tokens(model, ids: torch.Tensor, new: int, acc: torch.dtype):
+    """Greedy tokens and logits through :class:`ExactRef` with accumulation ``acc`` (the model is restored)."""
+    old = swap(model, lambda m: ExactRef(m, acc))
+    try:
+        return greedy(model, ids, new)
+    finally:
+        restore(model, old)
+
+
 def run(model_src: str, spec: str, new: int, device: str, jobs: int = 0) -> dict:
     import tensorslim as ts
     from tensorslim.formats import parse_format
 
+    torch.backends.cuda.matmul.allow_tf32 = False  # (torch's default) the fp32 reference sums in fp32, not TF32
     model, tok = ts.load_model(model_src, dtype=torch.bfloat16, device=device)  # (a GGUF model refuses dtype moves)
     head = model.get_output_embeddings()
     model.set_output_embeddings(FP32Head(head.weight))  # no bf16 logit ties (shared by every path)
@@ -123,18 +191,22 @@ def run(model_src: str, spec: str, new: int, device: str, jobs: int = 0) -> dict
         got, _ = greedy(model, p, new)  # the kernels (on CUDA)
         old = swap(model, ExactRef)
         ref, ref_logits = greedy(model, p, new)
+        ref_forced = forced_top1(model, p, ref)  # the reference's own full pass against its own KV-cache steps
         restore(model, old)
+        forced = forced_top1(model, p, ref)  # the kernels' full pass on the reference's tokens
+        ref64, _ = _ref_tokens(model, p, new, torch.float64)  # a second exact path: the floor
         top2 = ref_logits.topk(2, dim=-1).values
         margin = (top2[..., 0] - top2[..., 1]).min().item()
-        prefix = int((got == ref).long().cumprod(1).sum())
+        prefix = _prefix(got, ref)
         rows.append({"prompt_tokens": p.shape[1], "new": new, "equal_prefix": prefix, "all_equal": prefix == new,
-                     "teacher_forced_top1": forced_top1(model, p, ref), "min_ref_margin": margin,
-                     "dense_equal_prefix": int((d.to(device) == ref).long().cumprod(1).sum()),
+                     "teacher_forced_top1": forced, "min_ref_margin": margin,
+                     "ref64_equal_prefix": _prefix(ref64, ref), "ref_teacher_forced_top1": ref_forced,
+                     "dense_equal_prefix": _prefix(d.to(device), ref), **logit_gaps(model, p, ref),
                      "text_kernels": tok.decode(got[0].tolist()), "text_reference": tok.decode(ref[0].tolist())})
         print(json.dumps(rows[-1]), flush=True)
     return {"model": model_src, "format": spec, "device": str(device),
             "device_name": torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu",
-            "bits_per_weight": result.bits_per_weight, "rows": rows}
+            "bits_per_weight": result.bits_per_weight, "rows": rows, "kernel_paths": kernel_paths()}
 
 
 def main() -> None:
@@ -148,9 +220,10 @@ def main() -> None:
     t0 = time.time()
     res = run(args.model, args.format, args.new, args.device, args.jobs)
     eq = sum(r["all_equal"] for r in res["rows"])
+    floor = sum(r["ref64_equal_prefix"] == args.new for r in res["rows"])
     print(f"{res['device_name']}: {args.format} ({res['bits_per_weight']:.3f} bits a weight), {eq} of "
-          f"{len(res['rows'])} prompts with all {args.new} greedy tokens equal to the reference; "
-          f"{time.time() - t0:.0f}s", flush=True)
+          f"{len(res['rows'])} prompts with all {args.new} greedy tokens equal to the reference (fp32 sums); "
+          f"the float64-sum reference: {floor} of {len(res['rows'])}; {time.time() - t0:.0f}s", flush=True)
     from kernels import write_result
 
     write_result(res, "greedy_real")

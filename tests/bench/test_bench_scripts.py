@@ -83,3 +83,6 @@ def test_greedy_real_flow_on_a_tiny_model(bench_mod, tiny_llm_dir):
     assert len(res["rows"]) == len(greedy_real.PROMPTS) and 4 < res["bits_per_weight"] < 5
     for row in res["rows"]:
         assert 0 <= row["equal_prefix"] <= 3 and 0 <= row["teacher_forced_top1"] <= 3 and row["min_ref_margin"] >= 0
+        assert 0 <= row["ref64_equal_prefix"] <= 3 and 0 <= row["ref_teacher_forced_top1"] <= 3
+        # on the CPU a CompressedLinear runs the bf16-weight path, so its gap is that path's, to the bit
+        assert row["kernels_max_logit_gap"] == row["bf16_max_logit_gap"] > row["ref64_max_logit_gap"] >= 0
