@@ -55,11 +55,10 @@ def greedy(model, ids: torch.Tensor, new: int) -> tuple[torch.Tensor, torch.Tens
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1).float()
 
 
-@torch.no_grad()
-def forced_top1(model, ids: torch.Tensor, ref: torch.Tensor) -> int:
-    """How many of ``ref``'s tokens the model also picks when fed the reference's own earlier tokens."""
-    lg = model(torch.cat([ids, ref], dim=1)).logits[:, ids.shape[1] - 1:-1].float()
-    return int((lg.argmax(-1) == ref).sum())
+def forced_top1(model, ids: torch.Tensor, ref: torch.Tensor, make=None) -> int:
+    """How many of ``ref``'s tokens the model (its compressed linears replaced by ``make(module)`` if given) also
+    picks when fed the reference's own earlier tokens in one full pass."""
+    return int((forced_logits(model, ids, ref, make).argmax(-1) == ref).sum())
 
 
 class FP32Head(torch.nn.Module):
@@ -189,10 +188,8 @@ def run(model_src: str, spec: str, new: int, device: str, jobs: int = 0) -> dict
     for p, d in zip(prompts, dense):
         p = p.to(device)
         got, _ = greedy(model, p, new)  # the kernels (on CUDA)
-        old = swap(model, ExactRef)
-        ref, ref_logits = greedy(model, p, new)
-        ref_forced = forced_top1(model, p, ref)  # the reference's own full pass against its own KV-cache steps
-        restore(model, old)
+        ref, ref_logits = _ref_tokens(model, p, new, torch.float32)
+        ref_forced = forced_top1(model, p, ref, ExactRef)  # the reference's own full pass against its KV-cache steps
         forced = forced_top1(model, p, ref)  # the kernels' full pass on the reference's tokens
         ref64, _ = _ref_tokens(model, p, new, torch.float64)  # a second exact path: the floor
         top2 = ref_logits.topk(2, dim=-1).values
