@@ -358,9 +358,9 @@ def run_choice(choice: Choice, cw: CompressedWeight, lay, x2d: torch.Tensor, out
 def repack_only(cw: CompressedWeight, x2d: torch.Tensor) -> bool:
     """Does ``cw`` run from its "wa" repack alone here, with no other kernel layout built? MXFP4 whose "wa" runs for
     this dtype and device: "wa" was the tuner's choice at every key measured on the H100 (four shapes at 1 and 16
-    rows, sessions 12-13; 1-256 rows on 4096x14336, session 14), so its ``gemv`` / ``gemm`` layout would only hold
-    GPU memory (the module then holds 8.5 bits a weight, not 12.75). The many-row path is then "dequant" from the
-    repack. NVFP4 (its GEMV wins at 1 row) and BCQ (LUT-GEMM on one shape) keep every path."""
+    rows, sessions 12-13; 1-256 rows on 4096x14336, sessions 14-15), so its ``gemv`` / ``gemm`` layout would only hold
+    GPU memory (the module then holds 8.5 bits a weight, not 12.75: measured in session 15). Its many-row candidates
+    are then "wa" and "dequant", both from the repack. NVFP4 (its GEMV wins at 1 row) and BCQ (LUT-GEMM on one shape) keep every path."""
     from ..formats.mx import MXFPWeight
 
     return isinstance(cw, MXFPWeight) and wa_ext_ok(cw, x2d.dtype, x2d.device)
